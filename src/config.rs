@@ -1,0 +1,33 @@
+//! Reading diffusers / transformers `config.json` files into serde structs.
+
+use anyhow::{Context, Result};
+use serde::de::DeserializeOwned;
+use std::path::Path;
+
+/// Parse a JSON config file; errors name the file and the offending key.
+pub fn read_config<T: DeserializeOwned>(path: &Path) -> Result<T> {
+    let text = std::fs::read_to_string(path)
+        .with_context(|| format!("cannot read config {}", path.display()))?;
+    serde_json::from_str(&text)
+        .map_err(|e| anyhow::anyhow!("invalid config {}: {e}", path.display()))
+}
+
+/// A config value that diffusers accepts either as one number for every block or as one
+/// number per block (`attention_head_dim`, `transformer_layers_per_block`, ...).
+#[derive(Clone, Debug, serde::Deserialize, PartialEq)]
+#[serde(untagged)]
+pub enum PerBlock<T> {
+    One(T),
+    Each(Vec<T>),
+}
+
+impl<T: Clone> PerBlock<T> {
+    /// The value for each of `n` blocks; errors if a per-block list has the wrong length.
+    pub fn expand(&self, n: usize, name: &str) -> Result<Vec<T>> {
+        match self {
+            Self::One(v) => Ok(vec![v.clone(); n]),
+            Self::Each(v) if v.len() == n => Ok(v.clone()),
+            Self::Each(v) => anyhow::bail!("config `{name}` has {} entries, expected {n}", v.len()),
+        }
+    }
+}

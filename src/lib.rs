@@ -1,0 +1,10 @@
+//! Latent Consistency Model image generation on candle, seed-for-seed equal to diffusers.
+pub mod config;
+pub mod loaders;
+pub mod models;
+pub mod nn;
+pub mod ops;
+pub mod random;
+pub mod schedulers;
+pub mod image_io;
+pub mod pipelines;

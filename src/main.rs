@@ -1,0 +1,165 @@
+//! `lcm`: the command-line front end over the `lcm` library.
+
+use anyhow::{bail, Result};
+use clap::{Parser, Subcommand, ValueEnum};
+use lcm::image_io::{numbered_paths, write_png};
+use lcm::pipelines::{GenerateRequest, LcmPipeline, LoadOptions, PipelineKind};
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+#[derive(Parser)]
+#[command(name = "lcm", version, about = "Latent Consistency Model image generation, seed-for-seed equal to diffusers")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum PipelineArg {
+    /// Follow the model's model_index.json.
+    Auto,
+    /// diffusers' LatentConsistencyModelPipeline (no classifier-free guidance).
+    Lcm,
+    /// diffusers' StableDiffusionPipeline with LCMScheduler (CFG when guidance > 1).
+    Sd,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Text-to-image.
+    Generate {
+        /// Diffusers folder or Hugging Face hub repo id (an existing path is always a path).
+        #[arg(long, default_value = "SimianLuo/LCM_Dreamshaper_v7")]
+        model: String,
+        #[arg(long)]
+        prompt: String,
+        #[arg(long)]
+        negative_prompt: Option<String>,
+        #[arg(long, default_value_t = 4)]
+        steps: usize,
+        /// Default: 8.5 for LatentConsistencyModelPipeline, 7.5 for StableDiffusionPipeline.
+        #[arg(long)]
+        guidance_scale: Option<f64>,
+        /// Default: the UNet's sample_size times the VAE scale factor.
+        #[arg(long)]
+        width: Option<usize>,
+        #[arg(long)]
+        height: Option<usize>,
+        /// Same as `generator=torch.manual_seed(SEED)`; random when not given.
+        #[arg(long)]
+        seed: Option<u64>,
+        #[arg(long, default_value_t = 1)]
+        num_images: usize,
+        #[arg(long)]
+        original_inference_steps: Option<usize>,
+        /// Custom descending timesteps, e.g. 999,759,499,259 (instead of --steps).
+        #[arg(long, value_delimiter = ',')]
+        timesteps: Option<Vec<i64>>,
+        /// Output PNG; several images become NAME-1.png, NAME-2.png, ...
+        #[arg(long, short, default_value = "output.png")]
+        output: PathBuf,
+        /// Replace existing output files.
+        #[arg(long)]
+        overwrite: bool,
+        /// Weight variant, e.g. fp16 picks *.fp16.safetensors.
+        #[arg(long)]
+        variant: Option<String>,
+        /// Replace the model's UNet (folder or hub id), e.g. an LCM-distilled UNet.
+        #[arg(long)]
+        unet: Option<String>,
+        #[arg(long, value_enum, default_value = "auto")]
+        pipeline: PipelineArg,
+    },
+}
+
+fn run(cli: Cli) -> Result<()> {
+    match cli.command {
+        Command::Generate {
+            model,
+            prompt,
+            negative_prompt,
+            steps,
+            guidance_scale,
+            width,
+            height,
+            seed,
+            num_images,
+            original_inference_steps,
+            timesteps,
+            output,
+            overwrite,
+            variant,
+            unet,
+            pipeline,
+        } => {
+            if steps == 0 {
+                bail!("--steps must be at least 1");
+            }
+            if num_images == 0 {
+                bail!("--num-images must be at least 1");
+            }
+            let paths = numbered_paths(&output, num_images);
+            if !overwrite {
+                if let Some(p) = paths.iter().find(|p| p.exists()) {
+                    bail!("{} already exists; pass --overwrite to replace it", p.display());
+                }
+            }
+            let seed = seed.unwrap_or_else(|| {
+                std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_nanos() as u64)
+            });
+            let opts = LoadOptions { variant, unet };
+            let mut pipe = LcmPipeline::load(&model, &opts)?;
+            pipe = match pipeline {
+                PipelineArg::Auto => pipe,
+                PipelineArg::Lcm => pipe.with_kind(PipelineKind::LatentConsistencyModel),
+                PipelineArg::Sd => pipe.with_kind(PipelineKind::StableDiffusion),
+            };
+            let req = GenerateRequest {
+                prompt,
+                negative_prompt,
+                num_inference_steps: steps,
+                guidance_scale,
+                width,
+                height,
+                seed,
+                num_images_per_prompt: num_images,
+                original_inference_steps,
+                timesteps,
+            };
+            let bar = indicatif::ProgressBar::new(0);
+            bar.set_style(
+                indicatif::ProgressStyle::with_template("{msg} [{bar:30}] {pos}/{len} steps {elapsed}")
+                    .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
+            );
+            bar.set_message("denoising");
+            let images = pipe.generate(&req, |done, total| {
+                bar.set_length(total as u64);
+                bar.set_position(done as u64);
+            })?;
+            bar.finish_and_clear();
+            for (i, (img, path)) in images.iter().zip(&paths).enumerate() {
+                write_png(path, img, Some(&pipe.parameters_text(&req, i)), overwrite)?;
+                eprintln!("wrote {} (seed {seed})", path.display());
+            }
+            Ok(())
+        }
+    }
+}
+
+fn main() -> ExitCode {
+    std::panic::set_hook(Box::new(|info| {
+        let msg = info.payload().downcast_ref::<&str>().map(|s| s.to_string())
+            .or_else(|| info.payload().downcast_ref::<String>().cloned())
+            .unwrap_or_default();
+        eprintln!("error: internal error: {}", msg.replace('\n', " "));
+    }));
+    let cli = Cli::parse();
+    match run(cli) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            let msg = format!("{e:#}");
+            eprintln!("error: {}", msg.split_whitespace().collect::<Vec<_>>().join(" "));
+            ExitCode::FAILURE
+        }
+    }
+}

@@ -1,0 +1,10 @@
+//! Networks, each built from its diffusers / transformers `config.json`.
+pub mod attention;
+pub mod autoencoder_kl;
+pub mod clip_text_model;
+pub mod clip_tokenizer;
+pub mod embeddings;
+pub mod resnet;
+pub mod unet_2d_blocks;
+pub mod unet_2d_condition;
+pub mod vae;

@@ -1,0 +1,258 @@
+//! Generation pipelines. One denoising loop ([`LcmPipeline::generate`]) serves both diffusers
+//! pipelines LCM is used with:
+//! - `LatentConsistencyModelPipeline` (LCM-distilled UNets): never classifier-free guidance;
+//!   the guidance scale enters through the UNet's guidance embedding (`time_cond_proj_dim`).
+//! - `StableDiffusionPipeline` with `LCMScheduler` (the LCM-LoRA path): classifier-free
+//!   guidance with a negative prompt when `guidance_scale > 1` and the UNet has no guidance
+//!   embedding.
+pub mod components;
+pub mod conditioning;
+
+pub use components::{LoadOptions, StableDiffusionComponents};
+
+use crate::image_io::{postprocess, RgbImage};
+use crate::models::unet_2d_condition::UNetConditioning;
+use crate::random::TorchGenerator;
+use crate::schedulers::{LcmScheduler, TimestepRequest};
+use anyhow::{bail, Result};
+use candle_core::{Device, Tensor};
+
+/// Which diffusers pipeline's semantics to follow.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum PipelineKind {
+    /// `LatentConsistencyModelPipeline`.
+    LatentConsistencyModel,
+    /// `StableDiffusionPipeline` with the scheduler swapped for `LCMScheduler`.
+    StableDiffusion,
+}
+
+impl PipelineKind {
+    /// The pipeline a `model_index.json` `_class_name` asks for.
+    pub fn from_class_name(name: &str) -> Self {
+        if name.starts_with("LatentConsistencyModel") {
+            Self::LatentConsistencyModel
+        } else {
+            Self::StableDiffusion
+        }
+    }
+
+    /// diffusers' default `guidance_scale` for this pipeline.
+    pub fn default_guidance_scale(self) -> f64 {
+        match self {
+            Self::LatentConsistencyModel => 8.5,
+            Self::StableDiffusion => 7.5,
+        }
+    }
+
+    pub fn diffusers_name(self) -> &'static str {
+        match self {
+            Self::LatentConsistencyModel => "LatentConsistencyModelPipeline",
+            Self::StableDiffusion => "StableDiffusionPipeline",
+        }
+    }
+}
+
+/// What to generate. Field names follow diffusers' pipeline arguments.
+#[derive(Clone, Debug)]
+pub struct GenerateRequest {
+    pub prompt: String,
+    pub negative_prompt: Option<String>,
+    pub num_inference_steps: usize,
+    /// `None`: the pipeline's default (8.5 for LCM models, 7.5 otherwise).
+    pub guidance_scale: Option<f64>,
+    /// `None`: the UNet's `sample_size` times the VAE scale factor.
+    pub width: Option<usize>,
+    pub height: Option<usize>,
+    /// `generator=torch.manual_seed(seed)`.
+    pub seed: u64,
+    pub num_images_per_prompt: usize,
+    pub original_inference_steps: Option<usize>,
+    /// Custom timesteps instead of `num_inference_steps`.
+    pub timesteps: Option<Vec<i64>>,
+}
+
+impl Default for GenerateRequest {
+    fn default() -> Self {
+        Self {
+            prompt: String::new(),
+            negative_prompt: None,
+            num_inference_steps: 4,
+            guidance_scale: None,
+            width: None,
+            height: None,
+            seed: 0,
+            num_images_per_prompt: 1,
+            original_inference_steps: None,
+            timesteps: None,
+        }
+    }
+}
+
+/// A loaded model ready to generate.
+pub struct LcmPipeline {
+    pub components: StableDiffusionComponents,
+    pub kind: PipelineKind,
+    device: Device,
+}
+
+impl LcmPipeline {
+    /// Load a diffusers folder or hub repo id; the pipeline kind follows its `model_index.json`.
+    ///
+    /// ```no_run
+    /// use lcm::pipelines::{GenerateRequest, LcmPipeline, LoadOptions};
+    /// let pipe = LcmPipeline::load("SimianLuo/LCM_Dreamshaper_v7", &LoadOptions::default())?;
+    /// let request = GenerateRequest { prompt: "a red fox in snow".into(), seed: 0, ..Default::default() };
+    /// let images = pipe.generate(&request, |_step, _total| {})?;
+    /// lcm::image_io::write_png("fox.png".as_ref(), &images[0], None, false)?;
+    /// # anyhow::Ok(())
+    /// ```
+    pub fn load(model: &str, opts: &LoadOptions) -> Result<Self> {
+        let device = Device::Cpu;
+        let components = StableDiffusionComponents::load(model, opts, &device)?;
+        let kind = PipelineKind::from_class_name(&components.pipeline_class);
+        Ok(Self { components, kind, device })
+    }
+
+    /// Follow another diffusers pipeline's semantics than the folder's own.
+    pub fn with_kind(mut self, kind: PipelineKind) -> Self {
+        self.kind = kind;
+        self
+    }
+
+    pub fn vae_scale_factor(&self) -> usize {
+        self.components.vae.vae_scale_factor()
+    }
+
+    /// Default output size: the UNet's `sample_size` times the VAE scale factor.
+    pub fn default_size(&self) -> (usize, usize) {
+        let s = self.components.unet_config.sample_size * self.vae_scale_factor();
+        (s, s)
+    }
+
+    pub fn guidance_scale(&self, req: &GenerateRequest) -> f64 {
+        req.guidance_scale.unwrap_or(self.kind.default_guidance_scale())
+    }
+
+    /// Whether classifier-free guidance runs (two UNet passes per step).
+    pub fn uses_cfg(&self, guidance_scale: f64) -> bool {
+        self.kind == PipelineKind::StableDiffusion
+            && guidance_scale > 1.0
+            && self.components.unet_config.time_cond_proj_dim.is_none()
+    }
+
+    fn check(&self, req: &GenerateRequest) -> Result<(usize, usize)> {
+        let (dw, dh) = self.default_size();
+        let (w, h) = (req.width.unwrap_or(dw), req.height.unwrap_or(dh));
+        let f = self.vae_scale_factor();
+        if w == 0 || h == 0 || w % f != 0 || h % f != 0 {
+            bail!("width and height must be positive multiples of {f} (the VAE scale factor), got {w}x{h}");
+        }
+        if req.num_inference_steps == 0 && req.timesteps.is_none() {
+            bail!("the number of steps must be at least 1");
+        }
+        if req.num_images_per_prompt == 0 {
+            bail!("the number of images must be at least 1");
+        }
+        let g = self.guidance_scale(req);
+        if !g.is_finite() {
+            bail!("guidance scale must be a finite number, got {g}");
+        }
+        let (unet_in, latent) = (self.components.unet_config.in_channels, self.components.vae_config.latent_channels);
+        if unet_in != latent {
+            bail!(
+                "this UNet takes {unet_in} input channels but the VAE has {latent} latent channels (an inpainting UNet?); text-to-image needs a {latent}-channel UNet"
+            );
+        }
+        Ok((w, h))
+    }
+
+    /// Generate `num_images_per_prompt` images; `on_step(done, total)` is called after each
+    /// denoising step.
+    pub fn generate(&self, req: &GenerateRequest, mut on_step: impl FnMut(usize, usize)) -> Result<Vec<RgbImage>> {
+        let (width, height) = self.check(req)?;
+        let c = &self.components;
+        let n = req.num_images_per_prompt;
+        let guidance_scale = self.guidance_scale(req);
+        let cfg = self.uses_cfg(guidance_scale);
+
+        let mut scheduler = LcmScheduler::new(c.scheduler_config.clone())?;
+        scheduler.set_timesteps(&TimestepRequest {
+            num_inference_steps: if req.timesteps.is_some() { None } else { Some(req.num_inference_steps) },
+            original_inference_steps: req.original_inference_steps,
+            timesteps: req.timesteps.clone(),
+            strength: None,
+        })?;
+
+        // Conditioning: [uncond x n, cond x n] with CFG, else [cond x n].
+        let prompt_embeds = if cfg {
+            let negative = req.negative_prompt.as_deref().unwrap_or("");
+            let both = conditioning::encode_prompts(&c.tokenizer, &c.text_encoder, &[negative, &req.prompt], &self.device)?;
+            Tensor::cat(&[conditioning::repeat_rows(&both.narrow(0, 0, 1)?, n)?, conditioning::repeat_rows(&both.narrow(0, 1, 1)?, n)?], 0)?
+        } else {
+            let cond = conditioning::encode_prompts(&c.tokenizer, &c.text_encoder, &[&req.prompt], &self.device)?;
+            conditioning::repeat_rows(&cond, n)?
+        };
+        let mut unet_cond = UNetConditioning::default();
+        if let Some(dim) = c.unet_config.time_cond_proj_dim {
+            let w = vec![(guidance_scale - 1.0) as f32; n];
+            unet_cond.timestep_cond = Some(conditioning::guidance_scale_embedding(&w, dim, &self.device)?);
+        }
+
+        let f = self.vae_scale_factor();
+        let mut generator = TorchGenerator::manual_seed(req.seed);
+        let shape = (n, c.vae_config.latent_channels, height / f, width / f);
+        let mut latents = (generator.randn_tensor(shape)? * scheduler.init_noise_sigma())?;
+
+        let timesteps = scheduler.timesteps().to_vec();
+        let mut denoised = latents.clone();
+        for (i, &t) in timesteps.iter().enumerate() {
+            let model_in = if cfg { Tensor::cat(&[&latents, &latents], 0)? } else { latents.clone() };
+            let pred = c.unet.forward(&model_in, t as f64, &prompt_embeds, &unet_cond)?;
+            let pred = if cfg {
+                let (uncond, text) = (pred.narrow(0, 0, n)?, pred.narrow(0, n, n)?);
+                (&uncond + ((&text - &uncond)? * guidance_scale)?)?
+            } else {
+                pred
+            };
+            (latents, denoised) = scheduler.step(&pred, t, &latents, &mut generator)?;
+            on_step(i + 1, timesteps.len());
+        }
+
+        // LatentConsistencyModelPipeline decodes `denoised`; StableDiffusionPipeline decodes the
+        // scheduler's `prev_sample`, which is `denoised` after the last LCM step.
+        let scale = Tensor::new(c.vae.scaling_factor() as f32, &self.device)?;
+        let z = denoised.broadcast_div(&scale)?;
+        let z = match c.vae.shift_factor() {
+            Some(s) => (z + s)?,
+            None => z,
+        };
+        let decoded = c.vae.decode(&z)?;
+        postprocess(&decoded)
+    }
+
+    /// The AUTOMATIC1111-style `parameters` text for image `index` of a request.
+    pub fn parameters_text(&self, req: &GenerateRequest, index: usize) -> String {
+        let (dw, dh) = self.default_size();
+        let mut s = req.prompt.clone();
+        if let Some(neg) = req.negative_prompt.as_deref().filter(|n| !n.is_empty()) {
+            s.push_str(&format!("\nNegative prompt: {neg}"));
+        }
+        s.push_str(&format!(
+            "\nSteps: {}, Sampler: LCM, CFG scale: {}, Seed: {}, Size: {}x{}, Model: {}",
+            req.timesteps.as_ref().map_or(req.num_inference_steps, |t| t.len()),
+            self.guidance_scale(req),
+            req.seed,
+            req.width.unwrap_or(dw),
+            req.height.unwrap_or(dh),
+            self.components.name,
+        ));
+        if req.num_images_per_prompt > 1 {
+            s.push_str(&format!(", Batch size: {}, Batch pos: {}", req.num_images_per_prompt, index));
+        }
+        if let Some(o) = req.original_inference_steps {
+            s.push_str(&format!(", Original inference steps: {o}"));
+        }
+        s.push_str(&format!(", Pipeline: {}", self.kind.diffusers_name()));
+        s
+    }
+}
