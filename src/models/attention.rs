@@ -236,7 +236,8 @@ pub struct Projection {
 impl Projection {
     fn new(vb: VarBuilder, cin: usize, cout: usize, conv: bool) -> Result<Self> {
         if conv {
-            let weight = vb.get((cout, cin, 1, 1), "weight")?.reshape((cout, cin))?;
+            // squeeze keeps the loaded storage (a view), whatever its layout.
+            let weight = vb.get((cout, cin, 1, 1), "weight")?.squeeze(3)?.squeeze(2)?;
             let bias = Some(vb.get(cout, "bias")?);
             Ok(Self { linear: Linear { weight, bias }, is_conv: true })
         } else {

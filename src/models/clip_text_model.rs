@@ -230,7 +230,7 @@ impl ClipTextModel {
     /// Build from a `VarBuilder` already at the text model's root (`embeddings.`, `encoder.`,
     /// `final_layer_norm.`).
     pub fn new_unprefixed(vb: VarBuilder, cfg: &ClipTextConfig) -> Result<Self> {
-        if cfg.num_attention_heads == 0 || cfg.hidden_size % cfg.num_attention_heads != 0 {
+        if cfg.num_attention_heads == 0 || !cfg.hidden_size.is_multiple_of(cfg.num_attention_heads) {
             bail!(
                 "text encoder config: hidden_size {} is not a multiple of num_attention_heads {}",
                 cfg.hidden_size,

@@ -1,0 +1,212 @@
+//! The `lcm` binary: diffusers' images from a folder it has never seen, PNG metadata, and one-line
+//! errors with a non-zero exit on bad input.
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+fn lcm(args: &[&str], envs: &[(&str, &str)]) -> Output {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_lcm"));
+    cmd.args(args).env("HF_HUB_OFFLINE", "1");
+    for (k, v) in envs {
+        cmd.env(k, v);
+    }
+    cmd.output().unwrap()
+}
+
+fn copy_dir(from: &Path, to: &Path) {
+    std::fs::create_dir_all(to).unwrap();
+    for e in std::fs::read_dir(from).unwrap() {
+        let e = e.unwrap();
+        let target = to.join(e.file_name());
+        if e.file_type().unwrap().is_dir() {
+            copy_dir(&e.path(), &target);
+        } else {
+            std::fs::copy(e.path(), target).unwrap();
+        }
+    }
+}
+
+/// A fresh copy of a fixture model under a name the code has never seen.
+fn fresh_model(tmp: &Path, fixture: &str) -> PathBuf {
+    let dst = tmp.join(format!("{fixture}-copy"));
+    copy_dir(&common::fixtures().join("models").join(fixture), &dst);
+    dst
+}
+
+fn stderr(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stderr).into_owned()
+}
+
+/// Runs a command that must fail: non-zero exit, one `error:` line, no panic.
+fn assert_clean_error(o: &Output, must_contain: &str) {
+    let err = stderr(o);
+    assert!(!o.status.success(), "expected failure, got success; stderr: {err}");
+    assert_ne!(o.status.code(), Some(101), "panicked: {err}");
+    let lines: Vec<&str> = err.lines().filter(|l| !l.trim().is_empty()).collect();
+    assert_eq!(lines.len(), 1, "expected one line, got: {err}");
+    assert!(lines[0].starts_with("error: "), "{err}");
+    assert!(err.to_lowercase().contains(&must_contain.to_lowercase()), "expected `{must_contain}` in: {err}");
+    assert!(!err.contains("panicked") && !err.contains("RUST_BACKTRACE"), "{err}");
+}
+
+fn reference_image(case_name: &str) -> Vec<u8> {
+    let refs = common::reference("pipelines.safetensors");
+    refs[case_name].flatten_all().unwrap().to_vec1::<u8>().unwrap()
+}
+
+fn assert_close(got: &[u8], want: &[u8], what: &str) {
+    assert_eq!(got.len(), want.len(), "{what}: size");
+    let max = got.iter().zip(want).map(|(a, b)| a.abs_diff(*b)).max().unwrap();
+    assert!(max <= 2, "{what}: max pixel difference {max}/255");
+}
+
+#[test]
+fn generates_diffusers_image_from_unseen_lcm_folder() {
+    let tmp = tempfile::tempdir().unwrap();
+    let model = fresh_model(tmp.path(), "tiny-lcm");
+    let out = tmp.path().join("cat.png");
+    let o = lcm(
+        &["generate", "--model", model.to_str().unwrap(), "--prompt", "a photo of a cat", "--seed", "0", "--output", out.to_str().unwrap()],
+        &[],
+    );
+    assert!(o.status.success(), "{}", stderr(&o));
+    let img = lcm::image_io::read_png(&out).unwrap();
+    assert_eq!((img.width, img.height), (32, 32));
+    assert_close(&img.pixels, &reference_image("lcm_steps4"), "cli lcm_steps4");
+    let params = lcm::image_io::read_png_parameters(&out).unwrap().expect("parameters chunk");
+    assert!(params.starts_with("a photo of a cat\nSteps: 4, Sampler: LCM, CFG scale: 8.5, Seed: 0, Size: 32x32"), "{params}");
+
+    // The output exists now: refused without --overwrite, and the file is untouched.
+    let before = std::fs::read(&out).unwrap();
+    let again = lcm(
+        &["generate", "--model", model.to_str().unwrap(), "--prompt", "another", "--seed", "1", "--output", out.to_str().unwrap()],
+        &[],
+    );
+    assert_clean_error(&again, "already exists");
+    assert_eq!(std::fs::read(&out).unwrap(), before);
+    let forced = lcm(
+        &["generate", "--model", model.to_str().unwrap(), "--prompt", "another", "--seed", "1", "--output", out.to_str().unwrap(), "--overwrite"],
+        &[],
+    );
+    assert!(forced.status.success(), "{}", stderr(&forced));
+    assert_ne!(std::fs::read(&out).unwrap(), before);
+}
+
+#[test]
+fn cfg_with_negative_prompt_and_numbered_batch() {
+    let tmp = tempfile::tempdir().unwrap();
+    let model = fresh_model(tmp.path(), "tiny-sd");
+    let out = tmp.path().join("dog.png");
+    let o = lcm(
+        &[
+            "generate", "--model", model.to_str().unwrap(), "--prompt", "a photo of a dog", "--negative-prompt", "blurry, low quality",
+            "--guidance-scale", "2", "--steps", "4", "--seed", "0", "--output", out.to_str().unwrap(),
+        ],
+        &[],
+    );
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert_close(&lcm::image_io::read_png(&out).unwrap().pixels, &reference_image("sd_lcm_cfg_on_neg_steps4"), "cfg");
+    let params = lcm::image_io::read_png_parameters(&out).unwrap().unwrap();
+    assert!(params.contains("\nNegative prompt: blurry, low quality\n"), "{params}");
+
+    let out2 = tmp.path().join("car.png");
+    let o = lcm(
+        &[
+            "generate", "--model", model.to_str().unwrap(), "--prompt", "a red car parked on a street", "--guidance-scale", "2",
+            "--steps", "2", "--seed", "5", "--num-images", "2", "--output", out2.to_str().unwrap(),
+        ],
+        &[],
+    );
+    assert!(o.status.success(), "{}", stderr(&o));
+    let want = reference_image("sd_lcm_cfg_on_steps2_n2");
+    let half = want.len() / 2;
+    for (i, chunk) in [&want[..half], &want[half..]].iter().enumerate() {
+        let img = lcm::image_io::read_png(&tmp.path().join(format!("car-{}.png", i + 1))).unwrap();
+        assert_close(&img.pixels, chunk, "batch image");
+    }
+    assert!(!out2.exists());
+}
+
+#[test]
+fn unet_replacement_from_a_path() {
+    let tmp = tempfile::tempdir().unwrap();
+    let model = fresh_model(tmp.path(), "tiny-sd");
+    let unet = fresh_model(tmp.path(), "tiny-lcm").join("unet");
+    let out = tmp.path().join("swap.png");
+    let o = lcm(
+        &[
+            "generate", "--model", model.to_str().unwrap(), "--unet", unet.to_str().unwrap(), "--prompt", "a photo of a cat",
+            "--guidance-scale", "8.5", "--seed", "0", "--output", out.to_str().unwrap(),
+        ],
+        &[],
+    );
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert_close(&lcm::image_io::read_png(&out).unwrap().pixels, &reference_image("sd_with_lcm_unet_g8.5"), "unet swap");
+}
+
+#[test]
+fn bad_input_gives_one_line_errors() {
+    let tmp = tempfile::tempdir().unwrap();
+    let t = tmp.path();
+    let out = t.join("x.png");
+    let o = out.to_str().unwrap();
+    let run = |model: &Path, extra: &[&str]| {
+        let mut args = vec!["generate", "--model", model.to_str().unwrap(), "--prompt", "p", "--seed", "0", "--output", o];
+        args.extend_from_slice(extra);
+        lcm(&args, &[])
+    };
+
+    assert_clean_error(&run(&t.join("nope"), &[]), "");
+    assert_clean_error(&lcm(&["generate", "--model", "./no/such/folder", "--prompt", "p", "--output", o], &[]), "does not exist");
+
+    // A hub id that is not in the (empty) cache, offline: says so and how to pass a folder.
+    let o2 = lcm(&["generate", "--model", "some-org/some-model", "--prompt", "p", "--output", o], &[("HF_HOME", t.to_str().unwrap())]);
+    assert_clean_error(&o2, "local");
+
+    let good = fresh_model(t, "tiny-lcm");
+    assert_clean_error(&run(&good, &["--width", "33"]), "multiple");
+    assert_clean_error(&run(&good, &["--steps", "0"]), "steps");
+    assert_clean_error(&run(&good, &["--variant", "fp16"]), "fp16");
+
+    // Missing component.
+    let m = t.join("m1");
+    copy_dir(&good, &m);
+    std::fs::remove_dir_all(m.join("vae")).unwrap();
+    assert_clean_error(&run(&m, &[]), "vae");
+
+    // Truncated weights.
+    let m = t.join("m2");
+    copy_dir(&good, &m);
+    let w = m.join("unet/diffusion_pytorch_model.safetensors");
+    let bytes = std::fs::read(&w).unwrap();
+    std::fs::write(&w, &bytes[..bytes.len() / 2]).unwrap();
+    assert_clean_error(&run(&m, &[]), "diffusion_pytorch_model.safetensors");
+
+    // Not a safetensors file at all.
+    let m = t.join("m3");
+    copy_dir(&good, &m);
+    std::fs::write(m.join("vae/diffusion_pytorch_model.safetensors"), b"this is not safetensors").unwrap();
+    assert_clean_error(&run(&m, &[]), "vae");
+
+    // A config missing a required key.
+    let m = t.join("m4");
+    copy_dir(&good, &m);
+    let cfg_path = m.join("text_encoder/config.json");
+    let mut cfg: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&cfg_path).unwrap()).unwrap();
+    cfg.as_object_mut().unwrap().remove("hidden_size");
+    std::fs::write(&cfg_path, cfg.to_string()).unwrap();
+    assert_clean_error(&run(&m, &[]), "hidden_size");
+
+    // A tensor of the wrong shape (config and weights disagree).
+    let m = t.join("m5");
+    copy_dir(&good, &m);
+    let cfg_path = m.join("unet/config.json");
+    let mut cfg: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&cfg_path).unwrap()).unwrap();
+    cfg["cross_attention_dim"] = serde_json::json!(48);
+    std::fs::write(&cfg_path, cfg.to_string()).unwrap();
+    assert_clean_error(&run(&m, &[]), "shape");
+
+    // An inpainting (9-channel) UNet cannot do text-to-image.
+    assert!(!out.exists(), "no output may be written on errors");
+}

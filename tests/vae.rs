@@ -1,0 +1,251 @@
+//! AutoencoderKL: parity with diffusers on the fixture VAEs, every real config builds and asks
+//! for exactly the weights of the real checkpoint, and bad configs / weights are errors.
+
+mod common;
+
+use candle_core::safetensors::MmapedSafetensors;
+use candle_core::{DType, Device, Shape, Tensor};
+use candle_nn::var_builder::SimpleBackend;
+use candle_nn::VarBuilder;
+use lcm::loaders::weights::safetensors_files;
+use lcm::models::autoencoder_kl::{AutoencoderKL, AutoencoderKLConfig};
+use std::collections::{BTreeMap, HashMap};
+use std::path::Path;
+use std::sync::{Arc, Mutex};
+
+const TOL: f64 = 1e-4;
+
+/// Records every weight name and shape requested; serves the real tensors of `inner` or, without
+/// it, zeros as a broadcast scalar.
+struct Inner {
+    inner: Option<MmapedSafetensors>,
+    seen: Mutex<BTreeMap<String, Vec<usize>>>,
+}
+
+#[derive(Clone)]
+struct Recorder(Arc<Inner>);
+
+impl SimpleBackend for Recorder {
+    fn get(&self, s: Shape, name: &str, h: candle_nn::Init, dtype: DType, dev: &Device) -> candle_core::Result<Tensor> {
+        let prev = self.0.seen.lock().unwrap().insert(name.to_string(), s.dims().to_vec());
+        assert!(prev.is_none(), "weight {name} requested twice");
+        match &self.0.inner {
+            Some(st) => SimpleBackend::get(st, s, name, h, dtype, dev),
+            None => Tensor::zeros((), dtype, dev)?.broadcast_as(s),
+        }
+    }
+    fn get_unchecked(&self, name: &str, _: DType, _: &Device) -> candle_core::Result<Tensor> {
+        candle_core::bail!("unexpected unchecked get of {name}")
+    }
+    fn contains_tensor(&self, name: &str) -> bool {
+        self.0.inner.as_ref().map_or(true, |st| st.get(name).is_ok())
+    }
+}
+
+fn build_recorded(
+    inner: Option<MmapedSafetensors>,
+    cfg: &AutoencoderKLConfig,
+) -> (anyhow::Result<AutoencoderKL>, BTreeMap<String, Vec<usize>>) {
+    let rec = Recorder(Arc::new(Inner { inner, seen: Mutex::new(BTreeMap::new()) }));
+    let vb = VarBuilder::from_backend(Box::new(rec.clone()), DType::F32, Device::Cpu);
+    let model = AutoencoderKL::new(vb, cfg);
+    let seen = rec.0.seen.lock().unwrap().clone();
+    (model, seen)
+}
+
+fn read_keys(path: &Path) -> BTreeMap<String, Vec<usize>> {
+    let text = std::fs::read_to_string(path).unwrap();
+    let mut keys = BTreeMap::new();
+    for line in text.lines().map(str::trim).filter(|l| !l.is_empty() && !l.starts_with('#')) {
+        let mut parts = line.split_whitespace();
+        let name = parts.next().unwrap();
+        let shape = parts.next().unwrap().trim_start_matches('[').trim_end_matches(']');
+        let dims = shape.split(',').filter(|d| !d.is_empty()).map(|d| d.parse().unwrap()).collect();
+        keys.insert(name.to_string(), dims);
+    }
+    keys
+}
+
+fn assert_same_keys(what: &str, got: &BTreeMap<String, Vec<usize>>, want: &BTreeMap<String, Vec<usize>>) {
+    let missing: Vec<_> = want.keys().filter(|k| !got.contains_key(*k)).collect();
+    let extra: Vec<_> = got.keys().filter(|k| !want.contains_key(*k)).collect();
+    let shapes: Vec<_> = got
+        .iter()
+        .filter_map(|(k, s)| want.get(k).filter(|w| *w != s).map(|w| format!("{k}: model {s:?}, file {w:?}")))
+        .collect();
+    assert!(
+        missing.is_empty() && extra.is_empty() && shapes.is_empty(),
+        "{what}: weights not requested {missing:?}\nrequested but absent {extra:?}\nshape differences {shapes:?}"
+    );
+}
+
+/// Load a VAE folder, checking that the model uses every tensor of the file and nothing else.
+fn load_vae(dir: &Path) -> AutoencoderKL {
+    let cfg = AutoencoderKLConfig::from_file(&dir.join("config.json")).unwrap();
+    let files = safetensors_files(dir, None).unwrap();
+    let st = unsafe { MmapedSafetensors::multi(&files) }.unwrap();
+    let file_keys: BTreeMap<_, _> = st.tensors().into_iter().map(|(n, v)| (n, v.shape().to_vec())).collect();
+    let (model, seen) = build_recorded(Some(st), &cfg);
+    assert_same_keys(&dir.display().to_string(), &seen, &file_keys);
+    model.unwrap()
+}
+
+fn check(what: &str, got: &Tensor, want: &Tensor) {
+    assert_eq!(got.dims(), want.dims(), "{what}: shape");
+    let err = common::rel_l2(got, want);
+    println!("{what}: rel L2 {err:.3e}");
+    assert!(err < TOL, "{what}: rel L2 {err:.3e} >= {TOL:e}");
+}
+
+fn parity_main_fixture(model: &str) {
+    let vae = load_vae(&common::fixtures().join("models").join(model).join("vae"));
+    let r = common::reference(&format!("vae_{model}.safetensors"));
+    let post = vae.encode(&r["image"]).unwrap();
+    check(&format!("vae_{model} latent_mean"), &post.mean, &r["latent_mean"]);
+    check(&format!("vae_{model} latent_logvar"), &post.logvar, &r["latent_logvar"]);
+    assert!(Tensor::eq(post.mode(), &post.mean).unwrap().flatten_all().unwrap().min(0).unwrap().to_scalar::<u8>().unwrap() == 1);
+    check(&format!("vae_{model} decoded"), &vae.decode(&r["latents"]).unwrap(), &r["decoded"]);
+    check(&format!("vae_{model} decoded_odd"), &vae.decode(&r["latents_odd"]).unwrap(), &r["decoded_odd"]);
+}
+
+#[test]
+fn parity_tiny_sd() {
+    parity_main_fixture("tiny-sd");
+}
+
+#[test]
+fn parity_tiny_lcm() {
+    parity_main_fixture("tiny-lcm");
+}
+
+#[test]
+fn parity_tiny_sd2() {
+    parity_main_fixture("tiny-sd2");
+}
+
+fn extra(case: &str) -> (AutoencoderKL, HashMap<String, Tensor>) {
+    let root = common::fixtures().join("unet_extra");
+    let vae = load_vae(&root.join("models").join(case));
+    let path = root.join("reference").join(format!("{case}.safetensors"));
+    (vae, candle_core::safetensors::load(path, &Device::Cpu).unwrap())
+}
+
+fn parity_extra(case: &str) {
+    let (vae, r) = extra(case);
+    // even and odd (27x21) images: the encoder's right/bottom padding before each stride-2 conv
+    for tag in ["even", "odd"] {
+        let post = vae.encode(&r[&format!("image_{tag}")]).unwrap();
+        check(&format!("{case} {tag} latent_mean"), &post.mean, &r[&format!("latent_mean_{tag}")]);
+        check(&format!("{case} {tag} latent_logvar"), &post.logvar, &r[&format!("latent_logvar_{tag}")]);
+    }
+    check(&format!("{case} decoded"), &vae.decode(&r["latents"]).unwrap(), &r["decoded"]);
+}
+
+/// Three blocks, two resnets per block.
+#[test]
+fn parity_extra_vae3() {
+    parity_extra("vae3");
+}
+
+/// No quant_conv / post_quant_conv, no mid-block attention, 3 latent channels.
+#[test]
+fn parity_extra_vae_plain() {
+    parity_extra("vae_plain");
+    let (vae, _) = extra("vae_plain");
+    assert!(vae.quant_conv.is_none() && vae.post_quant_conv.is_none());
+    assert_eq!(vae.shift_factor(), Some(0.1));
+}
+
+#[test]
+fn scaling_and_sample() {
+    let (vae, r) = extra("vae3");
+    assert_eq!(vae.scaling_factor(), 0.13025);
+    assert_eq!(vae.vae_scale_factor(), 4);
+    assert_eq!(vae.shift_factor(), None);
+    let post = vae.encode(&r["image_even"]).unwrap();
+    // sample(0) is the mean; sample(1) is mean + exp(logvar / 2)
+    let zeros = post.mean.zeros_like().unwrap();
+    check("sample(0)", &post.sample(&zeros).unwrap(), &post.mean);
+    let want = (&post.mean + (&post.logvar * 0.5).unwrap().exp().unwrap()).unwrap();
+    check("sample(1)", &post.sample(&zeros.ones_like().unwrap()).unwrap(), &want);
+    let cfg: AutoencoderKLConfig = serde_json::from_str("{}").unwrap();
+    assert_eq!(cfg.scaling_factor, 0.18215);
+}
+
+#[test]
+fn real_vae_configs_build_with_exact_weight_names() {
+    let root = common::fixtures().join("real_configs");
+    let mut dirs: Vec<_> = std::fs::read_dir(&root)
+        .unwrap()
+        .flat_map(|m| {
+            let m = m.unwrap().path();
+            std::fs::read_dir(&m).unwrap().map(|c| c.unwrap().path()).collect::<Vec<_>>()
+        })
+        .filter(|d| d.file_name().unwrap().to_str().unwrap().starts_with("vae") && d.join("config.json").exists())
+        .collect();
+    dirs.sort();
+    let mut with_keys = 0;
+    for dir in &dirs {
+        let cfg = AutoencoderKLConfig::from_file(&dir.join("config.json")).unwrap();
+        let (model, seen) = build_recorded(None, &cfg);
+        let model = model.unwrap_or_else(|e| panic!("{}: {e:#}", dir.display()));
+        assert_eq!(model.vae_scale_factor(), 8);
+        let keys = dir.join("keys.txt");
+        if keys.exists() {
+            assert_same_keys(&keys.display().to_string(), &seen, &read_keys(&keys));
+            with_keys += 1;
+        }
+        println!("{}: {} weights{}", dir.display(), seen.len(), if keys.exists() { ", match keys.txt" } else { "" });
+    }
+    assert!(dirs.len() >= 5 && with_keys >= 2, "{} VAE configs, {with_keys} with keys", dirs.len());
+}
+
+fn tiny_config() -> serde_json::Value {
+    serde_json::from_str(&std::fs::read_to_string(common::fixtures().join("models/tiny-sd/vae/config.json")).unwrap())
+        .unwrap()
+}
+
+fn build_err(v: serde_json::Value) -> String {
+    let cfg: AutoencoderKLConfig = serde_json::from_value(v).unwrap();
+    match build_recorded(None, &cfg).0 {
+        Ok(_) => panic!("config was accepted"),
+        Err(e) => format!("{e:#}"),
+    }
+}
+
+#[test]
+fn bad_configs_are_errors() {
+    let mut v = tiny_config();
+    v["up_block_types"] = serde_json::json!(["UpDecoderBlock2D"]);
+    assert!(build_err(v).contains("up_block_types"));
+    let mut v = tiny_config();
+    v["down_block_types"] = serde_json::json!(["DownEncoderBlock2D", "DownEncoderBlock2D", "DownEncoderBlock2D"]);
+    assert!(build_err(v).contains("down_block_types"));
+    let mut v = tiny_config();
+    v["block_out_channels"] = serde_json::json!([]);
+    v["down_block_types"] = serde_json::json!([]);
+    v["up_block_types"] = serde_json::json!([]);
+    assert!(build_err(v).contains("block_out_channels"));
+    let mut v = tiny_config();
+    v["norm_num_groups"] = serde_json::json!(7);
+    assert!(build_err(v).contains("groups"));
+    let mut v = tiny_config();
+    v["down_block_types"][0] = serde_json::json!("AttnDownEncoderBlock2D");
+    assert!(build_err(v).contains("AttnDownEncoderBlock2D"));
+}
+
+#[test]
+fn wrong_weight_shape_is_an_error_naming_the_weight() {
+    let dir = common::fixtures().join("models/tiny-sd/vae");
+    let cfg = AutoencoderKLConfig::from_file(&dir.join("config.json")).unwrap();
+    let mut tensors = candle_core::safetensors::load(&safetensors_files(&dir, None).unwrap()[0], &Device::Cpu).unwrap();
+    let name = "decoder.mid_block.attentions.0.to_q.weight";
+    tensors.insert(name.to_string(), Tensor::zeros((3, 3), DType::F32, &Device::Cpu).unwrap());
+    let vb = VarBuilder::from_tensors(tensors.clone(), DType::F32, &Device::Cpu);
+    let e = format!("{:#}", AutoencoderKL::new(vb, &cfg).unwrap_err());
+    assert!(e.contains(name), "{e}");
+    tensors.remove(name);
+    let vb = VarBuilder::from_tensors(tensors, DType::F32, &Device::Cpu);
+    let e = format!("{:#}", AutoencoderKL::new(vb, &cfg).unwrap_err());
+    assert!(e.contains(name), "{e}");
+}
