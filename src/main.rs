@@ -147,6 +147,9 @@ fn run(cli: Cli) -> Result<()> {
 }
 
 fn main() -> ExitCode {
+    // Errors are reported as one line: keep candle from capturing backtraces into their text.
+    // SAFETY: no other thread exists yet.
+    unsafe { std::env::set_var("RUST_LIB_BACKTRACE", "0") };
     std::panic::set_hook(Box::new(|info| {
         let msg = info.payload().downcast_ref::<&str>().map(|s| s.to_string())
             .or_else(|| info.payload().downcast_ref::<String>().cloned())

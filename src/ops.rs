@@ -30,7 +30,15 @@ pub fn conv2d(
     stride: usize,
     padding: usize,
 ) -> Result<Tensor> {
-    let y = x.conv2d(weight, padding, stride, 1, 1)?;
+    let (_, c, _, w) = x.dims4()?;
+    let y = if x.stride()[1..] == [w * c, c, 1] && weight.dim(2)? > 1 {
+        // candle <= 0.9.2 CPU conv2d (huggingface/candle#3404): when C == H == W the NCHW
+        // strides equal NHWC ones and the tiled kernel reads the input as NHWC. Convolving the
+        // transposed image with the transposed kernel gives the transposed result and avoids it.
+        x.transpose(2, 3)?.conv2d(&weight.transpose(2, 3)?, padding, stride, 1, 1)?.transpose(2, 3)?
+    } else {
+        x.conv2d(weight, padding, stride, 1, 1)?
+    };
     match bias {
         Some(b) => y.broadcast_add(&b.reshape((1, b.dim(0)?, 1, 1))?),
         None => Ok(y),

@@ -189,14 +189,27 @@ fn bad_input_gives_one_line_errors() {
     std::fs::write(m.join("vae/diffusion_pytorch_model.safetensors"), b"this is not safetensors").unwrap();
     assert_clean_error(&run(&m, &[]), "vae");
 
-    // A config missing a required key.
+    // A config missing a key: like transformers, the default (hidden_size 512) is used, which
+    // the weights then contradict.
     let m = t.join("m4");
     copy_dir(&good, &m);
     let cfg_path = m.join("text_encoder/config.json");
     let mut cfg: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&cfg_path).unwrap()).unwrap();
     cfg.as_object_mut().unwrap().remove("hidden_size");
     std::fs::write(&cfg_path, cfg.to_string()).unwrap();
-    assert_clean_error(&run(&m, &[]), "hidden_size");
+    assert_clean_error(&run(&m, &[]), "shape mismatch for text_model.embeddings.token_embedding.weight");
+
+    // A config with a value of the wrong type, and one that is not JSON.
+    let m = t.join("m6");
+    copy_dir(&good, &m);
+    let cfg_path = m.join("unet/config.json");
+    let mut cfg: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&cfg_path).unwrap()).unwrap();
+    cfg["layers_per_block"] = serde_json::json!("two");
+    std::fs::write(&cfg_path, cfg.to_string()).unwrap();
+    assert_clean_error(&run(&m, &[]), "unet/config.json");
+    std::fs::write(m.join("scheduler/scheduler_config.json"), "{ not json").unwrap();
+    std::fs::copy(good.join("unet/config.json"), &cfg_path).unwrap();
+    assert_clean_error(&run(&m, &[]), "scheduler_config.json");
 
     // A tensor of the wrong shape (config and weights disagree).
     let m = t.join("m5");
@@ -208,5 +221,7 @@ fn bad_input_gives_one_line_errors() {
     assert_clean_error(&run(&m, &[]), "shape");
 
     // An inpainting (9-channel) UNet cannot do text-to-image.
+    let unet9 = common::fixtures().join("models/unets/inpaint9");
+    assert_clean_error(&run(&good, &["--unet", unet9.to_str().unwrap()]), "inpainting");
     assert!(!out.exists(), "no output may be written on errors");
 }

@@ -26,7 +26,14 @@ struct Inner {
 struct Recorder(Arc<Inner>);
 
 impl SimpleBackend for Recorder {
-    fn get(&self, s: Shape, name: &str, h: candle_nn::Init, dtype: DType, dev: &Device) -> candle_core::Result<Tensor> {
+    fn get(
+        &self,
+        s: Shape,
+        name: &str,
+        h: candle_nn::Init,
+        dtype: DType,
+        dev: &Device,
+    ) -> candle_core::Result<Tensor> {
         let prev = self.0.seen.lock().unwrap().insert(name.to_string(), s.dims().to_vec());
         assert!(prev.is_none(), "weight {name} requested twice");
         match &self.0.inner {
@@ -38,7 +45,7 @@ impl SimpleBackend for Recorder {
         candle_core::bail!("unexpected unchecked get of {name}")
     }
     fn contains_tensor(&self, name: &str) -> bool {
-        self.0.inner.as_ref().map_or(true, |st| st.get(name).is_ok())
+        self.0.inner.as_ref().is_none_or(|st| st.get(name).is_ok())
     }
 }
 
@@ -103,7 +110,17 @@ fn parity_main_fixture(model: &str) {
     let post = vae.encode(&r["image"]).unwrap();
     check(&format!("vae_{model} latent_mean"), &post.mean, &r["latent_mean"]);
     check(&format!("vae_{model} latent_logvar"), &post.logvar, &r["latent_logvar"]);
-    assert!(Tensor::eq(post.mode(), &post.mean).unwrap().flatten_all().unwrap().min(0).unwrap().to_scalar::<u8>().unwrap() == 1);
+    assert!(
+        Tensor::eq(post.mode(), &post.mean)
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .min(0)
+            .unwrap()
+            .to_scalar::<u8>()
+            .unwrap()
+            == 1
+    );
     check(&format!("vae_{model} decoded"), &vae.decode(&r["latents"]).unwrap(), &r["decoded"]);
     check(&format!("vae_{model} decoded_odd"), &vae.decode(&r["latents_odd"]).unwrap(), &r["decoded_odd"]);
 }
@@ -181,7 +198,9 @@ fn real_vae_configs_build_with_exact_weight_names() {
             let m = m.unwrap().path();
             std::fs::read_dir(&m).unwrap().map(|c| c.unwrap().path()).collect::<Vec<_>>()
         })
-        .filter(|d| d.file_name().unwrap().to_str().unwrap().starts_with("vae") && d.join("config.json").exists())
+        .filter(|d| {
+            d.file_name().unwrap().to_str().unwrap().starts_with("vae") && d.join("config.json").exists()
+        })
         .collect();
     dirs.sort();
     let mut with_keys = 0;
@@ -195,14 +214,21 @@ fn real_vae_configs_build_with_exact_weight_names() {
             assert_same_keys(&keys.display().to_string(), &seen, &read_keys(&keys));
             with_keys += 1;
         }
-        println!("{}: {} weights{}", dir.display(), seen.len(), if keys.exists() { ", match keys.txt" } else { "" });
+        println!(
+            "{}: {} weights{}",
+            dir.display(),
+            seen.len(),
+            if keys.exists() { ", match keys.txt" } else { "" }
+        );
     }
     assert!(dirs.len() >= 5 && with_keys >= 2, "{} VAE configs, {with_keys} with keys", dirs.len());
 }
 
 fn tiny_config() -> serde_json::Value {
-    serde_json::from_str(&std::fs::read_to_string(common::fixtures().join("models/tiny-sd/vae/config.json")).unwrap())
-        .unwrap()
+    serde_json::from_str(
+        &std::fs::read_to_string(common::fixtures().join("models/tiny-sd/vae/config.json")).unwrap(),
+    )
+    .unwrap()
 }
 
 fn build_err(v: serde_json::Value) -> String {
@@ -219,7 +245,8 @@ fn bad_configs_are_errors() {
     v["up_block_types"] = serde_json::json!(["UpDecoderBlock2D"]);
     assert!(build_err(v).contains("up_block_types"));
     let mut v = tiny_config();
-    v["down_block_types"] = serde_json::json!(["DownEncoderBlock2D", "DownEncoderBlock2D", "DownEncoderBlock2D"]);
+    v["down_block_types"] =
+        serde_json::json!(["DownEncoderBlock2D", "DownEncoderBlock2D", "DownEncoderBlock2D"]);
     assert!(build_err(v).contains("down_block_types"));
     let mut v = tiny_config();
     v["block_out_channels"] = serde_json::json!([]);
@@ -238,7 +265,8 @@ fn bad_configs_are_errors() {
 fn wrong_weight_shape_is_an_error_naming_the_weight() {
     let dir = common::fixtures().join("models/tiny-sd/vae");
     let cfg = AutoencoderKLConfig::from_file(&dir.join("config.json")).unwrap();
-    let mut tensors = candle_core::safetensors::load(&safetensors_files(&dir, None).unwrap()[0], &Device::Cpu).unwrap();
+    let mut tensors =
+        candle_core::safetensors::load(&safetensors_files(&dir, None).unwrap()[0], &Device::Cpu).unwrap();
     let name = "decoder.mid_block.attentions.0.to_q.weight";
     tensors.insert(name.to_string(), Tensor::zeros((3, 3), DType::F32, &Device::Cpu).unwrap());
     let vb = VarBuilder::from_tensors(tensors.clone(), DType::F32, &Device::Cpu);
@@ -248,4 +276,84 @@ fn wrong_weight_shape_is_an_error_naming_the_weight() {
     let vb = VarBuilder::from_tensors(tensors, DType::F32, &Device::Cpu);
     let e = format!("{:#}", AutoencoderKL::new(vb, &cfg).unwrap_err());
     assert!(e.contains(name), "{e}");
+}
+
+/// VAE checkpoints from before diffusers 0.14 name the mid-block attention
+/// `query`/`key`/`value`/`proj_attn`; they load and decode the same.
+#[test]
+fn legacy_attention_names_load() {
+    let dir = common::fixtures().join("models/tiny-sd/vae");
+    let cfg = AutoencoderKLConfig::from_file(&dir.join("config.json")).unwrap();
+    let tensors =
+        candle_core::safetensors::load(&safetensors_files(&dir, None).unwrap()[0], &Device::Cpu).unwrap();
+    let renamed: HashMap<String, Tensor> = tensors
+        .iter()
+        .map(|(k, v)| {
+            let k = k
+                .replace("attentions.0.to_q.", "attentions.0.query.")
+                .replace("attentions.0.to_k.", "attentions.0.key.")
+                .replace("attentions.0.to_v.", "attentions.0.value.")
+                .replace("attentions.0.to_out.0.", "attentions.0.proj_attn.");
+            (k, v.clone())
+        })
+        .collect();
+    assert!(renamed.contains_key("decoder.mid_block.attentions.0.proj_attn.weight"));
+    let new = AutoencoderKL::new(VarBuilder::from_tensors(tensors, DType::F32, &Device::Cpu), &cfg).unwrap();
+    let old = AutoencoderKL::new(VarBuilder::from_tensors(renamed, DType::F32, &Device::Cpu), &cfg).unwrap();
+    let r = common::reference("vae_tiny-sd.safetensors");
+    check("legacy names", &old.decode(&r["latents"]).unwrap(), &new.decode(&r["latents"]).unwrap());
+}
+
+/// `ops::conv2d` against a direct sum, including C == H == W, where candle 0.9.2's CPU kernel
+/// reads NCHW input as NHWC (huggingface/candle#3404; hit by the SD VAE at 512 px).
+#[test]
+fn conv2d_matches_direct_sum() {
+    fn direct(x: &Tensor, k: &Tensor, b: &Tensor, stride: usize, pad: usize) -> Tensor {
+        let (n, c, h, w) = x.dims4().unwrap();
+        let (o, _, kh, kw) = k.dims4().unwrap();
+        let xv = x.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        let kv = k.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        let bv = b.to_vec1::<f32>().unwrap();
+        let (oh, ow) = ((h + 2 * pad - kh) / stride + 1, (w + 2 * pad - kw) / stride + 1);
+        let mut out = vec![0f32; n * o * oh * ow];
+        for (i, v) in out.iter_mut().enumerate() {
+            let (ni, oi, y, xx) = (i / (o * oh * ow), i / (oh * ow) % o, i / ow % oh, i % ow);
+            let mut s = bv[oi] as f64;
+            for ci in 0..c {
+                for ky in 0..kh {
+                    for kx in 0..kw {
+                        let (iy, ix) = (
+                            (y * stride + ky) as isize - pad as isize,
+                            (xx * stride + kx) as isize - pad as isize,
+                        );
+                        if iy >= 0 && ix >= 0 && (iy as usize) < h && (ix as usize) < w {
+                            s += xv[((ni * c + ci) * h + iy as usize) * w + ix as usize] as f64
+                                * kv[((oi * c + ci) * kh + ky) * kw + kx] as f64;
+                        }
+                    }
+                }
+            }
+            *v = s as f32;
+        }
+        Tensor::from_vec(out, (n, o, oh, ow), x.device()).unwrap()
+    }
+    let dev = Device::Cpu;
+    for (c, o, h, w, k, stride, pad) in [
+        (8, 16, 8, 8, 3, 1, 1),
+        (8, 8, 8, 8, 3, 2, 0),
+        (6, 4, 6, 6, 3, 2, 1),
+        (8, 16, 8, 9, 3, 1, 1),
+        (5, 7, 9, 13, 3, 1, 1),
+        (4, 4, 4, 4, 1, 1, 0),
+    ] {
+        let x = Tensor::randn(0f32, 1., (2, c, h, w), &dev).unwrap();
+        let kernel = Tensor::randn(0f32, 1., (o, c, k, k), &dev).unwrap();
+        let bias = Tensor::randn(0f32, 1., o, &dev).unwrap();
+        let got = lcm::ops::conv2d(&x, &kernel, Some(&bias), stride, pad).unwrap();
+        check(
+            &format!("conv2d c{c} o{o} {h}x{w} k{k} s{stride} p{pad}"),
+            &got,
+            &direct(&x, &kernel, &bias, stride, pad),
+        );
+    }
 }

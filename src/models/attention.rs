@@ -73,11 +73,20 @@ impl Attention {
             Some(g) => Some(GroupNorm::new(vb.pp("group_norm"), g, cfg.query_dim, cfg.eps)?),
             None => None,
         };
+        // VAE checkpoints saved before diffusers 0.14 name the mid-block attention
+        // query/key/value/proj_attn; diffusers renames them on load, and so do we.
+        let legacy =
+            group_norm.is_some() && !vb.contains_tensor("to_q.weight") && vb.contains_tensor("query.weight");
+        let [q, k, v, o] = if legacy {
+            ["query", "key", "value", "proj_attn"]
+        } else {
+            ["to_q", "to_k", "to_v", "to_out.0"]
+        };
         Ok(Self {
-            to_q: Linear::new(vb.pp("to_q"), cfg.query_dim, inner, cfg.bias)?,
-            to_k: Linear::new(vb.pp("to_k"), kv_dim, inner, cfg.bias)?,
-            to_v: Linear::new(vb.pp("to_v"), kv_dim, inner, cfg.bias)?,
-            to_out: Linear::new(vb.pp("to_out").pp("0"), inner, cfg.query_dim, cfg.out_bias)?,
+            to_q: Linear::new(vb.pp(q), cfg.query_dim, inner, cfg.bias)?,
+            to_k: Linear::new(vb.pp(k), kv_dim, inner, cfg.bias)?,
+            to_v: Linear::new(vb.pp(v), kv_dim, inner, cfg.bias)?,
+            to_out: Linear::new(vb.pp(o), inner, cfg.query_dim, cfg.out_bias)?,
             group_norm,
             heads: cfg.heads,
             dim_head: cfg.dim_head,

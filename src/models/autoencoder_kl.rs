@@ -151,10 +151,16 @@ impl AutoencoderKL {
         let encoder = Encoder::new(vb.pp("encoder"), c.in_channels, c.latent_channels, &p)?;
         let decoder = Decoder::new(vb.pp("decoder"), c.latent_channels, c.out_channels, &p)?;
         let l = c.latent_channels;
-        let quant_conv =
-            if c.use_quant_conv { Some(Conv2d::new(vb.pp("quant_conv"), 2 * l, 2 * l, 1, 1, 0)?) } else { None };
-        let post_quant_conv =
-            if c.use_post_quant_conv { Some(Conv2d::new(vb.pp("post_quant_conv"), l, l, 1, 1, 0)?) } else { None };
+        let quant_conv = if c.use_quant_conv {
+            Some(Conv2d::new(vb.pp("quant_conv"), 2 * l, 2 * l, 1, 1, 0)?)
+        } else {
+            None
+        };
+        let post_quant_conv = if c.use_post_quant_conv {
+            Some(Conv2d::new(vb.pp("post_quant_conv"), l, l, 1, 1, 0)?)
+        } else {
+            None
+        };
         Ok(Self { config: c.clone(), encoder, decoder, quant_conv, post_quant_conv })
     }
 
@@ -188,6 +194,7 @@ impl AutoencoderKL {
 
     /// Pixels per latent pixel: `2^(len(block_out_channels) - 1)`.
     pub fn vae_scale_factor(&self) -> usize {
-        1 << self.config.block_out_channels.len().saturating_sub(1)
+        let n = self.config.block_out_channels.len().saturating_sub(1);
+        1usize.checked_shl(n as u32).unwrap_or(usize::MAX)
     }
 }

@@ -43,7 +43,14 @@ pub struct ResnetBlock2DConfig {
 }
 
 impl ResnetBlock2DConfig {
-    pub fn new(in_channels: usize, out_channels: usize, temb_channels: Option<usize>, groups: usize, eps: f64, act: Activation) -> Self {
+    pub fn new(
+        in_channels: usize,
+        out_channels: usize,
+        temb_channels: Option<usize>,
+        groups: usize,
+        eps: f64,
+        act: Activation,
+    ) -> Self {
         Self {
             in_channels,
             out_channels,
@@ -89,11 +96,8 @@ impl ResnetBlock2D {
         };
         let norm2 = GroupNorm::new(vb.pp("norm2"), cfg.groups_out.unwrap_or(cfg.groups), cout, cfg.eps)?;
         let conv2 = Conv2d::new(vb.pp("conv2"), cout, cout, 3, 1, 1)?;
-        let conv_shortcut = if cin != cout {
-            Some(Conv2d::new(vb.pp("conv_shortcut"), cin, cout, 1, 1, 0)?)
-        } else {
-            None
-        };
+        let conv_shortcut =
+            if cin != cout { Some(Conv2d::new(vb.pp("conv_shortcut"), cin, cout, 1, 1, 0)?) } else { None };
         Ok(Self {
             norm1,
             conv1,

@@ -1,7 +1,9 @@
 //! The down, mid and up blocks of the UNet and the VAE (diffusers `unets/unet_2d_blocks.py`).
 
 use crate::models::attention::{Attention, AttentionConfig, Transformer2DConfig, Transformer2DModel};
-use crate::models::resnet::{Downsample2D, ResnetBlock2D, ResnetBlock2DConfig, TimeEmbeddingNorm, Upsample2D};
+use crate::models::resnet::{
+    Downsample2D, ResnetBlock2D, ResnetBlock2DConfig, TimeEmbeddingNorm, Upsample2D,
+};
 use crate::nn::Activation;
 use candle_core::{Result, Tensor};
 use candle_nn::VarBuilder;
@@ -20,7 +22,8 @@ pub struct ResnetParams {
 
 impl ResnetParams {
     fn resnet(&self, vb: VarBuilder, cin: usize, cout: usize) -> Result<ResnetBlock2D> {
-        let mut cfg = ResnetBlock2DConfig::new(cin, cout, self.temb_channels, self.groups, self.eps, self.act);
+        let mut cfg =
+            ResnetBlock2DConfig::new(cin, cout, self.temb_channels, self.groups, self.eps, self.act);
         cfg.time_embedding_norm = self.time_embedding_norm;
         cfg.output_scale_factor = self.output_scale_factor;
         ResnetBlock2D::new(vb, &cfg)
@@ -39,13 +42,16 @@ pub struct CrossAttnParams {
 }
 
 impl CrossAttnParams {
-    fn transformer(&self, vb: VarBuilder, channels: usize, groups: usize, i: usize) -> Result<Transformer2DModel> {
+    fn transformer(
+        &self,
+        vb: VarBuilder,
+        channels: usize,
+        groups: usize,
+        i: usize,
+    ) -> Result<Transformer2DModel> {
         let heads = self.num_attention_heads;
         if heads == 0 || heads > channels {
-            candle_core::bail!(
-                "{}: {heads} attention heads cannot split {channels} channels",
-                vb.prefix()
-            )
+            candle_core::bail!("{}: {heads} attention heads cannot split {channels} channels", vb.prefix())
         }
         let Some(&num_layers) = self.transformer_layers_per_block.get(i) else {
             candle_core::bail!(
@@ -199,7 +205,13 @@ pub struct UpBlock2D {
 }
 
 /// Input channels of up-block resnet `i`: the previous output plus the skip it consumes.
-fn up_resnet_in(i: usize, num_layers: usize, in_channels: usize, prev_output_channel: usize, out_channels: usize) -> usize {
+fn up_resnet_in(
+    i: usize,
+    num_layers: usize,
+    in_channels: usize,
+    prev_output_channel: usize,
+    out_channels: usize,
+) -> usize {
     let res_skip = if i + 1 == num_layers { in_channels } else { out_channels };
     let resnet_in = if i == 0 { prev_output_channel } else { out_channels };
     resnet_in + res_skip
@@ -385,7 +397,12 @@ impl UNetMidBlock2DCrossAttn {
         Ok(Self { resnets, attentions })
     }
 
-    pub fn forward(&self, x: &Tensor, temb: Option<&Tensor>, encoder_hidden_states: &Tensor) -> Result<Tensor> {
+    pub fn forward(
+        &self,
+        x: &Tensor,
+        temb: Option<&Tensor>,
+        encoder_hidden_states: &Tensor,
+    ) -> Result<Tensor> {
         let mut x = x.clone();
         for (i, r) in self.resnets.iter().enumerate() {
             if i > 0 {
@@ -416,8 +433,15 @@ impl DownEncoderBlock2D {
         downsample_padding: usize,
         rp: &ResnetParams,
     ) -> Result<Self> {
-        let DownBlock2D { resnets, downsamplers } =
-            DownBlock2D::new(vb, in_channels, out_channels, num_layers, add_downsample, downsample_padding, rp)?;
+        let DownBlock2D { resnets, downsamplers } = DownBlock2D::new(
+            vb,
+            in_channels,
+            out_channels,
+            num_layers,
+            add_downsample,
+            downsample_padding,
+            rp,
+        )?;
         Ok(Self { resnets, downsamplers })
     }
 

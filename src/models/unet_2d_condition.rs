@@ -20,6 +20,14 @@ fn null_false<'de, D: Deserializer<'de>>(d: D) -> std::result::Result<bool, D::E
     Ok(Option::<bool>::deserialize(d)?.unwrap_or(false))
 }
 
+fn sample_size<'de, D: Deserializer<'de>>(d: D) -> std::result::Result<usize, D::Error> {
+    Ok(match Option::<PerBlock<usize>>::deserialize(d)? {
+        None => d_sample_size(),
+        Some(PerBlock::One(s)) => s,
+        Some(PerBlock::Each(v)) => v.first().copied().unwrap_or_else(d_sample_size),
+    })
+}
+
 /// `transformer_layers_per_block`: one depth for every attention, one per block, or (asymmetric
 /// UNets such as SSD-1B) a per-attention list for some blocks.
 #[derive(Clone, Debug, Deserialize, PartialEq)]
@@ -35,8 +43,9 @@ pub enum TransformerLayers {
 #[derive(Clone, Debug, Deserialize)]
 pub struct UNet2DConditionConfig {
     /// Latent size the model was trained at (pipelines default to `sample_size * vae_scale_factor`
-    /// pixels). diffusers' default is None; absent here it reads as 64 (SD1.5).
-    #[serde(default = "d_sample_size")]
+    /// pixels). diffusers' default is None; absent or null here it reads as 64 (SD1.5), and a
+    /// `[height, width]` list reads as its height.
+    #[serde(default = "d_sample_size", deserialize_with = "sample_size")]
     pub sample_size: usize,
     #[serde(default = "d_4")]
     pub in_channels: usize,
@@ -378,7 +387,12 @@ impl UNet2DConditionModel {
             return Err(unsupported(&format!("time_embedding_type `{}`", c.time_embedding_type)));
         }
         if c.block_out_channels.contains(&0) || c.in_channels == 0 || c.out_channels == 0 {
-            bail!("unet config: channel counts must be positive (block_out_channels {:?}, in {}, out {})", c.block_out_channels, c.in_channels, c.out_channels)
+            bail!(
+                "unet config: channel counts must be positive (block_out_channels {:?}, in {}, out {})",
+                c.block_out_channels,
+                c.in_channels,
+                c.out_channels
+            )
         }
         if c.conv_in_kernel == 0 || c.conv_out_kernel == 0 {
             bail!("unet config: conv_in_kernel and conv_out_kernel must be positive")
@@ -386,8 +400,8 @@ impl UNet2DConditionModel {
         let Some(groups) = c.norm_num_groups else {
             return Err(unsupported("norm_num_groups: null"));
         };
-        let time_embedding_norm = TimeEmbeddingNorm::from_name(&c.resnet_time_scale_shift)
-            .context("unet config")?;
+        let time_embedding_norm =
+            TimeEmbeddingNorm::from_name(&c.resnet_time_scale_shift).context("unet config")?;
         let act = Activation::from_name(&c.act_fn).context("unet config: act_fn")?;
 
         let only_cross = per_block(&c.only_cross_attention, n, "only_cross_attention")?;
@@ -447,7 +461,15 @@ impl UNet2DConditionModel {
                 let Some(in_dim) = c.projection_class_embeddings_input_dim else {
                     bail!("unet config: addition_embed_type `text_time` needs projection_class_embeddings_input_dim")
                 };
-                let emb = TimestepEmbedding::new(vb.pp("add_embedding"), in_dim, time_embed_dim, "silu", None, None, None)?;
+                let emb = TimestepEmbedding::new(
+                    vb.pp("add_embedding"),
+                    in_dim,
+                    time_embed_dim,
+                    "silu",
+                    None,
+                    None,
+                    None,
+                )?;
                 (Some(Timesteps::new(time_dim, c.flip_sin_to_cos, c.freq_shift)), Some(emb))
             }
             Some(other) => return Err(unsupported(&format!("addition_embed_type `{other}`"))),
@@ -612,8 +634,9 @@ impl UNet2DConditionModel {
             };
             let b = added.text_embeds.dim(0)?;
             let time_embeds = proj.forward(&added.time_ids.flatten_all()?)?.reshape((b, ()))?;
-            let add_embeds = Tensor::cat(&[&added.text_embeds, &time_embeds.to_dtype(added.text_embeds.dtype())?], 1)?
-                .to_dtype(emb.dtype())?;
+            let add_embeds =
+                Tensor::cat(&[&added.text_embeds, &time_embeds.to_dtype(added.text_embeds.dtype())?], 1)?
+                    .to_dtype(emb.dtype())?;
             emb = emb.broadcast_add(&add.forward(&add_embeds, None)?)?;
         }
         match &self.time_embed_act {
@@ -634,8 +657,8 @@ impl UNet2DConditionModel {
         let (_, _, h, w) = sample.dims4()?;
         // When the size is not a multiple of the total downsampling, each upsampler is given the
         // size of the skip connection it must match instead of doubling.
-        let factor = 1usize << self.num_upsamplers;
-        let forward_upsample_size = h % factor != 0 || w % factor != 0;
+        let divisible = |d: usize| d.trailing_zeros() as usize >= self.num_upsamplers;
+        let forward_upsample_size = !divisible(h) || !divisible(w);
 
         let sample = if self.config.center_input_sample { sample.affine(2.0, -1.0)? } else { sample.clone() };
         let emb = self.time_embed(&sample, timestep.into(), cond)?;
@@ -643,14 +666,16 @@ impl UNet2DConditionModel {
 
         let mut x = self.conv_in.forward(&sample)?;
 
-        let is_controlnet = cond.mid_block_additional_residual.is_some() && cond.down_block_additional_residuals.is_some();
+        let is_controlnet =
+            cond.mid_block_additional_residual.is_some() && cond.down_block_additional_residuals.is_some();
         // diffusers still accepts T2I-Adapter residuals passed as `down_block_additional_residuals`
         // without a mid residual (deprecated) and treats them as intrablock residuals.
-        let intrablock = match (&cond.down_intrablock_additional_residuals, &cond.mid_block_additional_residual) {
-            (Some(r), _) => Some(r),
-            (None, None) => cond.down_block_additional_residuals.as_ref(),
-            (None, Some(_)) => None,
-        };
+        let intrablock =
+            match (&cond.down_intrablock_additional_residuals, &cond.mid_block_additional_residual) {
+                (Some(r), _) => Some(r),
+                (None, None) => cond.down_block_additional_residuals.as_ref(),
+                (None, Some(_)) => None,
+            };
         let mut intrablock = intrablock.map(|r| r.iter()).into_iter().flatten();
 
         let mut skips: Vec<Tensor> = vec![x.clone()];
@@ -678,8 +703,7 @@ impl UNet2DConditionModel {
             }
         }
 
-        if is_controlnet {
-            let Some(extra) = &cond.down_block_additional_residuals else { unreachable!() };
+        if let (Some(extra), true) = (&cond.down_block_additional_residuals, is_controlnet) {
             if extra.len() != skips.len() {
                 candle_core::bail!(
                     "down_block_additional_residuals has {} tensors, the UNet has {} skip connections",

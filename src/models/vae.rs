@@ -32,7 +32,10 @@ impl VaeParams {
     fn last_channels(&self) -> Result<usize> {
         match self.block_out_channels.last() {
             Some(&c) if c > 0 && !self.block_out_channels.contains(&0) => Ok(c),
-            _ => candle_core::bail!("vae: block_out_channels {:?} must be non-empty and positive", self.block_out_channels),
+            _ => candle_core::bail!(
+                "vae: block_out_channels {:?} must be non-empty and positive",
+                self.block_out_channels
+            ),
         }
     }
 
@@ -129,7 +132,8 @@ impl Decoder {
                 &rp,
             )?);
         }
-        let conv_norm_out = GroupNorm::new(vb.pp("conv_norm_out"), p.norm_num_groups, rev[rev.len() - 1], 1e-6)?;
+        let conv_norm_out =
+            GroupNorm::new(vb.pp("conv_norm_out"), p.norm_num_groups, rev[rev.len() - 1], 1e-6)?;
         let conv_act = Activation::Silu;
         let conv_out = Conv2d::new(vb.pp("conv_out"), rev[rev.len() - 1], out_channels, 3, 1, 1)?;
         Ok(Self { conv_in, mid_block, up_blocks, conv_norm_out, conv_act, conv_out })
