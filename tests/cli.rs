@@ -225,3 +225,82 @@ fn bad_input_gives_one_line_errors() {
     assert_clean_error(&run(&good, &["--unet", unet9.to_str().unwrap()]), "inpainting");
     assert!(!out.exists(), "no output may be written on errors");
 }
+
+/// A model diffusers already downloaded sits in the Hugging Face cache
+/// (`HF_HOME/hub/models--org--name/{refs/main,snapshots/<commit>/...}`): it is reused offline.
+#[test]
+fn hub_repo_id_resolves_from_the_hf_cache() {
+    let tmp = tempfile::tempdir().unwrap();
+    let repo = tmp.path().join("hf/hub/models--tiny-org--tiny-lcm");
+    let commit = "0123456789abcdef0123456789abcdef01234567";
+    copy_dir(&common::fixtures().join("models/tiny-lcm"), &repo.join("snapshots").join(commit));
+    std::fs::create_dir_all(repo.join("refs")).unwrap();
+    std::fs::write(repo.join("refs/main"), commit).unwrap();
+    let out = tmp.path().join("cat.png");
+    let hf_home = tmp.path().join("hf");
+    let args = ["generate", "--model", "tiny-org/tiny-lcm", "--prompt", "a photo of a cat", "--seed", "0", "--output", out.to_str().unwrap()];
+    let o = lcm(&args, &[("HF_HOME", hf_home.to_str().unwrap())]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert_close(&lcm::image_io::read_png(&out).unwrap().pixels, &reference_image("lcm_steps4"), "from cache");
+
+    // HF_HUB_CACHE points straight at the hub folder.
+    let out2 = tmp.path().join("cat2.png");
+    let args2 = ["generate", "--model", "tiny-org/tiny-lcm", "--prompt", "a photo of a cat", "--seed", "0", "--output", out2.to_str().unwrap()];
+    let o = lcm(&args2, &[("HF_HOME", "/nonexistent"), ("HF_HUB_CACHE", hf_home.join("hub").to_str().unwrap())]);
+    assert!(o.status.success(), "{}", stderr(&o));
+}
+
+/// An argument naming an existing local path is a path, even when it looks like `org/name`.
+#[test]
+fn existing_path_wins_over_repo_id() {
+    let tmp = tempfile::tempdir().unwrap();
+    copy_dir(&common::fixtures().join("models/tiny-lcm"), &tmp.path().join("SimianLuo/LCM_Dreamshaper_v7"));
+    let o = Command::new(env!("CARGO_BIN_EXE_lcm"))
+        .current_dir(tmp.path())
+        .env("HF_HUB_OFFLINE", "1")
+        .env("HF_HOME", tmp.path().join("empty-cache"))
+        .args(["generate", "--model", "SimianLuo/LCM_Dreamshaper_v7", "--prompt", "a photo of a cat", "--seed", "0", "--output", "cat.png"])
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", stderr(&o));
+    let img = lcm::image_io::read_png(&tmp.path().join("cat.png")).unwrap();
+    assert_close(&img.pixels, &reference_image("lcm_steps4"), "local org/name path");
+}
+
+/// `--variant fp16` picks `*.fp16.safetensors` (loaded into f32, as diffusers does without
+/// `torch_dtype`); without it the plain files are used even when both are present.
+#[test]
+fn variant_picks_fp16_files() {
+    let tmp = tempfile::tempdir().unwrap();
+    let model = fresh_model(tmp.path(), "tiny-lcm");
+    for (comp, file) in [
+        ("unet", "diffusion_pytorch_model"),
+        ("vae", "diffusion_pytorch_model"),
+        ("text_encoder", "model"),
+    ] {
+        let src = model.join(comp).join(format!("{file}.safetensors"));
+        let tensors = candle_core::safetensors::load(&src, &candle_core::Device::Cpu).unwrap();
+        let half: std::collections::HashMap<String, candle_core::Tensor> = tensors
+            .into_iter()
+            .map(|(k, v)| {
+                let v = if v.dtype() == candle_core::DType::F32 { v.to_dtype(candle_core::DType::F16).unwrap() } else { v };
+                (k, v)
+            })
+            .collect();
+        candle_core::safetensors::save(&half, model.join(comp).join(format!("{file}.fp16.safetensors"))).unwrap();
+    }
+    let run = |out: &str, extra: &[&str]| {
+        let out = tmp.path().join(out);
+        let mut args = vec!["generate", "--model", model.to_str().unwrap(), "--prompt", "a photo of a cat", "--seed", "0", "--output", out.to_str().unwrap()];
+        args.extend_from_slice(extra);
+        let o = lcm(&args, &[]);
+        assert!(o.status.success(), "{}", stderr(&o));
+        lcm::image_io::read_png(&out).unwrap().pixels
+    };
+    let plain = run("plain.png", &[]);
+    assert_close(&plain, &reference_image("lcm_steps4"), "plain weights beside fp16 ones");
+    let half = run("half.png", &["--variant", "fp16"]);
+    assert_ne!(half, plain, "fp16 weights must have been used");
+    let mean_diff = half.iter().zip(&plain).map(|(a, b)| a.abs_diff(*b) as f64).sum::<f64>() / half.len() as f64;
+    assert!(mean_diff < 8.0, "fp16 image far from the f32 one: mean diff {mean_diff}");
+}
