@@ -3,7 +3,7 @@
 use anyhow::{bail, Result};
 use clap::{Parser, Subcommand, ValueEnum};
 use lcm::image_io::{numbered_paths, write_png};
-use lcm::pipelines::{GenerateRequest, LcmPipeline, LoadOptions, PipelineKind};
+use lcm::pipelines::{GenerateRequest, LcmPipeline, LoadOptions, LoraSpec, PipelineKind};
 use std::path::PathBuf;
 use std::process::ExitCode;
 
@@ -69,6 +69,10 @@ enum Command {
         unet: Option<String>,
         #[arg(long, value_enum, default_value = "auto")]
         pipeline: PipelineArg,
+        /// LoRA to fuse in: a .safetensors file, a folder or a hub repo id, with an optional
+        /// weight (SOURCE@0.8); repeat for several, like diffusers' set_adapters.
+        #[arg(long = "lora", value_name = "SOURCE[@WEIGHT]")]
+        loras: Vec<String>,
     },
 }
 
@@ -91,6 +95,7 @@ fn run(cli: Cli) -> Result<()> {
             variant,
             unet,
             pipeline,
+            loras,
         } => {
             if steps == 0 {
                 bail!("--steps must be at least 1");
@@ -107,8 +112,12 @@ fn run(cli: Cli) -> Result<()> {
             let seed = seed.unwrap_or_else(|| {
                 std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_nanos() as u64)
             });
-            let opts = LoadOptions { variant, unet };
+            let loras = loras.iter().map(|l| LoraSpec::parse(l)).collect::<Result<Vec<_>>>()?;
+            let opts = LoadOptions { variant, unet, loras };
             let mut pipe = LcmPipeline::load(&model, &opts)?;
+            for warning in pipe.components.lora_reports.iter().filter_map(|r| r.warning()) {
+                eprintln!("warning: {warning}");
+            }
             pipe = match pipeline {
                 PipelineArg::Auto => pipe,
                 PipelineArg::Lcm => pipe.with_kind(PipelineKind::LatentConsistencyModel),

@@ -73,10 +73,10 @@ fn wanted(file: &str, folders: &[&str], variant: Option<&str>) -> bool {
 
 /// Resolve a hub repo to a local snapshot folder holding the wanted files (`folders` are
 /// component subfolders such as `unet`; an empty list means files at the repo root).
-pub fn snapshot(repo_id: &str, folders: &[&str], variant: Option<&str>) -> Result<PathBuf> {
+/// `marker` is the file that must be there (`model_index.json`, `config.json`, a LoRA file).
+pub fn snapshot(repo_id: &str, folders: &[&str], variant: Option<&str>, marker: &str) -> Result<PathBuf> {
     let cache = cache();
     let cache_dir = cache.path().clone();
-    let marker = if folders.is_empty() { "config.json" } else { "model_index.json" };
     let cached = cache.repo(Repo::new(repo_id.to_string(), RepoType::Model)).get(marker);
     let hint = format!(
         "pass a local diffusers folder instead (e.g. --model /path/to/folder), or download `{repo_id}` where the hub is reachable into the Hugging Face cache ({})",
@@ -98,7 +98,7 @@ pub fn snapshot(repo_id: &str, folders: &[&str], variant: Option<&str>) -> Resul
         let repo = api.model(repo_id.to_string());
         let info = repo.info().map_err(|e| e.to_string())?;
         let mut dir = None;
-        for s in info.siblings.iter().filter(|s| wanted(&s.rfilename, folders, variant)) {
+        for s in info.siblings.iter().filter(|s| s.rfilename == marker || wanted(&s.rfilename, folders, variant)) {
             let path = repo.get(&s.rfilename).map_err(|e| e.to_string())?;
             if s.rfilename == marker {
                 dir = path.parent().map(Path::to_path_buf);

@@ -1,5 +1,6 @@
 //! Resolving and loading models: local diffusers folders, the Hugging Face hub cache, weights.
 pub mod hub;
+pub mod lora;
 pub mod model_index;
 pub mod weights;
 

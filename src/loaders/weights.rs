@@ -1,9 +1,13 @@
 //! Finding and memory-mapping the safetensors files of one model component.
 
 use anyhow::{bail, Context, Result};
-use candle_core::{DType, Device};
+use candle_core::safetensors::MmapedSafetensors;
+use candle_core::{DType, Device, Shape, Tensor};
+use candle_nn::var_builder::SimpleBackend;
 use candle_nn::VarBuilder;
+use std::collections::HashMap;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 /// The `*.safetensors` files of a component folder, chosen the way diffusers chooses them:
 /// with `variant = Some("fp16")` only `name.fp16.safetensors` (or its shards), otherwise only
@@ -58,22 +62,120 @@ pub fn load_component(
     dtype: DType,
     device: &Device,
 ) -> Result<VarBuilder<'static>> {
-    let files = safetensors_files(dir, variant)?;
-    load_files(&files, dtype, device)
+    Ok(ComponentWeights::open(dir, variant)?.var_builder(None, dtype, device))
 }
 
 /// Memory-map explicit safetensors files; a truncated or non-safetensors file is an error
 /// naming it.
 pub fn load_files(files: &[PathBuf], dtype: DType, device: &Device) -> Result<VarBuilder<'static>> {
-    for f in files {
-        // Validate each file on its own so the error names the bad one.
-        unsafe { candle_core::safetensors::MmapedSafetensors::new(f) }
-            .map_err(|e| anyhow::anyhow!("cannot load weights {}: {}", f.display(), one_line(&e.to_string())))?;
+    Ok(ComponentWeights::open_files(files)?.var_builder(None, dtype, device))
+}
+
+/// The memory-mapped weights of one component, kept so that the component can be rebuilt
+/// (e.g. with other LoRA weights) without reading anything from disk again.
+#[derive(Clone)]
+pub struct ComponentWeights {
+    tensors: Arc<MmapedSafetensors>,
+    names: Arc<Vec<String>>,
+}
+
+impl ComponentWeights {
+    pub fn open(dir: &Path, variant: Option<&str>) -> Result<Self> {
+        Self::open_files(&safetensors_files(dir, variant)?)
     }
-    // SAFETY: the files are mapped read-only; like diffusers we assume nobody truncates a
-    // weight file while it is being used.
-    let vb = unsafe { VarBuilder::from_mmaped_safetensors(files, dtype, device) }?;
-    Ok(vb)
+
+    pub fn open_files(files: &[PathBuf]) -> Result<Self> {
+        for f in files {
+            // Validate each file on its own so the error names the bad one.
+            unsafe { MmapedSafetensors::new(f) }
+                .map_err(|e| anyhow::anyhow!("cannot load weights {}: {}", f.display(), one_line(&e.to_string())))?;
+        }
+        // SAFETY: the files are mapped read-only; like diffusers we assume nobody truncates a
+        // weight file while it is being used.
+        let tensors = unsafe { MmapedSafetensors::multi(files) }?;
+        let mut names: Vec<String> = tensors.tensors().into_iter().map(|(n, _)| n).collect();
+        names.sort();
+        Ok(Self { tensors: Arc::new(tensors), names: Arc::new(names) })
+    }
+
+    /// Every tensor name, sorted.
+    pub fn names(&self) -> &[String] {
+        &self.names
+    }
+
+    /// The shape of a stored tensor.
+    pub fn shape(&self, name: &str) -> Option<Vec<usize>> {
+        self.tensors.get(name).ok().map(|v| v.shape().to_vec())
+    }
+
+    /// A `VarBuilder` over these weights, with `deltas` (e.g. fused LoRAs) added on load.
+    pub fn var_builder(&self, deltas: Option<Arc<WeightDeltas>>, dtype: DType, device: &Device) -> VarBuilder<'static> {
+        let backend = FusedWeights { base: self.tensors.clone(), deltas: deltas.unwrap_or_default() };
+        VarBuilder::from_backend(Box::new(backend), dtype, device.clone())
+    }
+}
+
+/// Low-rank updates to add to named weights: `weight += scale * up @ down`, reshaped to the
+/// weight's shape (linear layers and convolutions alike).
+#[derive(Clone, Debug, Default)]
+pub struct WeightDeltas {
+    pub by_weight: HashMap<String, Vec<LowRankDelta>>,
+}
+
+#[derive(Clone, Debug)]
+pub struct LowRankDelta {
+    /// `[out, rank]`.
+    pub up: Tensor,
+    /// `[rank, in * kh * kw]`.
+    pub down: Tensor,
+    pub scale: f64,
+}
+
+impl WeightDeltas {
+    pub fn is_empty(&self) -> bool {
+        self.by_weight.is_empty()
+    }
+
+    fn apply(&self, name: &str, weight: Tensor) -> candle_core::Result<Tensor> {
+        let Some(deltas) = self.by_weight.get(name) else { return Ok(weight) };
+        let dtype = weight.dtype();
+        let mut w = weight.to_dtype(DType::F32)?;
+        for d in deltas {
+            let delta = d.up.matmul(&d.down)?;
+            if delta.elem_count() != w.elem_count() {
+                candle_core::bail!(
+                    "LoRA update for {name} has {} values but the weight has shape {:?}",
+                    delta.elem_count(),
+                    w.dims()
+                )
+            }
+            let delta = (delta.reshape(w.shape())? * d.scale)?;
+            w = (w + delta)?;
+        }
+        w.to_dtype(dtype)
+    }
+}
+
+/// A `SimpleBackend` that reads memory-mapped weights and adds the deltas of fused adapters.
+struct FusedWeights {
+    base: Arc<MmapedSafetensors>,
+    deltas: Arc<WeightDeltas>,
+}
+
+impl SimpleBackend for FusedWeights {
+    fn get(&self, s: Shape, name: &str, h: candle_nn::Init, dtype: DType, dev: &Device) -> candle_core::Result<Tensor> {
+        let w = SimpleBackend::get(self.base.as_ref(), s, name, h, DType::F32, dev)?;
+        self.deltas.apply(name, w)?.to_dtype(dtype)
+    }
+
+    fn get_unchecked(&self, name: &str, dtype: DType, dev: &Device) -> candle_core::Result<Tensor> {
+        let w = self.base.get_unchecked(name, DType::F32, dev)?;
+        self.deltas.apply(name, w)?.to_dtype(dtype)
+    }
+
+    fn contains_tensor(&self, name: &str) -> bool {
+        self.base.get(name).is_ok()
+    }
 }
 
 pub(crate) fn one_line(s: &str) -> String {

@@ -2,7 +2,10 @@
 //! scheduler config) from a diffusers folder or hub repo, with optional replacements.
 
 use crate::config::read_config;
-use crate::loaders::{hub, model_index::standalone_component_dir, weights, ModelIndex, ModelSource};
+use crate::loaders::lora::LoraComponent;
+use crate::loaders::weights::{self, ComponentWeights};
+use crate::loaders::{hub, model_index::standalone_component_dir, ModelIndex, ModelSource};
+use crate::pipelines::adapters::{AdapterSet, LoraReport, LoraSpec};
 use crate::models::autoencoder_kl::{AutoencoderKL, AutoencoderKLConfig};
 use crate::models::clip_text_model::{ClipTextConfig, ClipTextModel};
 use crate::models::clip_tokenizer::ClipTokenizer;
@@ -19,6 +22,8 @@ pub struct LoadOptions {
     pub variant: Option<String>,
     /// Replace the UNet (folder or hub id), e.g. an LCM-distilled UNet in a base model.
     pub unet: Option<String>,
+    /// LoRAs fused into the UNet and text encoder at load (`load_lora_weights` + `set_adapters`).
+    pub loras: Vec<LoraSpec>,
 }
 
 /// Every network a Stable Diffusion pipeline needs, loaded.
@@ -32,6 +37,13 @@ pub struct StableDiffusionComponents {
     pub vae: AutoencoderKL,
     pub vae_config: AutoencoderKLConfig,
     pub scheduler_config: LcmSchedulerConfig,
+    pub text_encoder_config: ClipTextConfig,
+    /// Loaded LoRA adapters and what loading them matched.
+    pub adapters: AdapterSet,
+    pub lora_reports: Vec<LoraReport>,
+    text_encoder_weights: ComponentWeights,
+    unet_weights: ComponentWeights,
+    device: Device,
 }
 
 const PIPELINE_FOLDERS: &[&str] = &["unet", "vae", "text_encoder", "tokenizer", "scheduler"];
@@ -43,7 +55,7 @@ fn pipeline_root(arg: &str, variant: Option<&str>, skip_unet: bool) -> Result<Pa
         ModelSource::Hub(id) => {
             let folders: Vec<&str> =
                 PIPELINE_FOLDERS.iter().copied().filter(|f| !(skip_unet && *f == "unet")).collect();
-            hub::snapshot(&id, &folders, variant)
+            hub::snapshot(&id, &folders, variant, "model_index.json")
         }
     }
 }
@@ -51,7 +63,7 @@ fn pipeline_root(arg: &str, variant: Option<&str>, skip_unet: bool) -> Result<Pa
 fn unet_dir(arg: &str, variant: Option<&str>) -> Result<PathBuf> {
     let root = match ModelSource::parse(arg)? {
         ModelSource::Local(p) => p,
-        ModelSource::Hub(id) => hub::snapshot(&id, &[], variant)?,
+        ModelSource::Hub(id) => hub::snapshot(&id, &[], variant, "config.json")?,
     };
     standalone_component_dir(&root, "unet", "config.json")
 }
@@ -68,16 +80,14 @@ impl StableDiffusionComponents {
 
         let te_dir = index.component_dir("text_encoder", Some("config.json"))?;
         let te_config: ClipTextConfig = read_config(&te_dir.join("config.json"))?;
-        let te_vb = weights::load_component(&te_dir, variant, dtype, device)?;
-        let text_encoder = ClipTextModel::new(te_vb, &te_config).context("text_encoder")?;
+        let text_encoder_weights = ComponentWeights::open(&te_dir, variant)?;
 
         let unet_dir = match &opts.unet {
             Some(arg) => unet_dir(arg, variant)?,
             None => index.component_dir("unet", Some("config.json"))?,
         };
         let unet_config: UNet2DConditionConfig = read_config(&unet_dir.join("config.json"))?;
-        let unet_vb = weights::load_component(&unet_dir, variant, dtype, device)?;
-        let unet = UNet2DConditionModel::new(unet_vb, &unet_config).context("unet")?;
+        let unet_weights = ComponentWeights::open(&unet_dir, variant)?;
 
         let vae_dir = index.component_dir("vae", Some("config.json"))?;
         let vae_config: AutoencoderKLConfig = read_config(&vae_dir.join("config.json"))?;
@@ -87,18 +97,74 @@ impl StableDiffusionComponents {
         let sched_dir = index.component_dir("scheduler", Some("scheduler_config.json"))?;
         let scheduler_config: LcmSchedulerConfig = read_config(&sched_dir.join("scheduler_config.json"))?;
 
+        // LoRAs are matched first so the networks are built once, with the updates fused in.
+        let mut adapters = AdapterSet::default();
+        let mut reports = Vec::new();
+        for spec in &opts.loras {
+            let targets = [(LoraComponent::Unet, &unet_weights), (LoraComponent::TextEncoder, &text_encoder_weights)];
+            reports.push(adapters.add(spec, &targets)?);
+        }
+        let text_encoder = build_text_encoder(&text_encoder_weights, &te_config, &adapters, device)?;
+        let unet = build_unet(&unet_weights, &unet_config, &adapters, device)?;
+
         Ok(Self {
             name: display_name(model),
             pipeline_class: index.class_name,
             tokenizer,
             text_encoder,
+            text_encoder_config: te_config,
+            text_encoder_weights,
             unet,
             unet_config,
+            unet_weights,
             vae,
             vae_config,
             scheduler_config,
+            adapters,
+            lora_reports: reports,
+            device: device.clone(),
         })
     }
+
+    /// Load more LoRAs (active at their weights, like `load_lora_weights`) and rebuild.
+    pub fn load_loras(&mut self, specs: &[LoraSpec]) -> Result<Vec<LoraReport>> {
+        let mut reports = Vec::new();
+        for spec in specs {
+            let targets = [(LoraComponent::Unet, &self.unet_weights), (LoraComponent::TextEncoder, &self.text_encoder_weights)];
+            reports.push(self.adapters.add(spec, &targets)?);
+        }
+        self.rebuild()?;
+        Ok(reports)
+    }
+
+    /// `set_adapters(names, adapter_weights)`: only these adapters, at these weights.
+    pub fn set_adapters(&mut self, names_and_weights: &[(&str, f64)]) -> Result<()> {
+        self.adapters.set_active(names_and_weights)?;
+        self.rebuild()
+    }
+
+    /// `delete_adapters(name)`.
+    pub fn delete_adapter(&mut self, name: &str) -> Result<()> {
+        self.adapters.remove(name)?;
+        self.rebuild()
+    }
+
+    /// Rebuild the adapted networks from the memory-mapped base weights (nothing is re-read).
+    fn rebuild(&mut self) -> Result<()> {
+        self.text_encoder = build_text_encoder(&self.text_encoder_weights, &self.text_encoder_config, &self.adapters, &self.device)?;
+        self.unet = build_unet(&self.unet_weights, &self.unet_config, &self.adapters, &self.device)?;
+        Ok(())
+    }
+}
+
+fn build_text_encoder(w: &ComponentWeights, cfg: &ClipTextConfig, adapters: &AdapterSet, device: &Device) -> Result<ClipTextModel> {
+    let vb = w.var_builder(adapters.combined(LoraComponent::TextEncoder), DType::F32, device);
+    ClipTextModel::new(vb, cfg).context("text_encoder")
+}
+
+fn build_unet(w: &ComponentWeights, cfg: &UNet2DConditionConfig, adapters: &AdapterSet, device: &Device) -> Result<UNet2DConditionModel> {
+    let vb = w.var_builder(adapters.combined(LoraComponent::Unet), DType::F32, device);
+    UNet2DConditionModel::new(vb, cfg).context("unet")
 }
 
 fn display_name(model: &str) -> String {

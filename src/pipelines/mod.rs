@@ -5,9 +5,11 @@
 //! - `StableDiffusionPipeline` with `LCMScheduler` (the LCM-LoRA path): classifier-free
 //!   guidance with a negative prompt when `guidance_scale > 1` and the UNet has no guidance
 //!   embedding.
+pub mod adapters;
 pub mod components;
 pub mod conditioning;
 
+pub use adapters::{LoraReport, LoraSpec};
 pub use components::{LoadOptions, StableDiffusionComponents};
 
 use crate::image_io::{postprocess, RgbImage};
@@ -111,6 +113,21 @@ impl LcmPipeline {
         let components = StableDiffusionComponents::load(model, opts, &device)?;
         let kind = PipelineKind::from_class_name(&components.pipeline_class);
         Ok(Self { components, kind, device })
+    }
+
+    /// Load LoRAs (`load_lora_weights`); each is active at its spec's weight.
+    pub fn load_loras(&mut self, specs: &[LoraSpec]) -> Result<Vec<LoraReport>> {
+        self.components.load_loras(specs)
+    }
+
+    /// `set_adapters(names, adapter_weights)`: change adapter weights without reloading the base.
+    pub fn set_adapters(&mut self, names_and_weights: &[(&str, f64)]) -> Result<()> {
+        self.components.set_adapters(names_and_weights)
+    }
+
+    /// `delete_adapters(name)`.
+    pub fn delete_adapter(&mut self, name: &str) -> Result<()> {
+        self.components.delete_adapter(name)
     }
 
     /// Follow another diffusers pipeline's semantics than the folder's own.
