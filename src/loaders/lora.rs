@@ -172,7 +172,8 @@ impl LoraFile {
         Self::from_tensors(&path.display().to_string(), tensors, metadata)
     }
 
-    fn from_tensors(source: &str, tensors: HashMap<String, Tensor>, metadata: HashMap<String, String>) -> Result<Self> {
+    /// Build from tensors already in memory (`metadata`: the safetensors `__metadata__`).
+    pub fn from_tensors(source: &str, tensors: HashMap<String, Tensor>, metadata: HashMap<String, String>) -> Result<Self> {
         let mut modules: BTreeMap<(LoraComponent, ModuleKey), RawModule> = BTreeMap::new();
         let mut unknown = Vec::new();
         let mut keys: Vec<_> = tensors.keys().cloned().collect();
@@ -207,7 +208,7 @@ impl LoraFile {
 
     /// Match the file against a component's weights; returns the updates (at weight 1.0) and
     /// the keys that matched nothing.
-    pub fn deltas_for(&self, component: LoraComponent, weights: &ComponentWeights) -> Result<(WeightDeltas, Vec<String>)> {
+    pub fn deltas_for(&self, component: LoraComponent, weights: &dyn WeightIndex) -> Result<(WeightDeltas, Vec<String>)> {
         let index = ModuleIndex::new(component, weights);
         let mut deltas = WeightDeltas::default();
         let mut unmatched = Vec::new();
@@ -305,6 +306,21 @@ fn parse_metadata(meta: &HashMap<String, String>) -> HashMap<LoraComponent, Meta
     out
 }
 
+/// The names and shapes of a component's weights, which LoRA modules are matched against.
+pub trait WeightIndex {
+    fn names(&self) -> &[String];
+    fn shape(&self, name: &str) -> Option<Vec<usize>>;
+}
+
+impl WeightIndex for ComponentWeights {
+    fn names(&self) -> &[String] {
+        ComponentWeights::names(self)
+    }
+    fn shape(&self, name: &str) -> Option<Vec<usize>> {
+        ComponentWeights::shape(self, name)
+    }
+}
+
 /// A component's module names, by diffusers' dotted name and by kohya's underscored name.
 struct ModuleIndex {
     dotted: HashMap<String, String>,
@@ -312,7 +328,7 @@ struct ModuleIndex {
 }
 
 impl ModuleIndex {
-    fn new(component: LoraComponent, weights: &ComponentWeights) -> Self {
+    fn new(component: LoraComponent, weights: &dyn WeightIndex) -> Self {
         let is_text = component != LoraComponent::Unet;
         let (mut dotted, mut underscored) = (HashMap::new(), HashMap::new());
         for name in weights.names() {

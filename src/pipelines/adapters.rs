@@ -2,8 +2,8 @@
 //! several adapters, each with a weight, fused into the UNet and text encoder weights when the
 //! networks are built, so inference costs nothing extra.
 
-use crate::loaders::lora::{resolve_source, LoraComponent, LoraFile};
-use crate::loaders::weights::{ComponentWeights, WeightDeltas};
+use crate::loaders::lora::{resolve_source, LoraComponent, LoraFile, WeightIndex};
+use crate::loaders::weights::WeightDeltas;
 use anyhow::{bail, Result};
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -91,7 +91,7 @@ fn default_name(source: &str) -> String {
 
 impl AdapterSet {
     /// Parse a LoRA and match it against the model's weights (does not rebuild anything).
-    pub fn add(&mut self, spec: &LoraSpec, targets: &[(LoraComponent, &ComponentWeights)]) -> Result<LoraReport> {
+    pub fn add(&mut self, spec: &LoraSpec, targets: &[(LoraComponent, &dyn WeightIndex)]) -> Result<LoraReport> {
         let path = resolve_source(&spec.source, spec.weight_name.as_deref())?;
         let file = LoraFile::read(&path)?;
         let mut name = spec.adapter_name.clone().unwrap_or_else(|| default_name(&spec.source));
@@ -117,7 +117,7 @@ impl AdapterSet {
         let mut unmatched = Vec::new();
         let mut matched = 0;
         for (comp, weights) in targets.iter().filter(|(c, _)| comps.contains(c)) {
-            let (d, u) = file.deltas_for(*comp, weights)?;
+            let (d, u) = file.deltas_for(*comp, *weights)?;
             matched += d.by_weight.values().map(Vec::len).sum::<usize>();
             unmatched.extend(u);
             deltas.insert(*comp, d);

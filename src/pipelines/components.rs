@@ -2,7 +2,7 @@
 //! scheduler config) from a diffusers folder or hub repo, with optional replacements.
 
 use crate::config::read_config;
-use crate::loaders::lora::LoraComponent;
+use crate::loaders::lora::{LoraComponent, WeightIndex};
 use crate::loaders::weights::{self, ComponentWeights};
 use crate::loaders::{hub, model_index::standalone_component_dir, ModelIndex, ModelSource};
 use crate::pipelines::adapters::{AdapterSet, LoraReport, LoraSpec};
@@ -101,7 +101,8 @@ impl StableDiffusionComponents {
         let mut adapters = AdapterSet::default();
         let mut reports = Vec::new();
         for spec in &opts.loras {
-            let targets = [(LoraComponent::Unet, &unet_weights), (LoraComponent::TextEncoder, &text_encoder_weights)];
+            let targets: [(LoraComponent, &dyn WeightIndex); 2] =
+                [(LoraComponent::Unet, &unet_weights), (LoraComponent::TextEncoder, &text_encoder_weights)];
             reports.push(adapters.add(spec, &targets)?);
         }
         let text_encoder = build_text_encoder(&text_encoder_weights, &te_config, &adapters, device)?;
@@ -130,7 +131,8 @@ impl StableDiffusionComponents {
     pub fn load_loras(&mut self, specs: &[LoraSpec]) -> Result<Vec<LoraReport>> {
         let mut reports = Vec::new();
         for spec in specs {
-            let targets = [(LoraComponent::Unet, &self.unet_weights), (LoraComponent::TextEncoder, &self.text_encoder_weights)];
+            let targets: [(LoraComponent, &dyn WeightIndex); 2] =
+                [(LoraComponent::Unet, &self.unet_weights), (LoraComponent::TextEncoder, &self.text_encoder_weights)];
             reports.push(self.adapters.add(spec, &targets)?);
         }
         self.rebuild()?;
