@@ -24,8 +24,10 @@ pub struct LoraSpec {
 impl LoraSpec {
     /// Parse `SOURCE[@WEIGHT]`.
     pub fn parse(arg: &str) -> Result<Self> {
-        let (source, weight) = match arg.rsplit_once('@') {
-            Some((s, w)) if !s.is_empty() => match w.parse::<f64>() {
+        let split = if std::path::Path::new(arg).exists() { None } else { arg.rsplit_once('@') };
+        let (source, weight) = match split {
+            Some(("", _)) => bail!("--lora {arg}: give a file, folder or hub repo id before `@`"),
+            Some((s, w)) => match w.parse::<f64>() {
                 Ok(w) if w.is_finite() => (s, w),
                 _ => bail!("--lora {arg}: `{w}` is not a weight (use SOURCE@WEIGHT, e.g. my-lora.safetensors@0.8)"),
             },
@@ -183,5 +185,22 @@ impl AdapterSet {
             }
         }
         (!out.is_empty()).then(|| Arc::new(out))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn lora_spec_parsing() {
+        let s = LoraSpec::parse("latent-consistency/lcm-lora-sdv1-5").unwrap();
+        assert_eq!((s.source.as_str(), s.weight), ("latent-consistency/lcm-lora-sdv1-5", 1.0));
+        let s = LoraSpec::parse("style.safetensors@0.8").unwrap();
+        assert_eq!((s.source.as_str(), s.weight), ("style.safetensors", 0.8));
+        assert!(LoraSpec::parse("style.safetensors@heavy").is_err());
+        assert!(LoraSpec::parse("@0.5").is_err());
+        assert_eq!(default_name("loras/peft/pytorch_lora_weights.safetensors"), "peft");
+        assert_eq!(default_name("org/lcm-lora-sdv1-5"), "lcm-lora-sdv1-5");
     }
 }
