@@ -304,3 +304,44 @@ fn variant_picks_fp16_files() {
     let mean_diff = half.iter().zip(&plain).map(|(a, b)| a.abs_diff(*b) as f64).sum::<f64>() / half.len() as f64;
     assert!(mean_diff < 8.0, "fp16 image far from the f32 one: mean diff {mean_diff}");
 }
+
+#[test]
+fn lora_flags() {
+    let tmp = tempfile::tempdir().unwrap();
+    let model = fresh_model(tmp.path(), "tiny-sd");
+    let loras = common::fixtures().join("loras");
+    let run = |out: &str, extra: &[&str]| {
+        let out = tmp.path().join(out);
+        let mut args = vec![
+            "generate", "--model", model.to_str().unwrap(), "--prompt", "a photo of a dog", "--guidance-scale", "1",
+            "--steps", "2", "--seed", "1", "--output", out.to_str().unwrap(),
+        ];
+        args.extend_from_slice(extra);
+        (lcm(&args, &[]), out)
+    };
+    let listing = common::reference_json("lora_pipelines.json");
+    let case = listing["cases"].as_array().unwrap().iter().find(|c| c["name"] == "kohya_w0.7_steps2").unwrap().clone();
+    assert_eq!(case["seed"], 1);
+    let kohya = loras.join("kohya/style_lora.safetensors");
+    let (o, out) = run("k.png", &["--lora", &format!("{}@0.7", kohya.display())]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let want = common::reference("lora_pipelines.safetensors")["kohya_w0.7_steps2"].flatten_all().unwrap().to_vec1::<u8>().unwrap();
+    assert_close(&lcm::image_io::read_png(&out).unwrap().pixels, &want, "--lora kohya@0.7");
+
+    // A partial match: a warning with counts, and the image is made.
+    let (o, out) = run("p.png", &["--lora", loras.join("partial").to_str().unwrap()]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert!(stderr(&o).contains("warning: LoRA `partial`: 12 of its keys match nothing"), "{}", stderr(&o));
+    assert!(out.exists());
+
+    // Nothing matches: an error naming some keys; a bad weight; a missing file.
+    let (o, _) = run("n.png", &["--lora", loras.join("nomatch").to_str().unwrap()]);
+    assert_clean_error(&o, "another base model");
+    let (o, _) = run("n.png", &["--lora", &format!("{}@strong", kohya.display())]);
+    assert_clean_error(&o, "not a weight");
+    let (o, _) = run("n.png", &["--lora", tmp.path().join("missing.safetensors").to_str().unwrap()]);
+    assert_clean_error(&o, "missing.safetensors");
+    let not_lora = model.join("vae/diffusion_pytorch_model.safetensors");
+    let (o, _) = run("n.png", &["--lora", not_lora.to_str().unwrap()]);
+    assert_clean_error(&o, "not a LoRA");
+}

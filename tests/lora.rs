@@ -118,3 +118,134 @@ fn sdxl_lora_on_sd15_says_it_is_for_another_base_model() {
     let err = lora.deltas_for(LoraComponent::Unet, &Listed::new("sd15/unet/keys.txt")).err().expect("must fail");
     assert!(err.to_string().contains("another base model"), "{err}");
 }
+
+mod parity {
+    use super::common;
+    use lcm::pipelines::{GenerateRequest, LcmPipeline, LoadOptions, LoraSpec, PipelineKind};
+
+    fn specs(case: &serde_json::Value) -> Vec<LoraSpec> {
+        // `fuse_lora(lora_scale=k)` multiplies every adapter weight by k.
+        let fuse_scale = case["fuse_lora_scale"].as_f64().unwrap_or(1.0);
+        case["loras"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|l| LoraSpec {
+                source: common::fixtures().join(l["path"].as_str().unwrap()).to_string_lossy().into_owned(),
+                weight_name: l["weight_name"].as_str().map(String::from),
+                adapter_name: l["adapter_name"].as_str().map(String::from),
+                weight: l["weight"].as_f64().unwrap() * fuse_scale,
+            })
+            .collect()
+    }
+
+    fn request(case: &serde_json::Value) -> GenerateRequest {
+        GenerateRequest {
+            prompt: case["prompt"].as_str().unwrap().to_string(),
+            negative_prompt: case["negative_prompt"].as_str().map(String::from),
+            num_inference_steps: case["num_inference_steps"].as_u64().unwrap() as usize,
+            guidance_scale: case["guidance_scale"].as_f64(),
+            width: case["width"].as_u64().map(|v| v as usize),
+            height: case["height"].as_u64().map(|v| v as usize),
+            seed: case["seed"].as_u64().unwrap(),
+            num_images_per_prompt: case["num_images_per_prompt"].as_u64().unwrap_or(1) as usize,
+            original_inference_steps: None,
+            timesteps: None,
+        }
+    }
+
+    fn max_diff(images: &[lcm::image_io::RgbImage], want: &[u8]) -> u8 {
+        let got: Vec<u8> = images.iter().flat_map(|i| i.pixels.iter().copied()).collect();
+        assert_eq!(got.len(), want.len());
+        got.iter().zip(want).map(|(a, b)| a.abs_diff(*b)).max().unwrap()
+    }
+
+    /// Every case: LoRAs fused at load give diffusers' (unfused PEFT) images within 2/255.
+    #[test]
+    fn lora_pipelines_match_diffusers() {
+        let listing = common::reference_json("lora_pipelines.json");
+        let refs = common::reference("lora_pipelines.safetensors");
+        let cases = listing["cases"].as_array().unwrap();
+        assert!(cases.len() >= 10);
+        let model = common::fixtures().join("models/tiny-sd");
+        let mut worst = 0;
+        for case in cases {
+            let name = case["name"].as_str().unwrap();
+            let opts = LoadOptions { loras: specs(case), ..Default::default() };
+            let pipe = LcmPipeline::load(model.to_str().unwrap(), &opts).unwrap().with_kind(PipelineKind::StableDiffusion);
+            for r in &pipe.components.lora_reports {
+                if name.starts_with("partial") {
+                    // Like diffusers: the 6 valid modules apply, the 12 unknown tensors are
+                    // reported (diffusers logs "unexpected keys").
+                    assert_eq!((r.matched_modules, r.unmatched_keys.len()), (6, 12), "{name}");
+                    assert!(r.warning().unwrap().contains("12 of its keys match nothing"), "{:?}", r.warning());
+                } else {
+                    assert!(r.unmatched_keys.is_empty(), "{name}: {:?}", r.warning());
+                }
+            }
+            let images = pipe.generate(&request(case), |_, _| {}).unwrap();
+            let want = refs[case["tensor"].as_str().unwrap_or(name)].flatten_all().unwrap().to_vec1::<u8>().unwrap();
+            let d = max_diff(&images, &want);
+            worst = worst.max(d);
+            assert!(d <= 2, "{name}: max pixel difference {d}/255");
+        }
+        eprintln!("worst pixel difference over all LoRA cases: {worst}/255");
+    }
+
+    /// Loading adapters one by one and weighting them with `set_adapters` gives the same images
+    /// as loading them with their weights; deleting an adapter gives the image without it.
+    #[test]
+    fn set_adapters_and_delete_without_reloading() {
+        let listing = common::reference_json("lora_pipelines.json");
+        let refs = common::reference("lora_pipelines.safetensors");
+        let cases = listing["cases"].as_array().unwrap();
+        let both = cases.iter().find(|c| c["loras"].as_array().unwrap().len() == 2).expect("a two-adapter case");
+        let model = common::fixtures().join("models/tiny-sd");
+        let mut pipe = LcmPipeline::load(model.to_str().unwrap(), &LoadOptions::default()).unwrap().with_kind(PipelineKind::StableDiffusion);
+        let mut specs = specs(both);
+        let weights: Vec<f64> = specs.iter().map(|s| s.weight).collect();
+        for (i, s) in specs.iter_mut().enumerate() {
+            s.weight = 1.0;
+            s.adapter_name = Some(format!("a{i}"));
+        }
+        pipe.load_loras(&specs).unwrap();
+        pipe.set_adapters(&[("a0", weights[0]), ("a1", weights[1])]).unwrap();
+        let want = refs[both["tensor"].as_str().unwrap()].flatten_all().unwrap().to_vec1::<u8>().unwrap();
+        let d = max_diff(&pipe.generate(&request(both), |_, _| {}).unwrap(), &want);
+        assert!(d <= 2, "set_adapters: {d}/255");
+
+        assert!(pipe.set_adapters(&[("nope", 1.0)]).is_err());
+        pipe.delete_adapter("a0").unwrap();
+        pipe.delete_adapter("a1").unwrap();
+        let plain = LcmPipeline::load(model.to_str().unwrap(), &LoadOptions::default()).unwrap().with_kind(PipelineKind::StableDiffusion);
+        let a = pipe.generate(&request(both), |_, _| {}).unwrap();
+        let b = plain.generate(&request(both), |_, _| {}).unwrap();
+        assert_eq!(a, b, "after deleting every adapter the base model is back");
+    }
+}
+
+/// The fused weights equal diffusers' `fuse_lora()` weights (kohya LoCon: 3x3 conv, attention
+/// linear, text encoder linear).
+#[test]
+fn fused_weights_equal_diffusers_fuse_lora() {
+    use lcm::loaders::weights::ComponentWeights;
+    let refs = common::reference("lora_unet_deltas.safetensors");
+    let lora = LoraFile::read(&common::fixtures().join("loras/kohya/style_lora.safetensors")).unwrap();
+    let models = common::fixtures().join("models/tiny-sd");
+    let mut checked = 0;
+    for (name, want) in &refs {
+        let (comp, dir, weight) = if let Some(w) = name.strip_prefix("unet.") {
+            (LoraComponent::Unet, "unet", w)
+        } else {
+            (LoraComponent::TextEncoder, "text_encoder", name.strip_prefix("text_encoder.").unwrap())
+        };
+        let weights = ComponentWeights::open(&models.join(dir), None).unwrap();
+        let (deltas, _) = lora.deltas_for(comp, &weights).unwrap();
+        let vb = weights.var_builder(Some(std::sync::Arc::new(deltas)), DType::F32, &candle_core::Device::Cpu);
+        let got = vb.get(want.shape(), weight).unwrap();
+        let err = common::rel_l2(&got, want);
+        assert!(err < 1e-6, "{name}: rel err {err}");
+        checked += 1;
+    }
+    assert!(checked >= 3);
+}
