@@ -11,6 +11,9 @@ pub struct ModelIndex {
     pub class_name: String,
     /// Components listed with a library and class (null entries are absent components).
     pub components: Vec<(String, String)>,
+    /// SDXL pipelines: negative embeddings are zeros when no negative prompt is given
+    /// (`force_zeros_for_empty_prompt`, default true as in diffusers).
+    pub force_zeros_for_empty_prompt: bool,
 }
 
 impl ModelIndex {
@@ -39,7 +42,14 @@ impl ModelIndex {
                 Some((k.clone(), class.to_string()))
             })
             .collect();
-        Ok(Self { root: root.to_path_buf(), class_name, components })
+        let force_zeros_for_empty_prompt =
+            obj.get("force_zeros_for_empty_prompt").and_then(|v| v.as_bool()).unwrap_or(true);
+        Ok(Self { root: root.to_path_buf(), class_name, components, force_zeros_for_empty_prompt })
+    }
+
+    /// Whether `model_index.json` lists a component (with a class, not `[null, null]`).
+    pub fn has(&self, name: &str) -> bool {
+        self.components.iter().any(|(n, _)| n == name)
     }
 
     /// The folder of a component, checked to exist (with its config file).

@@ -7,7 +7,7 @@ use crate::loaders::weights::{self, ComponentWeights};
 use crate::loaders::{hub, model_index::standalone_component_dir, ModelIndex, ModelSource};
 use crate::pipelines::adapters::{AdapterSet, LoraReport, LoraSpec};
 use crate::models::autoencoder_kl::{AutoencoderKL, AutoencoderKLConfig};
-use crate::models::clip_text_model::{ClipTextConfig, ClipTextModel};
+use crate::models::clip_text_model::{ClipTextConfig, ClipTextModel, ClipTextModelWithProjection};
 use crate::models::clip_tokenizer::ClipTokenizer;
 use crate::models::unet_2d_condition::{UNet2DConditionConfig, UNet2DConditionModel};
 use crate::schedulers::LcmSchedulerConfig;
@@ -38,6 +38,9 @@ pub struct StableDiffusionComponents {
     pub vae_config: AutoencoderKLConfig,
     pub scheduler_config: LcmSchedulerConfig,
     pub text_encoder_config: ClipTextConfig,
+    /// SDXL: the second text encoder; `None` for SD1.x / SD2.x.
+    pub text_encoder_2: Option<SecondTextEncoder>,
+    pub force_zeros_for_empty_prompt: bool,
     /// Loaded LoRA adapters and what loading them matched.
     pub adapters: AdapterSet,
     pub lora_reports: Vec<LoraReport>,
@@ -46,7 +49,16 @@ pub struct StableDiffusionComponents {
     device: Device,
 }
 
-const PIPELINE_FOLDERS: &[&str] = &["unet", "vae", "text_encoder", "tokenizer", "scheduler"];
+const PIPELINE_FOLDERS: &[&str] =
+    &["unet", "vae", "text_encoder", "tokenizer", "text_encoder_2", "tokenizer_2", "scheduler"];
+
+/// SDXL's second text encoder (`CLIPTextModelWithProjection`) with its tokenizer.
+pub struct SecondTextEncoder {
+    pub tokenizer: ClipTokenizer,
+    pub model: ClipTextModelWithProjection,
+    pub config: ClipTextConfig,
+    weights: ComponentWeights,
+}
 
 /// A local pipeline folder for `arg`: the path itself, or a hub snapshot in the HF cache.
 fn pipeline_root(arg: &str, variant: Option<&str>, skip_unet: bool) -> Result<PathBuf> {
@@ -82,6 +94,16 @@ impl StableDiffusionComponents {
         let te_config: ClipTextConfig = read_config(&te_dir.join("config.json"))?;
         let text_encoder_weights = ComponentWeights::open(&te_dir, variant)?;
 
+        let second = if index.has("text_encoder_2") {
+            let dir = index.component_dir("text_encoder_2", Some("config.json"))?;
+            let config: ClipTextConfig = read_config(&dir.join("config.json"))?;
+            let weights = ComponentWeights::open(&dir, variant)?;
+            let tokenizer = ClipTokenizer::from_dir(&index.component_dir("tokenizer_2", None)?)?;
+            Some((tokenizer, config, weights))
+        } else {
+            None
+        };
+
         let unet_dir = match &opts.unet {
             Some(arg) => unet_dir(arg, variant)?,
             None => index.component_dir("unet", Some("config.json"))?,
@@ -101,12 +123,22 @@ impl StableDiffusionComponents {
         let mut adapters = AdapterSet::default();
         let mut reports = Vec::new();
         for spec in &opts.loras {
-            let targets: [(LoraComponent, &dyn WeightIndex); 2] =
-                [(LoraComponent::Unet, &unet_weights), (LoraComponent::TextEncoder, &text_encoder_weights)];
+            let mut targets: Vec<(LoraComponent, &dyn WeightIndex)> =
+                vec![(LoraComponent::Unet, &unet_weights), (LoraComponent::TextEncoder, &text_encoder_weights)];
+            if let Some((_, _, w)) = &second {
+                targets.push((LoraComponent::TextEncoder2, w));
+            }
             reports.push(adapters.add(spec, &targets)?);
         }
         let text_encoder = build_text_encoder(&text_encoder_weights, &te_config, &adapters, device)?;
         let unet = build_unet(&unet_weights, &unet_config, &adapters, device)?;
+        let text_encoder_2 = match second {
+            Some((tokenizer, config, weights)) => {
+                let model = build_text_encoder_2(&weights, &config, &adapters, device)?;
+                Some(SecondTextEncoder { tokenizer, model, config, weights })
+            }
+            None => None,
+        };
 
         Ok(Self {
             name: display_name(model),
@@ -115,6 +147,8 @@ impl StableDiffusionComponents {
             text_encoder,
             text_encoder_config: te_config,
             text_encoder_weights,
+            text_encoder_2,
+            force_zeros_for_empty_prompt: index.force_zeros_for_empty_prompt,
             unet,
             unet_config,
             unet_weights,
@@ -131,8 +165,11 @@ impl StableDiffusionComponents {
     pub fn load_loras(&mut self, specs: &[LoraSpec]) -> Result<Vec<LoraReport>> {
         let mut reports = Vec::new();
         for spec in specs {
-            let targets: [(LoraComponent, &dyn WeightIndex); 2] =
-                [(LoraComponent::Unet, &self.unet_weights), (LoraComponent::TextEncoder, &self.text_encoder_weights)];
+            let mut targets: Vec<(LoraComponent, &dyn WeightIndex)> =
+                vec![(LoraComponent::Unet, &self.unet_weights), (LoraComponent::TextEncoder, &self.text_encoder_weights)];
+            if let Some(t2) = &self.text_encoder_2 {
+                targets.push((LoraComponent::TextEncoder2, &t2.weights));
+            }
             reports.push(self.adapters.add(spec, &targets)?);
         }
         self.rebuild()?;
@@ -155,6 +192,9 @@ impl StableDiffusionComponents {
     fn rebuild(&mut self) -> Result<()> {
         self.text_encoder = build_text_encoder(&self.text_encoder_weights, &self.text_encoder_config, &self.adapters, &self.device)?;
         self.unet = build_unet(&self.unet_weights, &self.unet_config, &self.adapters, &self.device)?;
+        if let Some(t2) = &mut self.text_encoder_2 {
+            t2.model = build_text_encoder_2(&t2.weights, &t2.config, &self.adapters, &self.device)?;
+        }
         Ok(())
     }
 }
@@ -162,6 +202,16 @@ impl StableDiffusionComponents {
 fn build_text_encoder(w: &ComponentWeights, cfg: &ClipTextConfig, adapters: &AdapterSet, device: &Device) -> Result<ClipTextModel> {
     let vb = w.var_builder(adapters.combined(LoraComponent::TextEncoder), DType::F32, device);
     ClipTextModel::new(vb, cfg).context("text_encoder")
+}
+
+fn build_text_encoder_2(
+    w: &ComponentWeights,
+    cfg: &ClipTextConfig,
+    adapters: &AdapterSet,
+    device: &Device,
+) -> Result<ClipTextModelWithProjection> {
+    let vb = w.var_builder(adapters.combined(LoraComponent::TextEncoder2), DType::F32, device);
+    ClipTextModelWithProjection::new(vb, cfg).context("text_encoder_2")
 }
 
 fn build_unet(w: &ComponentWeights, cfg: &UNet2DConditionConfig, adapters: &AdapterSet, device: &Device) -> Result<UNet2DConditionModel> {

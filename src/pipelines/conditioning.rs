@@ -3,6 +3,8 @@
 
 use crate::models::clip_text_model::ClipTextModel;
 use crate::models::clip_tokenizer::ClipTokenizer;
+use crate::models::unet_2d_condition::AddedCond;
+use crate::pipelines::StableDiffusionComponents;
 use anyhow::Result;
 use candle_core::{Device, Tensor};
 
@@ -53,4 +55,63 @@ pub fn guidance_scale_embedding(w: &[f32], dim: usize, device: &Device) -> Resul
         }
     }
     Ok(Tensor::from_vec(out, (w.len(), dim), device)?)
+}
+
+/// What the UNet is conditioned on, batched as the denoising loop runs it
+/// (`[negative x n, prompt x n]` with classifier-free guidance, else `[prompt x n]`).
+pub struct TextConditioning {
+    pub prompt_embeds: Tensor,
+    /// SDXL's pooled text embeddings and size/crop ids.
+    pub added_cond: Option<AddedCond>,
+}
+
+/// diffusers' `encode_prompt` for SD (one CLIP, last hidden state) and SDXL (two CLIPs'
+/// penultimate hidden states concatenated, pooled projection of the second, `add_time_ids`).
+pub fn encode_text(
+    c: &StableDiffusionComponents,
+    prompt: &str,
+    negative: Option<&str>,
+    cfg: bool,
+    n: usize,
+    (height, width): (usize, usize),
+    device: &Device,
+) -> Result<TextConditioning> {
+    let batch = |neg: Option<Tensor>, pos: &Tensor| -> Result<Tensor> {
+        let pos = repeat_rows(pos, n)?;
+        Ok(match neg {
+            Some(neg) => Tensor::cat(&[repeat_rows(&neg, n)?, pos], 0)?,
+            None => pos,
+        })
+    };
+    let Some(second) = &c.text_encoder_2 else {
+        let texts: Vec<&str> = if cfg { vec![negative.unwrap_or(""), prompt] } else { vec![prompt] };
+        let embeds = encode_prompts(&c.tokenizer, &c.text_encoder, &texts, device)?;
+        let pos = embeds.narrow(0, embeds.dim(0)? - 1, 1)?;
+        let neg = if cfg { Some(embeds.narrow(0, 0, 1)?) } else { None };
+        return Ok(TextConditioning { prompt_embeds: batch(neg, &pos)?, added_cond: None });
+    };
+    let sdxl = |text: &str| -> Result<(Tensor, Tensor)> {
+        let ids1 = Tensor::new(c.tokenizer.encode_padded(text)?, device)?.unsqueeze(0)?;
+        let h1 = c.text_encoder.forward(&ids1)?.penultimate_hidden_state;
+        let ids2 = Tensor::new(second.tokenizer.encode_padded(text)?, device)?.unsqueeze(0)?;
+        let out2 = second.model.forward(&ids2)?;
+        Ok((Tensor::cat(&[h1, out2.penultimate_hidden_state], 2)?, out2.text_embeds))
+    };
+    let (pos, pos_pooled) = sdxl(prompt)?;
+    let (neg, neg_pooled) = if !cfg {
+        (None, None)
+    } else if negative.is_none() && c.force_zeros_for_empty_prompt {
+        (Some(pos.zeros_like()?), Some(pos_pooled.zeros_like()?))
+    } else {
+        let (e, p) = sdxl(negative.unwrap_or(""))?;
+        (Some(e), Some(p))
+    };
+    // [original_size, crops_coords_top_left, target_size]; diffusers' defaults.
+    let ids = [height, width, 0, 0, height, width].map(|v| v as f32);
+    let rows = if cfg { 2 * n } else { n };
+    let time_ids = Tensor::new(&ids, device)?.unsqueeze(0)?.repeat((rows, 1))?;
+    Ok(TextConditioning {
+        prompt_embeds: batch(neg, &pos)?,
+        added_cond: Some(AddedCond { text_embeds: batch(neg_pooled, &pos_pooled)?, time_ids }),
+    })
 }

@@ -26,6 +26,8 @@ pub enum PipelineKind {
     LatentConsistencyModel,
     /// `StableDiffusionPipeline` with the scheduler swapped for `LCMScheduler`.
     StableDiffusion,
+    /// `StableDiffusionXLPipeline` with `LCMScheduler` (SDXL, SSD-1B).
+    StableDiffusionXL,
 }
 
 impl PipelineKind {
@@ -33,6 +35,8 @@ impl PipelineKind {
     pub fn from_class_name(name: &str) -> Self {
         if name.starts_with("LatentConsistencyModel") {
             Self::LatentConsistencyModel
+        } else if name.starts_with("StableDiffusionXL") {
+            Self::StableDiffusionXL
         } else {
             Self::StableDiffusion
         }
@@ -43,6 +47,7 @@ impl PipelineKind {
         match self {
             Self::LatentConsistencyModel => 8.5,
             Self::StableDiffusion => 7.5,
+            Self::StableDiffusionXL => 5.0,
         }
     }
 
@@ -50,6 +55,7 @@ impl PipelineKind {
         match self {
             Self::LatentConsistencyModel => "LatentConsistencyModelPipeline",
             Self::StableDiffusion => "StableDiffusionPipeline",
+            Self::StableDiffusionXL => "StableDiffusionXLPipeline",
         }
     }
 }
@@ -152,7 +158,7 @@ impl LcmPipeline {
 
     /// Whether classifier-free guidance runs (two UNet passes per step).
     pub fn uses_cfg(&self, guidance_scale: f64) -> bool {
-        self.kind == PipelineKind::StableDiffusion
+        self.kind != PipelineKind::LatentConsistencyModel
             && guidance_scale > 1.0
             && self.components.unet_config.time_cond_proj_dim.is_none()
     }
@@ -200,16 +206,9 @@ impl LcmPipeline {
             strength: None,
         })?;
 
-        // Conditioning: [uncond x n, cond x n] with CFG, else [cond x n].
-        let prompt_embeds = if cfg {
-            let negative = req.negative_prompt.as_deref().unwrap_or("");
-            let both = conditioning::encode_prompts(&c.tokenizer, &c.text_encoder, &[negative, &req.prompt], &self.device)?;
-            Tensor::cat(&[conditioning::repeat_rows(&both.narrow(0, 0, 1)?, n)?, conditioning::repeat_rows(&both.narrow(0, 1, 1)?, n)?], 0)?
-        } else {
-            let cond = conditioning::encode_prompts(&c.tokenizer, &c.text_encoder, &[&req.prompt], &self.device)?;
-            conditioning::repeat_rows(&cond, n)?
-        };
-        let mut unet_cond = UNetConditioning::default();
+        let text = conditioning::encode_text(c, &req.prompt, req.negative_prompt.as_deref(), cfg, n, (height, width), &self.device)?;
+        let prompt_embeds = text.prompt_embeds;
+        let mut unet_cond = UNetConditioning { added_cond: text.added_cond, ..Default::default() };
         if let Some(dim) = c.unet_config.time_cond_proj_dim {
             let w = vec![(guidance_scale - 1.0) as f32; n];
             unet_cond.timestep_cond = Some(conditioning::guidance_scale_embedding(&w, dim, &self.device)?);
