@@ -22,6 +22,8 @@ enum PipelineArg {
     Lcm,
     /// diffusers' StableDiffusionPipeline with LCMScheduler (CFG when guidance > 1).
     Sd,
+    /// diffusers' StableDiffusionXLPipeline with LCMScheduler.
+    Sdxl,
 }
 
 #[derive(Subcommand)]
@@ -122,6 +124,7 @@ fn run(cli: Cli) -> Result<()> {
                 PipelineArg::Auto => pipe,
                 PipelineArg::Lcm => pipe.with_kind(PipelineKind::LatentConsistencyModel),
                 PipelineArg::Sd => pipe.with_kind(PipelineKind::StableDiffusion),
+                PipelineArg::Sdxl => pipe.with_kind(PipelineKind::StableDiffusionXL),
             };
             let req = GenerateRequest {
                 prompt,

@@ -345,3 +345,26 @@ fn lora_flags() {
     let (o, _) = run("n.png", &["--lora", not_lora.to_str().unwrap()]);
     assert_clean_error(&o, "not a LoRA");
 }
+
+#[test]
+fn sdxl_from_an_unseen_folder_with_cfg() {
+    let tmp = tempfile::tempdir().unwrap();
+    let model = fresh_model(tmp.path(), "tiny-sdxl");
+    let listing = common::reference_json("sdxl_pipelines.json");
+    let case = listing["cases"].as_array().unwrap().iter().find(|c| c["name"] == "sdxl_base_cfg2_neg_steps4").unwrap().clone();
+    let out = tmp.path().join("xl.png");
+    let seed = case["seed"].to_string();
+    let o = lcm(
+        &[
+            "generate", "--model", model.to_str().unwrap(), "--prompt", case["prompt"].as_str().unwrap(),
+            "--negative-prompt", case["negative_prompt"].as_str().unwrap(), "--guidance-scale", "2", "--seed", &seed,
+            "--output", out.to_str().unwrap(),
+        ],
+        &[],
+    );
+    assert!(o.status.success(), "{}", stderr(&o));
+    let want = common::reference("sdxl_pipelines.safetensors")["sdxl_base_cfg2_neg_steps4"].flatten_all().unwrap().to_vec1::<u8>().unwrap();
+    assert_close(&lcm::image_io::read_png(&out).unwrap().pixels, &want, "sdxl cli");
+    let params = lcm::image_io::read_png_parameters(&out).unwrap().unwrap();
+    assert!(params.contains("Pipeline: StableDiffusionXLPipeline"), "{params}");
+}
