@@ -8,3 +8,4 @@ pub mod random;
 pub mod schedulers;
 pub mod image_io;
 pub mod pipelines;
+pub mod image_processor;

@@ -3,6 +3,7 @@
 use anyhow::{bail, Result};
 use clap::{Parser, Subcommand, ValueEnum};
 use lcm::image_io::{numbered_paths, write_png};
+use lcm::image_processor::Image8;
 use lcm::pipelines::{GenerateRequest, LcmPipeline, LoadOptions, LoraSpec, PipelineKind};
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -75,6 +76,17 @@ enum Command {
         /// weight (SOURCE@0.8); repeat for several, like diffusers' set_adapters.
         #[arg(long = "lora", value_name = "SOURCE[@WEIGHT]")]
         loras: Vec<String>,
+        /// Init image: selects image-to-image (with --mask-image: inpainting). Without
+        /// --width/--height the output takes its size, rounded down to the VAE factor.
+        #[arg(long)]
+        image: Option<PathBuf>,
+        /// Inpainting mask (white = repaint), same size as --image.
+        #[arg(long)]
+        mask_image: Option<PathBuf>,
+        /// How much of the init image to replace, in (0, 1]. Default: diffusers' per pipeline
+        /// (0.8 image-to-image, 1.0 inpainting; SDXL 0.3 and 0.9999).
+        #[arg(long)]
+        strength: Option<f64>,
     },
 }
 
@@ -98,7 +110,21 @@ fn run(cli: Cli) -> Result<()> {
             unet,
             pipeline,
             loras,
+            image,
+            mask_image,
+            strength,
         } => {
+            if mask_image.is_some() && image.is_none() {
+                bail!("--mask-image needs --image (the picture to inpaint)");
+            }
+            if let Some(s) = strength.filter(|s| !(*s > 0.0 && *s <= 1.0)) {
+                bail!("--strength must be in (0, 1], got {s}");
+            }
+            if strength.is_some() && image.is_none() {
+                bail!("--strength needs --image");
+            }
+            let image = image.as_deref().map(Image8::read).transpose()?;
+            let mask_image = mask_image.as_deref().map(Image8::read).transpose()?;
             if steps == 0 {
                 bail!("--steps must be at least 1");
             }
@@ -137,6 +163,9 @@ fn run(cli: Cli) -> Result<()> {
                 num_images_per_prompt: num_images,
                 original_inference_steps,
                 timesteps,
+                image,
+                mask_image,
+                strength,
             };
             let bar = indicatif::ProgressBar::new(0);
             bar.set_style(

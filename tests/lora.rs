@@ -151,6 +151,7 @@ mod parity {
             num_images_per_prompt: case["num_images_per_prompt"].as_u64().unwrap_or(1) as usize,
             original_inference_steps: None,
             timesteps: None,
+            ..Default::default()
         }
     }
 

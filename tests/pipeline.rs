@@ -24,6 +24,7 @@ pub fn request_for(case: &serde_json::Value) -> GenerateRequest {
         num_images_per_prompt: case["num_images_per_prompt"].as_u64().unwrap() as usize,
         original_inference_steps: case["original_inference_steps"].as_u64().map(|v| v as usize),
         timesteps: None,
+        ..Default::default()
     }
 }
 

@@ -8,13 +8,16 @@
 pub mod adapters;
 pub mod components;
 pub mod conditioning;
+pub mod start_latents;
 
 pub use adapters::{LoraReport, LoraSpec};
 pub use components::{LoadOptions, StableDiffusionComponents};
 
 use crate::image_io::{postprocess, RgbImage};
+use crate::image_processor::{default_size, Image8};
 use crate::models::unet_2d_condition::UNetConditioning;
 use crate::random::TorchGenerator;
+use start_latents::InpaintState;
 use crate::schedulers::{LcmScheduler, TimestepRequest};
 use anyhow::{bail, Result};
 use candle_core::{Device, Tensor};
@@ -77,6 +80,12 @@ pub struct GenerateRequest {
     pub original_inference_steps: Option<usize>,
     /// Custom timesteps instead of `num_inference_steps`.
     pub timesteps: Option<Vec<i64>>,
+    /// Image-to-image: the init image (with `mask_image`: inpainting).
+    pub image: Option<Image8>,
+    /// Inpainting: white areas are repainted.
+    pub mask_image: Option<Image8>,
+    /// How much of the init image to replace, in (0, 1]; `None`: the pipeline's default.
+    pub strength: Option<f64>,
 }
 
 impl Default for GenerateRequest {
@@ -92,6 +101,28 @@ impl Default for GenerateRequest {
             num_images_per_prompt: 1,
             original_inference_steps: None,
             timesteps: None,
+            image: None,
+            mask_image: None,
+            strength: None,
+        }
+    }
+}
+
+/// What a request asks for, like diffusers' AutoPipeline: an image selects image-to-image, an
+/// image and a mask select inpainting.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Task {
+    TextToImage,
+    ImageToImage,
+    Inpainting,
+}
+
+impl GenerateRequest {
+    pub fn task(&self) -> Task {
+        match (&self.image, &self.mask_image) {
+            (None, _) => Task::TextToImage,
+            (Some(_), None) => Task::ImageToImage,
+            (Some(_), Some(_)) => Task::Inpainting,
         }
     }
 }
@@ -163,13 +194,41 @@ impl LcmPipeline {
             && self.components.unet_config.time_cond_proj_dim.is_none()
     }
 
-    fn check(&self, req: &GenerateRequest) -> Result<(usize, usize)> {
-        let (dw, dh) = self.default_size();
-        let (w, h) = (req.width.unwrap_or(dw), req.height.unwrap_or(dh));
+    /// diffusers' default `strength` for the task and pipeline.
+    pub fn strength(&self, req: &GenerateRequest) -> f64 {
+        req.strength.unwrap_or(match (req.task(), self.kind) {
+            (Task::TextToImage, _) => 1.0,
+            (Task::ImageToImage, PipelineKind::StableDiffusionXL) => 0.3,
+            (Task::ImageToImage, _) => 0.8,
+            (Task::Inpainting, PipelineKind::StableDiffusionXL) => 0.9999,
+            (Task::Inpainting, _) => 1.0,
+        })
+    }
+
+    /// The output size: given, else the init image's (rounded down to the VAE factor), else the
+    /// UNet's default.
+    pub fn output_size(&self, req: &GenerateRequest) -> Result<(usize, usize)> {
         let f = self.vae_scale_factor();
-        if w == 0 || h == 0 || w % f != 0 || h % f != 0 {
-            bail!("width and height must be positive multiples of {f} (the VAE scale factor), got {w}x{h}");
+        for (v, what) in [(req.width, "width"), (req.height, "height")] {
+            if let Some(v) = v.filter(|v| *v == 0 || v % f != 0) {
+                bail!("{what} must be a positive multiple of {f} (the VAE scale factor), got {v}");
+            }
         }
+        let (w, h) = match &req.image {
+            Some(img) => default_size(img, req.width, req.height, f),
+            None => {
+                let (dw, dh) = self.default_size();
+                (req.width.unwrap_or(dw), req.height.unwrap_or(dh))
+            }
+        };
+        if w == 0 || h == 0 {
+            bail!("the init image is smaller than the VAE scale factor ({f} pixels)");
+        }
+        Ok((w, h))
+    }
+
+    fn check(&self, req: &GenerateRequest) -> Result<(usize, usize)> {
+        let (w, h) = self.output_size(req)?;
         if req.num_inference_steps == 0 && req.timesteps.is_none() {
             bail!("the number of steps must be at least 1");
         }
@@ -180,11 +239,28 @@ impl LcmPipeline {
         if !g.is_finite() {
             bail!("guidance scale must be a finite number, got {g}");
         }
+        let s = self.strength(req);
+        if !(s > 0.0 && s <= 1.0) {
+            bail!("strength must be in (0, 1], got {s}");
+        }
+        if let (Some(img), Some(mask)) = (&req.image, &req.mask_image) {
+            if (img.width, img.height) != (mask.width, mask.height) {
+                bail!(
+                    "the mask is {}x{} but the image is {}x{}; they must be the same size",
+                    mask.width, mask.height, img.width, img.height
+                );
+            }
+        }
         let (unet_in, latent) = (self.components.unet_config.in_channels, self.components.vae_config.latent_channels);
-        if unet_in != latent {
-            bail!(
-                "this UNet takes {unet_in} input channels but the VAE has {latent} latent channels (an inpainting UNet?); text-to-image needs a {latent}-channel UNet"
-            );
+        let inpaint_unet = unet_in == 2 * latent + 1;
+        match req.task() {
+            Task::Inpainting if unet_in == latent || inpaint_unet => {}
+            Task::Inpainting => bail!("this UNet takes {unet_in} input channels; inpainting needs {latent} or {}", 2 * latent + 1),
+            _ if inpaint_unet => bail!(
+                "this is an inpainting UNet ({unet_in} input channels): give --image and --mask-image, or use a {latent}-channel UNet"
+            ),
+            _ if unet_in != latent => bail!("this UNet takes {unet_in} input channels but the VAE has {latent} latent channels"),
+            _ => {}
         }
         Ok((w, h))
     }
@@ -195,16 +271,33 @@ impl LcmPipeline {
         let (width, height) = self.check(req)?;
         let c = &self.components;
         let n = req.num_images_per_prompt;
+        let task = req.task();
         let guidance_scale = self.guidance_scale(req);
         let cfg = self.uses_cfg(guidance_scale);
+        let strength = self.strength(req);
+        // LatentConsistencyModel(Img2Img)Pipeline shortens the schedule inside `set_timesteps`;
+        // the Stable Diffusion pipelines cut the full schedule (`get_timesteps`), and so does
+        // inpainting, which has no LCM-specific pipeline.
+        let lcm_semantics = self.kind == PipelineKind::LatentConsistencyModel && task != Task::Inpainting;
 
         let mut scheduler = LcmScheduler::new(c.scheduler_config.clone())?;
         scheduler.set_timesteps(&TimestepRequest {
             num_inference_steps: if req.timesteps.is_some() { None } else { Some(req.num_inference_steps) },
             original_inference_steps: req.original_inference_steps,
             timesteps: req.timesteps.clone(),
-            strength: None,
+            strength: (lcm_semantics && task == Task::ImageToImage).then_some(strength),
         })?;
+        let mut timesteps = scheduler.timesteps().to_vec();
+        if task != Task::TextToImage && !lcm_semantics {
+            let total = scheduler.num_inference_steps();
+            let init = ((total as f64 * strength) as usize).min(total);
+            let t_start = total - init;
+            timesteps = timesteps[t_start.min(timesteps.len())..].to_vec();
+            scheduler.set_begin_index(t_start);
+        }
+        if timesteps.is_empty() {
+            bail!("strength {strength} leaves no denoising step out of {}; raise --strength or --steps", req.num_inference_steps);
+        }
 
         let text = conditioning::encode_text(c, &req.prompt, req.negative_prompt.as_deref(), cfg, n, (height, width), &self.device)?;
         let prompt_embeds = text.prompt_embeds;
@@ -216,13 +309,40 @@ impl LcmPipeline {
 
         let f = self.vae_scale_factor();
         let mut generator = TorchGenerator::manual_seed(req.seed);
-        let shape = (n, c.vae_config.latent_channels, height / f, width / f);
-        let mut latents = (generator.randn_tensor(shape)? * scheduler.init_noise_sigma())?;
+        let latent_channels = c.vae_config.latent_channels;
+        let mut inpaint = None;
+        let mut latents = match (&req.image, &req.mask_image) {
+            (None, _) => {
+                let shape = (n, latent_channels, height / f, width / f);
+                (generator.randn_tensor(shape)? * scheduler.init_noise_sigma())?
+            }
+            (Some(image), None) => start_latents::image_to_image(
+                &c.vae, &scheduler, image, (width, height), n, timesteps[0], &mut generator, &self.device,
+            )?,
+            (Some(image), Some(mask)) => {
+                let (latents, state) = start_latents::inpaint(
+                    &c.vae, &scheduler, image, mask, (width, height), n, strength,
+                    (latent_channels, c.unet_config.in_channels), timesteps[0], &mut generator, &self.device,
+                )?;
+                inpaint = Some(state);
+                latents
+            }
+        };
+        // 9-channel inpainting UNets also see the mask and the masked image's latents.
+        let extra_channels = match &inpaint {
+            Some(s) if c.unet_config.in_channels != latent_channels => {
+                let x = Tensor::cat(&[&s.mask, &s.masked_image_latents], 1)?;
+                Some(if cfg { Tensor::cat(&[&x, &x], 0)? } else { x })
+            }
+            _ => None,
+        };
 
-        let timesteps = scheduler.timesteps().to_vec();
         let mut denoised = latents.clone();
         for (i, &t) in timesteps.iter().enumerate() {
-            let model_in = if cfg { Tensor::cat(&[&latents, &latents], 0)? } else { latents.clone() };
+            let mut model_in = if cfg { Tensor::cat(&[&latents, &latents], 0)? } else { latents.clone() };
+            if let Some(x) = &extra_channels {
+                model_in = Tensor::cat(&[&model_in, x], 1)?;
+            }
             let pred = c.unet.forward(&model_in, t as f64, &prompt_embeds, &unet_cond)?;
             let pred = if cfg {
                 let (uncond, text) = (pred.narrow(0, 0, n)?, pred.narrow(0, n, n)?);
@@ -231,13 +351,22 @@ impl LcmPipeline {
                 pred
             };
             (latents, denoised) = scheduler.step(&pred, t, &latents, &mut generator)?;
+            // 4-channel inpainting: keep the unmasked area from the (re-noised) original.
+            if let Some(InpaintState { mask, image_latents: Some(orig), noise, .. }) = &inpaint {
+                let proper = match timesteps.get(i + 1) {
+                    Some(&next) => scheduler.add_noise(orig, noise, next)?,
+                    None => orig.clone(),
+                };
+                latents = ((mask.ones_like()? - mask)?.mul(&proper)? + mask.mul(&latents)?)?;
+            }
             on_step(i + 1, timesteps.len());
         }
 
-        // LatentConsistencyModelPipeline decodes `denoised`; StableDiffusionPipeline decodes the
-        // scheduler's `prev_sample`, which is `denoised` after the last LCM step.
+        // LatentConsistencyModel pipelines decode `denoised`; the Stable Diffusion ones decode
+        // the (possibly blended) `prev_sample`, which is `denoised` after the last LCM step.
+        let final_latents = if lcm_semantics { &denoised } else { &latents };
         let scale = Tensor::new(c.vae.scaling_factor() as f32, &self.device)?;
-        let z = denoised.broadcast_div(&scale)?;
+        let z = final_latents.broadcast_div(&scale)?;
         let z = match c.vae.shift_factor() {
             Some(s) => (z + s)?,
             None => z,
@@ -248,20 +377,21 @@ impl LcmPipeline {
 
     /// The AUTOMATIC1111-style `parameters` text for image `index` of a request.
     pub fn parameters_text(&self, req: &GenerateRequest, index: usize) -> String {
-        let (dw, dh) = self.default_size();
+        let (w, h) = self.output_size(req).unwrap_or(self.default_size());
         let mut s = req.prompt.clone();
         if let Some(neg) = req.negative_prompt.as_deref().filter(|n| !n.is_empty()) {
             s.push_str(&format!("\nNegative prompt: {neg}"));
         }
         s.push_str(&format!(
-            "\nSteps: {}, Sampler: LCM, CFG scale: {}, Seed: {}, Size: {}x{}, Model: {}",
+            "\nSteps: {}, Sampler: LCM, CFG scale: {}, Seed: {}, Size: {w}x{h}, Model: {}",
             req.timesteps.as_ref().map_or(req.num_inference_steps, |t| t.len()),
             self.guidance_scale(req),
             req.seed,
-            req.width.unwrap_or(dw),
-            req.height.unwrap_or(dh),
             self.components.name,
         ));
+        if req.task() != Task::TextToImage {
+            s.push_str(&format!(", Denoising strength: {}", self.strength(req)));
+        }
         if req.num_images_per_prompt > 1 {
             s.push_str(&format!(", Batch size: {}, Batch pos: {}", req.num_images_per_prompt, index));
         }

@@ -1,0 +1,110 @@
+//! Where denoising starts: pure noise (text-to-image), the encoded init image noised to the
+//! first timestep (image-to-image), or that plus the mask inputs (inpainting). The random draws
+//! happen in diffusers' order: image latent sample, noise, masked-image latent sample.
+
+use crate::image_processor::{preprocess_image, preprocess_mask, Image8};
+use crate::models::autoencoder_kl::AutoencoderKL;
+use crate::random::TorchGenerator;
+use crate::schedulers::LcmScheduler;
+use anyhow::Result;
+use candle_core::{Device, Tensor};
+
+/// Inpainting inputs carried through the loop.
+pub struct InpaintState {
+    /// Binarized mask at latent resolution, `[n, 1, h, w]`.
+    pub mask: Tensor,
+    /// Latents of the image with the masked area blanked, `[n, c, h, w]` (9-channel UNets).
+    pub masked_image_latents: Tensor,
+    /// Clean image latents and the start noise, for 4-channel UNets' blending after each step.
+    pub image_latents: Option<Tensor>,
+    pub noise: Tensor,
+}
+
+/// `retrieve_latents(vae.encode(x), generator)` times the scaling factor (one random draw).
+fn encode_sample(vae: &AutoencoderKL, x: &Tensor, generator: &mut TorchGenerator) -> Result<Tensor> {
+    let dist = vae.encode(x)?;
+    let noise = generator.randn_tensor(dist.mean.shape().clone())?;
+    Ok((dist.sample(&noise)? * vae.scaling_factor())?)
+}
+
+fn repeat_batch(x: &Tensor, n: usize) -> Result<Tensor> {
+    Ok(if n == 1 { x.clone() } else { Tensor::cat(&vec![x; n], 0)? })
+}
+
+/// `F.interpolate(mask, size)` with the default nearest mode.
+fn nearest_resize(mask: &Tensor, h: usize, w: usize) -> Result<Tensor> {
+    let (_, _, ih, iw) = mask.dims4()?;
+    let src: Vec<f32> = mask.flatten_all()?.to_vec1()?;
+    let idx = |o: usize, out: usize, inp: usize| -> usize {
+        if out == inp {
+            o
+        } else {
+            (((o as f32) * (inp as f32 / out as f32)).floor() as usize).min(inp - 1)
+        }
+    };
+    let mut out = Vec::with_capacity(h * w);
+    for y in 0..h {
+        for x in 0..w {
+            out.push(src[idx(y, h, ih) * iw + idx(x, w, iw)]);
+        }
+    }
+    Ok(Tensor::from_vec(out, (1, 1, h, w), mask.device())?)
+}
+
+/// Image-to-image: `add_noise(encode(image) * scaling, noise, first timestep)`.
+pub fn image_to_image(
+    vae: &AutoencoderKL,
+    scheduler: &LcmScheduler,
+    image: &Image8,
+    (width, height): (usize, usize),
+    n: usize,
+    first_timestep: i64,
+    generator: &mut TorchGenerator,
+    device: &Device,
+) -> Result<Tensor> {
+    let init = preprocess_image(image, width, height, device)?;
+    let latents = repeat_batch(&encode_sample(vae, &init, generator)?, n)?;
+    let noise = generator.randn_tensor(latents.shape().clone())?;
+    scheduler.add_noise(&latents, &noise, first_timestep)
+}
+
+/// Inpainting: start latents plus the mask inputs (diffusers' `prepare_latents` then
+/// `prepare_mask_latents`).
+#[allow(clippy::too_many_arguments)]
+pub fn inpaint(
+    vae: &AutoencoderKL,
+    scheduler: &LcmScheduler,
+    image: &Image8,
+    mask_image: &Image8,
+    (width, height): (usize, usize),
+    n: usize,
+    strength: f64,
+    (latent_channels, unet_in_channels): (usize, usize),
+    first_timestep: i64,
+    generator: &mut TorchGenerator,
+    device: &Device,
+) -> Result<(Tensor, InpaintState)> {
+    let init = preprocess_image(image, width, height, device)?;
+    let is_strength_max = strength == 1.0;
+    let blends = unet_in_channels == latent_channels;
+    let image_latents = if blends || !is_strength_max {
+        Some(repeat_batch(&encode_sample(vae, &init, generator)?, n)?)
+    } else {
+        None
+    };
+    let f = vae.vae_scale_factor();
+    let noise = generator.randn_tensor((n, latent_channels, height / f, width / f))?;
+    let latents = match (&image_latents, is_strength_max) {
+        (Some(img), false) => scheduler.add_noise(img, &noise, first_timestep)?,
+        _ => (&noise * scheduler.init_noise_sigma())?,
+    };
+    let mask_condition = preprocess_mask(mask_image, width, height, device)?;
+    // Keep where the mask is below 0.5: `init_image * (mask < 0.5)`.
+    let keep = mask_condition.lt(0.5)?.to_dtype(candle_core::DType::F32)?;
+    let masked_image = init.broadcast_mul(&keep)?;
+    let masked_image_latents = repeat_batch(&encode_sample(vae, &masked_image, generator)?, n)?;
+    let mask = repeat_batch(&nearest_resize(&mask_condition, height / f, width / f)?, n)?;
+    let state = InpaintState { mask, masked_image_latents, image_latents: if blends { image_latents } else { None }, noise };
+    Ok((latents, state))
+}
+
