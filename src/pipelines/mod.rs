@@ -357,7 +357,7 @@ impl LcmPipeline {
                     Some(&next) => scheduler.add_noise(orig, noise, next)?,
                     None => orig.clone(),
                 };
-                latents = ((mask.ones_like()? - mask)?.mul(&proper)? + mask.mul(&latents)?)?;
+                latents = ((mask.ones_like()? - mask)?.broadcast_mul(&proper)? + mask.broadcast_mul(&latents)?)?;
             }
             on_step(i + 1, timesteps.len());
         }
