@@ -50,54 +50,62 @@ impl Image8 {
         Self { width: self.width, height: self.height, channels: 1, pixels }
     }
 
-    /// PIL's `Image.resize((width, height), Image.LANCZOS)`.
+    /// PIL's `Image.resize((width, height), Image.LANCZOS)`: two separable passes, each
+    /// rounded to 8 bits. PIL runs the horizontal pass first, except when it would enlarge the
+    /// width of an image whose height shrinks: then it shrinks first (vertical pass first).
     pub fn resize_lanczos(&self, width: usize, height: usize) -> Self {
         if (width, height) == (self.width, self.height) {
             return self.clone();
         }
+        if width > self.width && height < self.height {
+            return self.resample_vertical(height).resample_horizontal(width);
+        }
+        self.resample_horizontal(width).resample_vertical(height)
+    }
+
+    fn resample_horizontal(&self, width: usize) -> Self {
+        if width == self.width {
+            return self.clone();
+        }
         let c = self.channels;
-        let horiz = Coeffs::new(self.width, width);
-        let vert = Coeffs::new(self.height, height);
-        // PIL resamples horizontally first, only the rows the vertical pass will read.
-        let (y_first, y_last) = (vert.bounds[0].0, vert.bounds[height - 1].0 + vert.bounds[height - 1].1);
-        let (tmp, tmp_w, y_off) = if width != self.width {
-            let rows = y_last - y_first;
-            let mut tmp = vec![0u8; rows * width * c];
-            for y in 0..rows {
-                let src = &self.pixels[(y + y_first) * self.width * c..(y + y_first + 1) * self.width * c];
-                for (xx, &(xmin, n)) in horiz.bounds.iter().enumerate() {
-                    let k = &horiz.k[xx * horiz.ksize..];
-                    for ch in 0..c {
-                        let mut ss: i32 = 1 << (PRECISION_BITS - 1);
-                        for x in 0..n {
-                            ss += src[(x + xmin) * c + ch] as i32 * k[x];
-                        }
-                        tmp[(y * width + xx) * c + ch] = clip8(ss);
+        let co = Coeffs::new(self.width, width);
+        let mut out = vec![0u8; self.height * width * c];
+        for y in 0..self.height {
+            let src = &self.pixels[y * self.width * c..(y + 1) * self.width * c];
+            for (xx, &(xmin, n)) in co.bounds.iter().enumerate() {
+                let k = &co.k[xx * co.ksize..];
+                for ch in 0..c {
+                    let mut ss: i32 = 1 << (PRECISION_BITS - 1);
+                    for x in 0..n {
+                        ss += src[(x + xmin) * c + ch] as i32 * k[x];
                     }
+                    out[(y * width + xx) * c + ch] = clip8(ss);
                 }
             }
-            (tmp, width, y_first)
-        } else {
-            (self.pixels.clone(), self.width, 0)
-        };
-        if height == self.height {
-            return Self { width, height, channels: c, pixels: tmp };
         }
-        let mut out = vec![0u8; width * height * c];
-        for (yy, &(ymin, n)) in vert.bounds.iter().enumerate() {
-            let k = &vert.k[yy * vert.ksize..];
-            let ymin = ymin - y_off;
-            for xx in 0..tmp_w {
+        Self { width, height: self.height, channels: c, pixels: out }
+    }
+
+    fn resample_vertical(&self, height: usize) -> Self {
+        if height == self.height {
+            return self.clone();
+        }
+        let (c, w) = (self.channels, self.width);
+        let co = Coeffs::new(self.height, height);
+        let mut out = vec![0u8; height * w * c];
+        for (yy, &(ymin, n)) in co.bounds.iter().enumerate() {
+            let k = &co.k[yy * co.ksize..];
+            for xx in 0..w {
                 for ch in 0..c {
                     let mut ss: i32 = 1 << (PRECISION_BITS - 1);
                     for y in 0..n {
-                        ss += tmp[((y + ymin) * tmp_w + xx) * c + ch] as i32 * k[y];
+                        ss += self.pixels[((y + ymin) * w + xx) * c + ch] as i32 * k[y];
                     }
-                    out[(yy * width + xx) * c + ch] = clip8(ss);
+                    out[(yy * w + xx) * c + ch] = clip8(ss);
                 }
             }
         }
-        Self { width, height, channels: c, pixels: out }
+        Self { width: w, height, channels: c, pixels: out }
     }
 }
 

@@ -81,3 +81,39 @@ fn img2img_and_inpaint_pipelines_match_diffusers() {
     assert!(ran >= 18, "{ran}");
     eprintln!("worst img2img/inpaint pixel difference: {worst}/255 over {ran} cases");
 }
+
+/// PIL's Lanczos resize, normalization, grayscale conversion and binarization, exactly.
+#[test]
+fn preprocessing_matches_vae_image_processor_exactly() {
+    let refs = common::reference("img2img_preprocess.safetensors");
+    let dev = candle_core::Device::Cpu;
+    let mut checked = 0;
+    for (key, want) in &refs {
+        let mut parts = key.splitn(3, '.');
+        let (kind, image, size) = (parts.next().unwrap(), parts.next().unwrap(), parts.next());
+        let Some((h, w)) = size.and_then(|s| s.split_once('x')) else { continue };
+        let (Ok(h), Ok(w)) = (h.parse::<usize>(), w.parse::<usize>()) else { continue };
+        let img = Image8::read(&common::fixtures().join(format!("images/{image}.png"))).unwrap();
+        match kind {
+            "resized_u8" | "mask_resized_u8" => {
+                let mut r = img.resize_lanczos(w, h);
+                if kind == "mask_resized_u8" {
+                    r = r.to_grayscale();
+                }
+                assert_eq!(r.pixels, want.flatten_all().unwrap().to_vec1::<u8>().unwrap(), "{key}");
+            }
+            "init" => {
+                let got = preprocess_image(&img, w, h, &dev).unwrap();
+                let d = common::max_abs_diff(&common::to_vec_f32(&got), &common::to_vec_f32(want));
+                assert!(d <= 1e-6, "{key}: max abs diff {d}");
+            }
+            "mask" => {
+                let got = preprocess_mask(&img, w, h, &dev).unwrap();
+                assert_eq!(common::to_vec_f32(&got), common::to_vec_f32(want), "{key}");
+            }
+            _ => continue,
+        }
+        checked += 1;
+    }
+    assert!(checked >= 15, "{checked}");
+}
