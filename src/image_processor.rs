@@ -51,13 +51,15 @@ impl Image8 {
     }
 
     /// PIL's `Image.resize((width, height), Image.LANCZOS)`: two separable passes, each
-    /// rounded to 8 bits. PIL runs the horizontal pass first, except when it would enlarge the
-    /// width of an image whose height shrinks: then it shrinks first (vertical pass first).
+    /// rounded to 8 bits. Pillow 13 runs the vertical pass first when the height shrinks by
+    /// more than twice the width grows (`2 (w' - w) > h' - h`, h' < h), else the horizontal
+    /// one (rule checked against Pillow on hundreds of random sizes).
     pub fn resize_lanczos(&self, width: usize, height: usize) -> Self {
         if (width, height) == (self.width, self.height) {
             return self.clone();
         }
-        if width > self.width && height < self.height {
+        let (dw, dh) = (width as i64 - self.width as i64, height as i64 - self.height as i64);
+        if dh < 0 && 2 * dw > dh {
             return self.resample_vertical(height).resample_horizontal(width);
         }
         self.resample_horizontal(width).resample_vertical(height)

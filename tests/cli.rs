@@ -222,7 +222,7 @@ fn bad_input_gives_one_line_errors() {
 
     // An inpainting (9-channel) UNet cannot do text-to-image.
     let unet9 = common::fixtures().join("models/unets/inpaint9");
-    assert_clean_error(&run(&good, &["--unet", unet9.to_str().unwrap()]), "inpainting");
+    assert_clean_error(&run(&good, &["--unet", unet9.to_str().unwrap()]), "inpainting UNet");
     assert!(!out.exists(), "no output may be written on errors");
 }
 
@@ -367,4 +367,53 @@ fn sdxl_from_an_unseen_folder_with_cfg() {
     assert_close(&lcm::image_io::read_png(&out).unwrap().pixels, &want, "sdxl cli");
     let params = lcm::image_io::read_png_parameters(&out).unwrap().unwrap();
     assert!(params.contains("Pipeline: StableDiffusionXLPipeline"), "{params}");
+}
+
+#[test]
+fn image_to_image_and_inpainting_flags() {
+    let tmp = tempfile::tempdir().unwrap();
+    let fx = common::fixtures();
+    let photo = fx.join("images/photo_45x37.png");
+    let mask = fx.join("images/mask_45x37.png");
+    let model = fresh_model(tmp.path(), "tiny-lcm");
+    let run = |out: &str, extra: &[&str]| {
+        let out = tmp.path().join(out);
+        let mut args = vec!["generate", "--model", model.to_str().unwrap(), "--prompt", "a mountain lake at sunset, photo", "--seed", "0", "--output", out.to_str().unwrap()];
+        args.extend_from_slice(extra);
+        (lcm(&args, &[]), out)
+    };
+    // Image-to-image: the output takes the image's size rounded down to the VAE factor (45x37 -> 44x36).
+    let (o, out) = run("i2i.png", &["--image", photo.to_str().unwrap(), "--strength", "0.5"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let img = lcm::image_io::read_png(&out).unwrap();
+    assert_eq!((img.width, img.height), (44, 36));
+    let want = common::reference("img2img_pipelines.safetensors")["lcm_img2img_s0.5"].flatten_all().unwrap().to_vec1::<u8>().unwrap();
+    assert_close(&img.pixels, &want, "cli img2img");
+    assert!(lcm::image_io::read_png_parameters(&out).unwrap().unwrap().contains("Denoising strength: 0.5"));
+
+    // Inpainting runs (the LCM folder's 4-channel UNet, latent blending) and takes the image's size.
+    let (o, out) = run("inp.png", &["--image", photo.to_str().unwrap(), "--mask-image", mask.to_str().unwrap(), "--steps", "2"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert_eq!(lcm::image_io::read_png(&out).unwrap().width, 44);
+
+    // Errors: mismatched mask, strength out of range, mask without image, unreadable image.
+    let other_mask = fx.join("images/mask_50x30.png");
+    let (o, _) = run("e.png", &["--image", photo.to_str().unwrap(), "--mask-image", other_mask.to_str().unwrap()]);
+    assert_clean_error(&o, "same size");
+    for s in ["--strength=0", "--strength=1.5", "--strength=-0.2"] {
+        let (o, _) = run("e.png", &["--image", photo.to_str().unwrap(), s]);
+        assert_clean_error(&o, "strength");
+    }
+    let (o, _) = run("e.png", &["--mask-image", mask.to_str().unwrap()]);
+    assert_clean_error(&o, "--image");
+    let bogus = tmp.path().join("bogus.png");
+    std::fs::write(&bogus, b"not an image").unwrap();
+    let (o, _) = run("e.png", &["--image", bogus.to_str().unwrap()]);
+    assert_clean_error(&o, "bogus.png");
+    // A 9-channel inpainting UNet without a mask.
+    let unet9 = fx.join("models/unets/inpaint9");
+    let sd = fresh_model(tmp.path(), "tiny-sd");
+    let o = lcm(&["generate", "--model", sd.to_str().unwrap(), "--unet", unet9.to_str().unwrap(), "--prompt", "p", "--image", photo.to_str().unwrap(), "--output", tmp.path().join("e.png").to_str().unwrap()], &[]);
+    assert_clean_error(&o, "inpainting");
+    assert!(!tmp.path().join("e.png").exists());
 }
