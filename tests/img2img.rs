@@ -4,7 +4,7 @@
 mod common;
 
 use lcm::image_processor::{preprocess_image, preprocess_mask, Image8};
-use lcm::pipelines::{GenerateRequest, LcmPipeline, LoadOptions, LoraSpec, PipelineKind};
+use lcm::pipelines::{GenerateRequest, LcmPipeline, LoadOptions, PipelineKind};
 
 fn kind(name: &str) -> PipelineKind {
     if name.starts_with("LatentConsistencyModel") {
@@ -28,17 +28,7 @@ fn img2img_and_inpaint_pipelines_match_diffusers() {
         if !case["extra_call_kwargs"].as_object().unwrap().is_empty() {
             continue; // explicit SDXL size/aesthetic conditioning is not exposed
         }
-        let loras = case["loras"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .map(|l| LoraSpec {
-                source: fx.join(l["path"].as_str().unwrap()).to_string_lossy().into_owned(),
-                weight_name: l["weight_name"].as_str().map(String::from),
-                adapter_name: l["adapter_name"].as_str().map(String::from),
-                weight: l["weight"].as_f64().or(l["adapter_weight"].as_f64()).unwrap_or(1.0),
-            })
-            .collect();
+        let loras = common::lora_specs(case, 1.0);
         let opts = LoadOptions {
             unet: case["unet_override"].as_str().map(|u| fx.join(u).to_string_lossy().into_owned()),
             loras,

@@ -123,20 +123,9 @@ mod parity {
     use super::common;
     use lcm::pipelines::{GenerateRequest, LcmPipeline, LoadOptions, LoraSpec, PipelineKind};
 
+    /// `fuse_lora(lora_scale=k)` multiplies every adapter weight by k.
     fn specs(case: &serde_json::Value) -> Vec<LoraSpec> {
-        // `fuse_lora(lora_scale=k)` multiplies every adapter weight by k.
-        let fuse_scale = case["fuse_lora_scale"].as_f64().unwrap_or(1.0);
-        case["loras"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .map(|l| LoraSpec {
-                source: common::fixtures().join(l["path"].as_str().unwrap()).to_string_lossy().into_owned(),
-                weight_name: l["weight_name"].as_str().map(String::from),
-                adapter_name: l["adapter_name"].as_str().map(String::from),
-                weight: l["weight"].as_f64().unwrap() * fuse_scale,
-            })
-            .collect()
+        common::lora_specs(case, case["fuse_lora_scale"].as_f64().unwrap_or(1.0))
     }
 
     fn request(case: &serde_json::Value) -> GenerateRequest {

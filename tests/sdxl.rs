@@ -19,17 +19,7 @@ fn sdxl_pipelines_match_diffusers() {
     let mut worst = 0;
     for case in cases {
         let name = case["name"].as_str().unwrap();
-        let loras = case["loras"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .map(|l| LoraSpec {
-                source: fx.join(l["path"].as_str().unwrap()).to_string_lossy().into_owned(),
-                weight_name: l["weight_name"].as_str().map(String::from),
-                adapter_name: l["adapter_name"].as_str().map(String::from),
-                weight: l["adapter_weight"].as_f64().unwrap(),
-            })
-            .collect();
+        let loras = common::lora_specs(case, 1.0);
         let opts = LoadOptions {
             unet: case["unet_override"].as_str().map(|u| fx.join(u).to_string_lossy().into_owned()),
             loras,

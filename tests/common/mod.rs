@@ -37,3 +37,19 @@ pub fn max_abs_diff(a: &[f32], b: &[f32]) -> f32 {
     assert_eq!(a.len(), b.len());
     a.iter().zip(b).map(|(x, y)| (x - y).abs()).fold(0.0, f32::max)
 }
+
+/// The LoRAs of a reference case (`loras: [{path, weight_name, adapter_name, weight |
+/// adapter_weight}]`, paths relative to tests/fixtures), each weight times `scale`.
+pub fn lora_specs(case: &serde_json::Value, scale: f64) -> Vec<lcm::pipelines::LoraSpec> {
+    case["loras"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|l| lcm::pipelines::LoraSpec {
+            source: fixtures().join(l["path"].as_str().unwrap()).to_string_lossy().into_owned(),
+            weight_name: l["weight_name"].as_str().map(String::from),
+            adapter_name: l["adapter_name"].as_str().map(String::from),
+            weight: l["weight"].as_f64().or(l["adapter_weight"].as_f64()).unwrap_or(1.0) * scale,
+        })
+        .collect()
+}
