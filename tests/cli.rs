@@ -417,3 +417,31 @@ fn image_to_image_and_inpainting_flags() {
     assert_clean_error(&o, "inpainting");
     assert!(!tmp.path().join("e.png").exists());
 }
+
+/// `--lora org/name` resolves through the Hugging Face cache like models do.
+#[test]
+fn lora_from_the_hf_cache() {
+    let tmp = tempfile::tempdir().unwrap();
+    let commit = "89abcdef0123456789abcdef0123456789abcdef";
+    let repo = tmp.path().join("hf/hub/models--latent-consistency--lcm-lora-tiny");
+    let snap = repo.join("snapshots").join(commit);
+    std::fs::create_dir_all(&snap).unwrap();
+    std::fs::copy(common::fixtures().join("loras/lcm_like/pytorch_lora_weights.safetensors"), snap.join("pytorch_lora_weights.safetensors")).unwrap();
+    std::fs::create_dir_all(repo.join("refs")).unwrap();
+    std::fs::write(repo.join("refs/main"), commit).unwrap();
+    let model = fresh_model(tmp.path(), "tiny-sd");
+    let listing = common::reference_json("lora_pipelines.json");
+    let case = listing["cases"].as_array().unwrap().iter().find(|c| c["name"] == "lcm_like_w1").unwrap().clone();
+    let out = tmp.path().join("l.png");
+    let (steps, seed, g) = (case["num_inference_steps"].to_string(), case["seed"].to_string(), case["guidance_scale"].to_string());
+    let o = lcm(
+        &[
+            "generate", "--model", model.to_str().unwrap(), "--lora", "latent-consistency/lcm-lora-tiny", "--prompt",
+            case["prompt"].as_str().unwrap(), "--steps", &steps, "--seed", &seed, "--guidance-scale", &g, "--output", out.to_str().unwrap(),
+        ],
+        &[("HF_HOME", tmp.path().join("hf").to_str().unwrap())],
+    );
+    assert!(o.status.success(), "{}", stderr(&o));
+    let want = common::reference("lora_pipelines.safetensors")["lcm_like_w1"].flatten_all().unwrap().to_vec1::<u8>().unwrap();
+    assert_close(&lcm::image_io::read_png(&out).unwrap().pixels, &want, "hub lora");
+}
