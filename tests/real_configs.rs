@@ -3,52 +3,14 @@
 //! run one denoising step at a small latent size.
 mod common;
 
-use candle_core::{DType, Device, Shape, Tensor};
-use candle_nn::var_builder::SimpleBackend;
-use candle_nn::VarBuilder;
+use candle_core::{DType, Device, Tensor};
 use lcm::models::unet_2d_condition::{AddedCond, UNet2DConditionConfig, UNet2DConditionModel, UNetConditioning};
-use std::sync::atomic::{AtomicU64, Ordering};
-
-/// Fast deterministic random weights: uniform in ±sqrt(3 / fan_in) for matrices and kernels,
-/// ones for norm scales, zeros for biases.
-struct RandomWeights {
-    state: AtomicU64,
-}
-
-impl SimpleBackend for RandomWeights {
-    fn get(&self, s: Shape, name: &str, _: candle_nn::Init, dtype: DType, dev: &Device) -> candle_core::Result<Tensor> {
-        let dims = s.dims();
-        let n = s.elem_count();
-        if dims.len() == 1 {
-            let v = if name.ends_with("weight") { 1.0 } else { 0.0 };
-            return Tensor::full(v as f32, s, dev)?.to_dtype(dtype);
-        }
-        let fan_in: usize = dims[1..].iter().product();
-        let bound = (3.0 / fan_in as f32).sqrt();
-        let mut x = self.state.fetch_add(0x9E37_79B9_7F4A_7C15, Ordering::Relaxed) | 1;
-        let data: Vec<f32> = (0..n)
-            .map(|_| {
-                x ^= x << 13;
-                x ^= x >> 7;
-                x ^= x << 17;
-                ((x >> 40) as f32 / (1u64 << 24) as f32 * 2.0 - 1.0) * bound
-            })
-            .collect();
-        Tensor::from_vec(data, s, dev)?.to_dtype(dtype)
-    }
-    fn get_unchecked(&self, name: &str, _: DType, _: &Device) -> candle_core::Result<Tensor> {
-        candle_core::bail!("no shape for {name}")
-    }
-    fn contains_tensor(&self, _: &str) -> bool {
-        true
-    }
-}
 
 fn run_one_step(model: &str) {
     let path = common::fixtures().join("real_configs").join(model).join("unet/config.json");
     let cfg: UNet2DConditionConfig = lcm::config::read_config(&path).unwrap();
     let dev = Device::Cpu;
-    let vb = VarBuilder::from_backend(Box::new(RandomWeights { state: AtomicU64::new(1) }), DType::F32, dev.clone());
+    let vb = lcm::loaders::weights::random_var_builder(1, DType::F32, &dev);
     let unet = UNet2DConditionModel::new(vb, &cfg).unwrap_or_else(|e| panic!("{model}: {e:#}"));
     let raw: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
     let cross = raw["cross_attention_dim"].as_u64().unwrap() as usize;

@@ -181,3 +181,46 @@ impl SimpleBackend for FusedWeights {
 pub(crate) fn one_line(s: &str) -> String {
     s.split_whitespace().collect::<Vec<_>>().join(" ")
 }
+
+/// A `VarBuilder` that makes up deterministic random weights for whatever a model asks for:
+/// uniform in ±sqrt(3 / fan_in) for matrices and kernels, ones for 1-D weights (norm scales),
+/// zeros for 1-D biases. For building real architectures without their weights (tests,
+/// benchmarks).
+pub fn random_var_builder(seed: u64, dtype: DType, device: &Device) -> VarBuilder<'static> {
+    VarBuilder::from_backend(Box::new(RandomWeights { state: std::sync::atomic::AtomicU64::new(seed | 1) }), dtype, device.clone())
+}
+
+struct RandomWeights {
+    state: std::sync::atomic::AtomicU64,
+}
+
+impl SimpleBackend for RandomWeights {
+    fn get(&self, s: Shape, name: &str, _: candle_nn::Init, dtype: DType, dev: &Device) -> candle_core::Result<Tensor> {
+        let dims = s.dims();
+        if dims.len() == 1 {
+            let v = if name.ends_with("weight") { 1.0f32 } else { 0.0 };
+            return Tensor::full(v, s, dev)?.to_dtype(dtype);
+        }
+        let fan_in: usize = dims[1..].iter().product();
+        let bound = (3.0 / fan_in as f32).sqrt();
+        let mut x = self.state.fetch_add(0x9E37_79B9_7F4A_7C15, std::sync::atomic::Ordering::Relaxed) | 1;
+        let data: Vec<f32> = (0..s.elem_count())
+            .map(|_| {
+                // xorshift64: fast enough to fill billions of weights.
+                x ^= x << 13;
+                x ^= x >> 7;
+                x ^= x << 17;
+                ((x >> 40) as f32 / (1u64 << 24) as f32 * 2.0 - 1.0) * bound
+            })
+            .collect();
+        Tensor::from_vec(data, s, dev)?.to_dtype(dtype)
+    }
+
+    fn get_unchecked(&self, name: &str, _: DType, _: &Device) -> candle_core::Result<Tensor> {
+        candle_core::bail!("random weights need a shape for {name}")
+    }
+
+    fn contains_tensor(&self, _: &str) -> bool {
+        true
+    }
+}
