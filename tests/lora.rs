@@ -8,19 +8,7 @@ use std::collections::HashMap;
 
 /// `name [d0,d1,...] DTYPE` lines of a `keys.txt` listing.
 fn listing(rel: &str) -> Vec<(String, Vec<usize>)> {
-    let path = common::fixtures().join("real_configs").join(rel);
-    std::fs::read_to_string(&path)
-        .unwrap_or_else(|e| panic!("{}: {e}", path.display()))
-        .lines()
-        .filter(|l| !l.starts_with('#') && !l.trim().is_empty())
-        .map(|l| {
-            let mut parts = l.split_whitespace();
-            let name = parts.next().unwrap().to_string();
-            let dims = parts.next().unwrap().trim_matches(|c| c == '[' || c == ']');
-            let shape = if dims.is_empty() { vec![] } else { dims.split(',').map(|d| d.parse().unwrap()).collect() };
-            (name, shape)
-        })
-        .collect()
+    common::read_keys(&common::fixtures().join("real_configs").join(rel)).into_iter().collect()
 }
 
 struct Listed {

@@ -93,32 +93,6 @@ fn build_recorded(
     (model, seen)
 }
 
-/// `name [d0,d1,...] DTYPE` per line; `#` lines are notes.
-fn read_keys(path: &Path) -> BTreeMap<String, Vec<usize>> {
-    let text = std::fs::read_to_string(path).unwrap();
-    let mut keys = BTreeMap::new();
-    for line in text.lines().map(str::trim).filter(|l| !l.is_empty() && !l.starts_with('#')) {
-        let mut parts = line.split_whitespace();
-        let name = parts.next().unwrap();
-        let shape = parts.next().unwrap().trim_start_matches('[').trim_end_matches(']');
-        let dims = shape.split(',').filter(|d| !d.is_empty()).map(|d| d.parse().unwrap()).collect();
-        keys.insert(name.to_string(), dims);
-    }
-    keys
-}
-
-fn assert_same_keys(what: &str, got: &BTreeMap<String, Vec<usize>>, want: &BTreeMap<String, Vec<usize>>) {
-    let missing: Vec<_> = want.keys().filter(|k| !got.contains_key(*k)).collect();
-    let extra: Vec<_> = got.keys().filter(|k| !want.contains_key(*k)).collect();
-    let shapes: Vec<_> = got
-        .iter()
-        .filter_map(|(k, s)| want.get(k).filter(|w| *w != s).map(|w| format!("{k}: model {s:?}, file {w:?}")))
-        .collect();
-    assert!(
-        missing.is_empty() && extra.is_empty() && shapes.is_empty(),
-        "{what}: weights not requested {missing:?}\nrequested but absent {extra:?}\nshape differences {shapes:?}"
-    );
-}
 
 fn file_keys(dir: &Path) -> BTreeMap<String, Vec<usize>> {
     let st = unsafe { MmapedSafetensors::multi(&safetensors_files(dir, None).unwrap()) }.unwrap();
@@ -130,7 +104,7 @@ fn load_unet(dir: &Path) -> UNet2DConditionModel {
     let cfg = UNet2DConditionConfig::from_file(&dir.join("config.json")).unwrap();
     let files = safetensors_files(dir, None).unwrap();
     let (model, seen) = build_recorded(Recorder::files(&files), &cfg);
-    assert_same_keys(&dir.display().to_string(), &seen, &file_keys(dir));
+    common::assert_same_keys(&dir.display().to_string(), &seen, &file_keys(dir));
     model
 }
 
@@ -324,7 +298,7 @@ fn real_unet_configs_build_with_exact_weight_names() {
         let (_, seen) = build_recorded(Recorder::zeros(), &cfg);
         let keys = dir.join("keys.txt");
         if keys.exists() {
-            assert_same_keys(&keys.display().to_string(), &seen, &read_keys(&keys));
+            common::assert_same_keys(&keys.display().to_string(), &seen, &common::read_keys(&keys));
             println!("{}: {} weights match keys.txt", dir.display(), seen.len());
         } else {
             println!("{}: builds ({} weights; no keys.txt)", dir.display(), seen.len());

@@ -60,31 +60,6 @@ fn build_recorded(
     (model, seen)
 }
 
-fn read_keys(path: &Path) -> BTreeMap<String, Vec<usize>> {
-    let text = std::fs::read_to_string(path).unwrap();
-    let mut keys = BTreeMap::new();
-    for line in text.lines().map(str::trim).filter(|l| !l.is_empty() && !l.starts_with('#')) {
-        let mut parts = line.split_whitespace();
-        let name = parts.next().unwrap();
-        let shape = parts.next().unwrap().trim_start_matches('[').trim_end_matches(']');
-        let dims = shape.split(',').filter(|d| !d.is_empty()).map(|d| d.parse().unwrap()).collect();
-        keys.insert(name.to_string(), dims);
-    }
-    keys
-}
-
-fn assert_same_keys(what: &str, got: &BTreeMap<String, Vec<usize>>, want: &BTreeMap<String, Vec<usize>>) {
-    let missing: Vec<_> = want.keys().filter(|k| !got.contains_key(*k)).collect();
-    let extra: Vec<_> = got.keys().filter(|k| !want.contains_key(*k)).collect();
-    let shapes: Vec<_> = got
-        .iter()
-        .filter_map(|(k, s)| want.get(k).filter(|w| *w != s).map(|w| format!("{k}: model {s:?}, file {w:?}")))
-        .collect();
-    assert!(
-        missing.is_empty() && extra.is_empty() && shapes.is_empty(),
-        "{what}: weights not requested {missing:?}\nrequested but absent {extra:?}\nshape differences {shapes:?}"
-    );
-}
 
 /// Load a VAE folder, checking that the model uses every tensor of the file and nothing else.
 fn load_vae(dir: &Path) -> AutoencoderKL {
@@ -93,7 +68,7 @@ fn load_vae(dir: &Path) -> AutoencoderKL {
     let st = unsafe { MmapedSafetensors::multi(&files) }.unwrap();
     let file_keys: BTreeMap<_, _> = st.tensors().into_iter().map(|(n, v)| (n, v.shape().to_vec())).collect();
     let (model, seen) = build_recorded(Some(st), &cfg);
-    assert_same_keys(&dir.display().to_string(), &seen, &file_keys);
+    common::assert_same_keys(&dir.display().to_string(), &seen, &file_keys);
     model.unwrap()
 }
 
@@ -211,7 +186,7 @@ fn real_vae_configs_build_with_exact_weight_names() {
         assert_eq!(model.vae_scale_factor(), 8);
         let keys = dir.join("keys.txt");
         if keys.exists() {
-            assert_same_keys(&keys.display().to_string(), &seen, &read_keys(&keys));
+            common::assert_same_keys(&keys.display().to_string(), &seen, &common::read_keys(&keys));
             with_keys += 1;
         }
         println!(

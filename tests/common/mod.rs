@@ -53,3 +53,31 @@ pub fn lora_specs(case: &serde_json::Value, scale: f64) -> Vec<lcm::pipelines::L
         })
         .collect()
 }
+
+/// `name [d0,d1,...] DTYPE` per line; `#` lines are notes.
+pub fn read_keys(path: &std::path::Path) -> std::collections::BTreeMap<String, Vec<usize>> {
+    let text = std::fs::read_to_string(path).unwrap();
+    let mut keys = std::collections::BTreeMap::new();
+    for line in text.lines().map(str::trim).filter(|l| !l.is_empty() && !l.starts_with('#')) {
+        let mut parts = line.split_whitespace();
+        let name = parts.next().unwrap();
+        let shape = parts.next().unwrap().trim_start_matches('[').trim_end_matches(']');
+        let dims = shape.split(',').filter(|d| !d.is_empty()).map(|d| d.parse().unwrap()).collect();
+        keys.insert(name.to_string(), dims);
+    }
+    keys
+}
+
+/// The weights a model requested equal a file's or listing's names and shapes.
+pub fn assert_same_keys(what: &str, got: &std::collections::BTreeMap<String, Vec<usize>>, want: &std::collections::BTreeMap<String, Vec<usize>>) {
+    let missing: Vec<_> = want.keys().filter(|k| !got.contains_key(*k)).collect();
+    let extra: Vec<_> = got.keys().filter(|k| !want.contains_key(*k)).collect();
+    let shapes: Vec<_> = got
+        .iter()
+        .filter_map(|(k, s)| want.get(k).filter(|w| *w != s).map(|w| format!("{k}: model {s:?}, file {w:?}")))
+        .collect();
+    assert!(
+        missing.is_empty() && extra.is_empty() && shapes.is_empty(),
+        "{what}: weights not requested {missing:?}\nrequested but absent {extra:?}\nshape differences {shapes:?}"
+    );
+}
