@@ -1,5 +1,6 @@
 //! Turning decoded VAE output into 8-bit images and writing PNGs with generation metadata.
 
+use crate::image_processor::Image8;
 use anyhow::{bail, Context, Result};
 use candle_core::Tensor;
 use std::path::{Path, PathBuf};
@@ -85,22 +86,12 @@ pub fn read_png_parameters(path: &Path) -> Result<Option<String>> {
         .or_else(|| info.utf8_text.iter().find(|t| t.keyword == "parameters").and_then(|t| t.get_text().ok())))
 }
 
-/// Read an 8-bit PNG into RGB.
+/// Read an image file (through [`Image8::read`]) as RGB; grayscale is expanded.
 pub fn read_png(path: &Path) -> Result<RgbImage> {
-    let file = std::fs::File::open(path).with_context(|| format!("cannot open {}", path.display()))?;
-    let mut decoder = png::Decoder::new(std::io::BufReader::new(file));
-    decoder.set_transformations(png::Transformations::EXPAND | png::Transformations::STRIP_16);
-    let mut reader = decoder.read_info().with_context(|| format!("{} is not a valid PNG", path.display()))?;
-    let mut buf = vec![0; reader.output_buffer_size()];
-    let info = reader.next_frame(&mut buf).with_context(|| format!("{} is not a valid PNG", path.display()))?;
-    let (w, h) = (info.width as usize, info.height as usize);
-    let px = &buf[..info.buffer_size()];
-    let pixels = match info.color_type {
-        png::ColorType::Rgb => px.to_vec(),
-        png::ColorType::Rgba => px.chunks(4).flat_map(|p| [p[0], p[1], p[2]]).collect(),
-        png::ColorType::Grayscale => px.iter().flat_map(|&g| [g, g, g]).collect(),
-        png::ColorType::GrayscaleAlpha => px.chunks(2).flat_map(|p| [p[0], p[0], p[0]]).collect(),
-        png::ColorType::Indexed => bail!("{}: indexed PNG not expanded", path.display()),
+    let img = Image8::read(path)?;
+    let pixels = match img.channels {
+        1 => img.pixels.iter().flat_map(|&g| [g, g, g]).collect(),
+        _ => img.pixels,
     };
-    Ok(RgbImage { width: w, height: h, pixels })
+    Ok(RgbImage { width: img.width, height: img.height, pixels })
 }
