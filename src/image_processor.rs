@@ -37,6 +37,15 @@ impl Image8 {
         })
     }
 
+    /// PIL's `convert("RGB")`: grayscale replicated to three channels.
+    pub fn to_rgb(&self) -> Self {
+        if self.channels == 3 {
+            return self.clone();
+        }
+        let pixels = self.pixels.iter().flat_map(|&v| [v, v, v]).collect();
+        Self { width: self.width, height: self.height, channels: 3, pixels }
+    }
+
     /// PIL's `convert("L")`: ITU-R 601-2 luma in PIL's fixed-point rounding.
     pub fn to_grayscale(&self) -> Self {
         if self.channels == 1 {
@@ -194,4 +203,24 @@ pub fn preprocess_mask(mask: &Image8, width: usize, height: usize, device: &Devi
     let r = mask.resize_lanczos(width, height).to_grayscale();
     let data: Vec<f32> = r.pixels.iter().map(|&v| if v as f32 / 255.0 < 0.5 { 0.0 } else { 1.0 }).collect();
     Ok(Tensor::from_vec(data, (1, 1, height, width), device)?)
+}
+
+/// A ControlNet / T2I-Adapter conditioning image: converted to `channels` (3: RGB as the
+/// ControlNet pipelines' `do_convert_rgb`, 1: grayscale), Lanczos-resized to `width x height`,
+/// `[1, channels, h, w]` in `[0, 1]` (no normalisation).
+pub fn preprocess_control_image(image: &Image8, width: usize, height: usize, channels: usize, device: &Device) -> Result<Tensor> {
+    let converted = match channels {
+        1 => image.to_grayscale(),
+        3 => image.to_rgb(),
+        c => bail!("control images have 1 or 3 channels, the model asks for {c}"),
+    };
+    let r = converted.resize_lanczos(width, height);
+    let plane = width * height;
+    let mut data = vec![0f32; channels * plane];
+    for (i, p) in r.pixels.chunks(channels).enumerate() {
+        for (ch, &v) in p.iter().enumerate() {
+            data[ch * plane + i] = v as f32 / 255.0;
+        }
+    }
+    Ok(Tensor::from_vec(data, (1, channels, height, width), device)?)
 }

@@ -9,3 +9,4 @@ pub mod schedulers;
 pub mod image_io;
 pub mod pipelines;
 pub mod image_processor;
+pub mod canny;

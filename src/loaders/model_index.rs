@@ -79,3 +79,14 @@ pub fn standalone_component_dir(root: &Path, subfolder: &str, config_file: &str)
         )
     }
 }
+
+/// A standalone component given on the command line (`--unet`, `--controlnet`, ...): a local
+/// folder (the component itself or a pipeline holding it under `subfolder`) or a hub repo id.
+pub fn resolve_component(arg: &str, subfolder: &str, variant: Option<&str>) -> Result<PathBuf> {
+    use crate::loaders::{hub, ModelSource};
+    let root = match ModelSource::parse(arg)? {
+        ModelSource::Local(p) => p,
+        ModelSource::Hub(id) => hub::snapshot(&id, &[], variant, "config.json")?,
+    };
+    standalone_component_dir(&root, subfolder, "config.json")
+}

@@ -4,7 +4,7 @@
 use crate::config::read_config;
 use crate::loaders::lora::{LoraComponent, WeightIndex};
 use crate::loaders::weights::{self, ComponentWeights};
-use crate::loaders::{hub, model_index::standalone_component_dir, ModelIndex, ModelSource};
+use crate::loaders::{hub, model_index::resolve_component, ModelIndex, ModelSource};
 use crate::pipelines::adapters::{AdapterSet, LoraReport, LoraSpec};
 use crate::models::autoencoder_kl::{AutoencoderKL, AutoencoderKLConfig};
 use crate::models::clip_text_model::{ClipTextConfig, ClipTextModel, ClipTextModelWithProjection};
@@ -72,14 +72,6 @@ fn pipeline_root(arg: &str, variant: Option<&str>, skip_unet: bool) -> Result<Pa
     }
 }
 
-fn unet_dir(arg: &str, variant: Option<&str>) -> Result<PathBuf> {
-    let root = match ModelSource::parse(arg)? {
-        ModelSource::Local(p) => p,
-        ModelSource::Hub(id) => hub::snapshot(&id, &[], variant, "config.json")?,
-    };
-    standalone_component_dir(&root, "unet", "config.json")
-}
-
 impl StableDiffusionComponents {
     pub fn load(model: &str, opts: &LoadOptions, device: &Device) -> Result<Self> {
         let variant = opts.variant.as_deref();
@@ -105,7 +97,7 @@ impl StableDiffusionComponents {
         };
 
         let unet_dir = match &opts.unet {
-            Some(arg) => unet_dir(arg, variant)?,
+            Some(arg) => resolve_component(arg, "unet", variant)?,
             None => index.component_dir("unet", Some("config.json"))?,
         };
         let unet_config: UNet2DConditionConfig = read_config(&unet_dir.join("config.json"))?;

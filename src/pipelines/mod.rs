@@ -8,14 +8,19 @@
 pub mod adapters;
 pub mod components;
 pub mod conditioning;
+pub mod control;
 pub mod start_latents;
 
 pub use adapters::{LoraReport, LoraSpec};
 pub use components::{LoadOptions, StableDiffusionComponents};
+pub use control::{AdapterInput, ControlNetInput, Named};
 
 use crate::image_io::{postprocess, RgbImage};
 use crate::image_processor::{default_size, Image8};
+use crate::models::controlnet::ControlNetModel;
+use crate::models::t2i_adapter::T2IAdapter;
 use crate::models::unet_2d_condition::UNetConditioning;
+use control::{ControlRequest, ControlState};
 use crate::random::TorchGenerator;
 use start_latents::InpaintState;
 use crate::schedulers::{LcmScheduler, TimestepRequest};
@@ -86,6 +91,15 @@ pub struct GenerateRequest {
     pub mask_image: Option<Image8>,
     /// How much of the init image to replace, in (0, 1]; `None`: the pipeline's default.
     pub strength: Option<f64>,
+    /// One entry per ControlNet of the pipeline, in order (`image`,
+    /// `controlnet_conditioning_scale`, `control_guidance_start` / `_end`).
+    pub controlnet: Vec<ControlNetInput>,
+    /// ControlNet `guess_mode` (forced on by `global_pool_conditions` ControlNets).
+    pub guess_mode: bool,
+    /// One entry per T2I-Adapter of the pipeline, in order (`image`, `adapter_conditioning_scale`).
+    pub adapter: Vec<AdapterInput>,
+    /// The fraction of the steps (from the first) that get the adapters' features.
+    pub adapter_conditioning_factor: f64,
 }
 
 impl Default for GenerateRequest {
@@ -104,6 +118,10 @@ impl Default for GenerateRequest {
             image: None,
             mask_image: None,
             strength: None,
+            controlnet: Vec::new(),
+            guess_mode: false,
+            adapter: Vec::new(),
+            adapter_conditioning_factor: 1.0,
         }
     }
 }
@@ -131,6 +149,10 @@ impl GenerateRequest {
 pub struct LcmPipeline {
     pub components: StableDiffusionComponents,
     pub kind: PipelineKind,
+    /// ControlNets, run in this order (`MultiControlNetModel`).
+    pub controlnets: Vec<Named<ControlNetModel>>,
+    /// T2I-Adapters (`MultiAdapter`).
+    pub t2i_adapters: Vec<Named<T2IAdapter>>,
     device: Device,
 }
 
@@ -149,7 +171,47 @@ impl LcmPipeline {
         let device = Device::Cpu;
         let components = StableDiffusionComponents::load(model, opts, &device)?;
         let kind = PipelineKind::from_class_name(&components.pipeline_class);
-        Ok(Self { components, kind, device })
+        Ok(Self { components, kind, controlnets: Vec::new(), t2i_adapters: Vec::new(), device })
+    }
+
+    /// Add a ControlNet (`controlnet=` / a list of them). diffusers has no LCM-specific
+    /// ControlNet pipeline, so an LCM model then follows `StableDiffusionControlNetPipeline`,
+    /// as in diffusers' LCM guide.
+    pub fn add_controlnet(&mut self, controlnet: Named<ControlNetModel>) -> Result<()> {
+        control::check_controlnet_fits(&controlnet.name, &controlnet.model, &self.components.unet_config)?;
+        self.controlnets.push(controlnet);
+        self.leave_lcm_kind();
+        Ok(())
+    }
+
+    /// Load and add a ControlNet from a folder or hub repo id.
+    pub fn load_controlnet(&mut self, source: &str, variant: Option<&str>) -> Result<()> {
+        let cn = control::load_controlnet(source, variant, &self.device)?;
+        self.add_controlnet(cn)
+    }
+
+    /// Add a T2I-Adapter (`adapter=`; several act as `MultiAdapter`). Its fit to the UNet is
+    /// checked when generating, where the feature sizes are known.
+    pub fn add_t2i_adapter(&mut self, adapter: Named<T2IAdapter>) {
+        self.t2i_adapters.push(adapter);
+        self.leave_lcm_kind();
+    }
+
+    /// Load and add a T2I-Adapter from a folder or hub repo id.
+    pub fn load_t2i_adapter(&mut self, source: &str, variant: Option<&str>) -> Result<()> {
+        let ad = control::load_t2i_adapter(source, variant, &self.device)?;
+        self.add_t2i_adapter(ad);
+        Ok(())
+    }
+
+    fn leave_lcm_kind(&mut self) {
+        if self.kind == PipelineKind::LatentConsistencyModel {
+            self.kind = PipelineKind::StableDiffusion;
+        }
+    }
+
+    fn has_control(&self) -> bool {
+        !self.controlnets.is_empty() || !self.t2i_adapters.is_empty()
     }
 
     /// Load LoRAs (`load_lora_weights`); each is active at its spec's weight.
@@ -198,15 +260,17 @@ impl LcmPipeline {
     pub fn strength(&self, req: &GenerateRequest) -> f64 {
         req.strength.unwrap_or(match (req.task(), self.kind) {
             (Task::TextToImage, _) => 1.0,
-            (Task::ImageToImage, PipelineKind::StableDiffusionXL) => 0.3,
+            // StableDiffusionXLControlNetImg2ImgPipeline defaults to 0.8 like the SD ones.
+            (Task::ImageToImage, PipelineKind::StableDiffusionXL) if self.controlnets.is_empty() => 0.3,
             (Task::ImageToImage, _) => 0.8,
             (Task::Inpainting, PipelineKind::StableDiffusionXL) => 0.9999,
             (Task::Inpainting, _) => 1.0,
         })
     }
 
-    /// The output size: given, else the init image's (rounded down to the VAE factor), else the
-    /// UNet's default.
+    /// The output size: given, else the first control image's (ControlNet: rounded down to the
+    /// VAE factor; T2I-Adapter: to the adapter's downscale factor), else the init image's
+    /// (rounded down to the VAE factor), else the UNet's default.
     pub fn output_size(&self, req: &GenerateRequest) -> Result<(usize, usize)> {
         let f = self.vae_scale_factor();
         for (v, what) in [(req.width, "width"), (req.height, "height")] {
@@ -214,15 +278,29 @@ impl LcmPipeline {
                 bail!("{what} must be a positive multiple of {f} (the VAE scale factor), got {v}");
             }
         }
-        let (w, h) = match &req.image {
-            Some(img) => default_size(img, req.width, req.height, f),
-            None => {
+        let adapter_factor = self.t2i_adapters.iter().map(|a| a.model.downscale_factor()).max();
+        if let Some(af) = adapter_factor {
+            for (v, what) in [(req.width, "width"), (req.height, "height")] {
+                if let Some(v) = v.filter(|v| v % af != 0) {
+                    bail!("{what} must be a multiple of {af} (the T2I-Adapter's downscale factor), got {v}");
+                }
+            }
+        }
+        let control_image = match (req.controlnet.first(), req.adapter.first()) {
+            (Some(c), _) if !self.controlnets.is_empty() => Some((&c.image, f)),
+            (_, Some(a)) if adapter_factor.is_some() => Some((&a.image, adapter_factor.unwrap_or(f))),
+            _ => None,
+        };
+        let (w, h) = match (control_image, &req.image) {
+            (Some((img, factor)), _) => default_size(img, req.width, req.height, factor),
+            (None, Some(img)) => default_size(img, req.width, req.height, f),
+            (None, None) => {
                 let (dw, dh) = self.default_size();
                 (req.width.unwrap_or(dw), req.height.unwrap_or(dh))
             }
         };
         if w == 0 || h == 0 {
-            bail!("the init image is smaller than the VAE scale factor ({f} pixels)");
+            bail!("the {} image is smaller than the scale factor ({f} pixels)", if control_image.is_some() { "control" } else { "init" });
         }
         Ok((w, h))
     }
@@ -250,6 +328,36 @@ impl LcmPipeline {
                     mask.width, mask.height, img.width, img.height
                 );
             }
+        }
+        if self.kind == PipelineKind::LatentConsistencyModel && self.has_control() {
+            bail!("LatentConsistencyModelPipeline has no ControlNet / T2I-Adapter variant in diffusers; use the StableDiffusion pipeline");
+        }
+        if req.controlnet.len() != self.controlnets.len() {
+            bail!("{} ControlNet(s) but {} control image(s); give one image per ControlNet", self.controlnets.len(), req.controlnet.len());
+        }
+        if req.adapter.len() != self.t2i_adapters.len() {
+            bail!("{} T2I-Adapter(s) but {} adapter image(s); give one image per adapter", self.t2i_adapters.len(), req.adapter.len());
+        }
+        for c in &req.controlnet {
+            if !(c.conditioning_scale.is_finite() && c.guidance_start.is_finite() && c.guidance_end.is_finite()) {
+                bail!("ControlNet scale and guidance start/end must be finite numbers");
+            }
+            if !(0.0 <= c.guidance_start && c.guidance_start < c.guidance_end && c.guidance_end <= 1.0) {
+                bail!(
+                    "control guidance start ({}) must be smaller than end ({}), both in [0, 1]",
+                    c.guidance_start, c.guidance_end
+                );
+            }
+        }
+        if req.adapter.iter().any(|a| !a.conditioning_scale.is_finite()) {
+            bail!("adapter scale must be a finite number");
+        }
+        match req.task() {
+            Task::Inpainting if self.has_control() => bail!("inpainting with a ControlNet or T2I-Adapter is not supported yet"),
+            Task::ImageToImage if !self.t2i_adapters.is_empty() => {
+                bail!("T2I-Adapters work with text-to-image only (diffusers has no adapter image-to-image pipeline)")
+            }
+            _ => {}
         }
         let (unet_in, latent) = (self.components.unet_config.in_channels, self.components.vae_config.latent_channels);
         let inpaint_unet = unet_in == 2 * latent + 1;
@@ -337,13 +445,32 @@ impl LcmPipeline {
             _ => None,
         };
 
+        let control = ControlState::prepare(
+            &self.controlnets,
+            &self.t2i_adapters,
+            &c.unet,
+            &ControlRequest {
+                controlnet: &req.controlnet,
+                adapter: &req.adapter,
+                adapter_conditioning_factor: req.adapter_conditioning_factor,
+                guess_mode: req.guess_mode,
+            },
+            (width, height),
+            f,
+            n,
+            cfg,
+            timesteps.len(),
+            &self.device,
+        )?;
+
         let mut denoised = latents.clone();
         for (i, &t) in timesteps.iter().enumerate() {
             let mut model_in = if cfg { Tensor::cat(&[&latents, &latents], 0)? } else { latents.clone() };
+            let cond = control.conditioning(i, timesteps.len(), t as f64, &model_in, &latents, &prompt_embeds, &unet_cond, cfg)?;
             if let Some(x) = &extra_channels {
                 model_in = Tensor::cat(&[&model_in, x], 1)?;
             }
-            let pred = c.unet.forward(&model_in, t as f64, &prompt_embeds, &unet_cond)?;
+            let pred = c.unet.forward(&model_in, t as f64, &prompt_embeds, &cond)?;
             let pred = if cfg {
                 let (uncond, text) = (pred.narrow(0, 0, n)?, pred.narrow(0, n, n)?);
                 (&uncond + ((&text - &uncond)? * guidance_scale)?)?
@@ -397,6 +524,15 @@ impl LcmPipeline {
         }
         if let Some(o) = req.original_inference_steps {
             s.push_str(&format!(", Original inference steps: {o}"));
+        }
+        for (cn, input) in self.controlnets.iter().zip(&req.controlnet) {
+            s.push_str(&format!(
+                ", ControlNet: {} (scale {}, start {}, end {})",
+                cn.name, input.conditioning_scale, input.guidance_start, input.guidance_end
+            ));
+        }
+        for (ad, input) in self.t2i_adapters.iter().zip(&req.adapter) {
+            s.push_str(&format!(", T2I-Adapter: {} (scale {})", ad.name, input.conditioning_scale));
         }
         s.push_str(&format!(", Pipeline: {}", self.kind.diffusers_name()));
         s
