@@ -10,3 +10,8 @@ pub mod image_io;
 pub mod pipelines;
 pub mod image_processor;
 pub mod canny;
+
+/// The README's Rust examples, compiled by `cargo test` so they stay true.
+#[cfg(doctest)]
+#[doc = include_str!("../README.md")]
+pub struct ReadmeDoctests;

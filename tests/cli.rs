@@ -445,3 +445,95 @@ fn lora_from_the_hf_cache() {
     let want = common::reference("lora_pipelines.safetensors")["lcm_like_w1"].flatten_all().unwrap().to_vec1::<u8>().unwrap();
     assert_close(&lcm::image_io::read_png(&out).unwrap().pixels, &want, "hub lora");
 }
+
+/// ControlNet, T2I-Adapter and Canny flags: the CLI reproduces diffusers' ControlNet / Adapter
+/// pipeline references from copies under unseen names, and refuses bad combinations cleanly.
+#[test]
+fn controlnet_adapter_and_canny_flags() {
+    let tmp = tempfile::tempdir().unwrap();
+    let fx = common::fixtures();
+    let photo = fx.join("images/photo_45x37.png");
+    let photo2 = fx.join("images/photo_50x30.png");
+    let cn_a = tmp.path().join("my-controlnet");
+    copy_dir(&fx.join("controlnets/sd"), &cn_a);
+    let cn_b = fx.join("controlnets/sd_bgr");
+    let sd = fresh_model(tmp.path(), "tiny-sd");
+    let lora = fx.join("loras/lcm_like");
+    let s = |p: &Path| p.to_str().unwrap().to_string();
+    let run = |out: &str, args: &[String]| {
+        let out = tmp.path().join(out);
+        let mut all: Vec<String> = vec!["generate".into(), "--output".into(), s(&out)];
+        all.extend_from_slice(args);
+        let all: Vec<&str> = all.iter().map(String::as_str).collect();
+        (lcm(&all, &[]), out)
+    };
+    let v = |a: &[&str]| a.iter().map(|x| x.to_string()).collect::<Vec<_>>();
+    let refs = common::reference("controlnet_pipelines.safetensors");
+    let want = |name: &str, r: &std::collections::HashMap<String, candle_core::Tensor>| r[name].flatten_all().unwrap().to_vec1::<u8>().unwrap();
+
+    // One ControlNet + LCM-LoRA; the output takes the control image's size (45x37 -> 44x36).
+    let base = [v(&["--model", &s(&sd), "--lora", &s(&lora), "--guidance-scale", "1"])].concat();
+    let (o, out) = run("cn.png", &[base.clone(), v(&["--controlnet", &s(&cn_a), "--control-image", &s(&photo), "--controlnet-scale", "0.8", "--seed", "0", "--prompt", "a mountain lake at sunset, photo"])].concat());
+    assert!(o.status.success(), "{}", stderr(&o));
+    let img = lcm::image_io::read_png(&out).unwrap();
+    assert_eq!((img.width, img.height), (44, 36));
+    assert_close(&img.pixels, &want("sd_cn_lcmlora_g1", &refs), "cli controlnet");
+    assert!(lcm::image_io::read_png_parameters(&out).unwrap().unwrap().contains("ControlNet: my-controlnet (scale 0.8"));
+
+    // Two ControlNets with per-ControlNet scales and guidance windows.
+    let (o, out) = run("multi.png", &[base.clone(), v(&[
+        "--controlnet", &s(&cn_a), "--control-image", &s(&photo), "--controlnet", &s(&cn_b), "--control-image", &s(&photo2),
+        "--controlnet-scale", "0.6", "--controlnet-scale", "1.1", "--control-guidance-start", "0", "--control-guidance-start", "0.25",
+        "--control-guidance-end", "0.5", "--control-guidance-end", "1", "--width", "32", "--height", "32", "--seed", "2",
+        "--prompt", "a mountain lake at sunset, photo"])].concat());
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert_close(&lcm::image_io::read_png(&out).unwrap().pixels, &want("sd_multicn_start_end", &refs), "cli multi-controlnet");
+
+    // T2I-Adapter on SDXL with LCM-LoRA-SDXL and a conditioning factor.
+    let xl = fresh_model(tmp.path(), "tiny-sdxl");
+    let arefs = common::reference("adapter_pipelines.safetensors");
+    let (o, out) = run("ad.png", &[v(&["--model", &s(&xl), "--lora", &s(&fx.join("loras/sdxl_lcm_like")), "--guidance-scale", "1",
+        "--adapter", &s(&fx.join("adapters/full_xl")), "--adapter-image", &s(&photo), "--adapter-scale", "0.9",
+        "--adapter-conditioning-factor", "0.5", "--width", "40", "--height", "32", "--seed", "3", "--prompt", "a mountain lake at sunset, photo"])].concat());
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert_close(&lcm::image_io::read_png(&out).unwrap().pixels, &want("sdxl_adapter_lcmlora_factor0.5", &arefs), "cli adapter");
+
+    // `lcm canny` writes a binary edge map of the same size; `--canny` runs it on the fly.
+    let edges = tmp.path().join("edges.png");
+    let o = lcm(&["canny", &s(&photo), &s(&edges)], &[]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let e = lcm::image_io::read_png(&edges).unwrap();
+    assert_eq!((e.width, e.height), (45, 37));
+    assert!(e.pixels.iter().all(|&p| p == 0 || p == 255) && e.pixels.contains(&255));
+    let o = lcm(&["canny", &s(&photo), &s(&edges)], &[]);
+    assert_clean_error(&o, "already exists");
+    let o = lcm(&["canny", &s(&tmp.path().join("missing.png")), &s(&tmp.path().join("x.png"))], &[]);
+    assert_clean_error(&o, "missing.png");
+    let (o, canny_out) = run("canny_fly.png", &[base.clone(), v(&["--controlnet", &s(&cn_a), "--control-image", &s(&photo), "--canny", "--steps", "1", "--seed", "5", "--prompt", "p"])].concat());
+    assert!(o.status.success(), "{}", stderr(&o));
+    let (o, edges_out) = run("canny_file.png", &[base.clone(), v(&["--controlnet", &s(&cn_a), "--control-image", &s(&edges), "--steps", "1", "--seed", "5", "--prompt", "p"])].concat());
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert!(lcm::image_io::read_png(&canny_out).unwrap().pixels == lcm::image_io::read_png(&edges_out).unwrap().pixels, "--canny differs from `lcm canny` + --control-image");
+
+    // Errors: one line, non-zero exit, no output written.
+    let cn1 = v(&["--controlnet", &s(&cn_a)]);
+    let img1 = v(&["--control-image", &s(&photo)]);
+    let p = v(&["--prompt", "p"]);
+    for (args, msg) in [
+        ([base.clone(), cn1.clone(), p.clone()].concat(), "--control-image"),
+        ([base.clone(), cn1.clone(), img1.clone(), img1.clone(), p.clone()].concat(), "one image per ControlNet"),
+        ([base.clone(), cn1.clone(), img1.clone(), v(&["--controlnet-scale", "1", "--controlnet-scale", "2", "--controlnet-scale", "3"]), p.clone()].concat(), "--controlnet-scale"),
+        ([base.clone(), v(&["--controlnet-scale", "0.5"]), p.clone()].concat(), "need --controlnet"),
+        ([base.clone(), v(&["--controlnet", &s(&fx.join("controlnets/sdxl"))]), img1.clone(), p.clone()].concat(), "another base model"),
+        ([base.clone(), cn1.clone(), img1.clone(), v(&["--pipeline", "lcm"]), p.clone()].concat(), "--pipeline sd"),
+        ([base.clone(), cn1.clone(), img1.clone(), v(&["--control-guidance-start", "0.9", "--control-guidance-end", "0.2"]), p.clone()].concat(), "guidance start"),
+        ([base.clone(), cn1.clone(), img1.clone(), v(&["--canny", "--canny-low=-5"]), p.clone()].concat(), "threshold"),
+        ([base.clone(), v(&["--adapter", &s(&fx.join("adapters/full_sd"))]), p.clone()].concat(), "--adapter-image"),
+        ([base.clone(), v(&["--adapter", &s(&fx.join("adapters/full_sd")), "--adapter-image", &s(&photo), "--adapter-conditioning-factor", "1.5"]), p.clone()].concat(), "conditioning-factor"),
+        ([base.clone(), v(&["--controlnet", &s(&tmp.path().join("nope"))]), img1.clone(), p.clone()].concat(), "nope"),
+    ] {
+        let (o, out) = run("err.png", &args);
+        assert_clean_error(&o, msg);
+        assert!(!out.exists());
+    }
+}
