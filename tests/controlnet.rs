@@ -96,6 +96,7 @@ fn setup(case: &serde_json::Value, kind_of: &str) -> (LcmPipeline, GenerateReque
         ..Default::default()
     };
     if kind_of == "controlnet" {
+        req.guess_mode = case["guess_mode"].as_bool().unwrap_or(false);
         let nets = case["controlnets"].as_array().unwrap();
         let images = case["control_images"].as_array().unwrap();
         let scales = f64s(&case["scales"]);
@@ -173,7 +174,7 @@ fn check_pipelines(kind_of: &str, min_cases: usize) {
 
 #[test]
 fn controlnet_pipelines_match_diffusers() {
-    check_pipelines("controlnet", 9);
+    check_pipelines("controlnet", 10);
 }
 
 #[test]

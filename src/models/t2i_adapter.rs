@@ -261,19 +261,21 @@ impl T2IAdapter {
     pub fn forward(&self, x: &Tensor) -> Result<Vec<Tensor>> {
         let (_, c, h, w) = match x.dims() {
             &[b, c, h, w] => (b, c, h, w),
-            d => candle_core::bail!("t2i adapter: expected an input of shape [batch, channels, height, width], got {d:?}"),
+            d => return Err(input_error(format!(
+                "t2i adapter: expected an input of shape [batch, channels, height, width], got {d:?}"
+            ))),
         };
         if c != self.config.in_channels {
-            candle_core::bail!(
+            return Err(input_error(format!(
                 "t2i adapter: input has {c} channels, the adapter expects {} (in_channels)",
                 self.config.in_channels
-            )
+            )));
         }
         let r = self.config.downscale_factor;
         if h % r != 0 || w % r != 0 || h == 0 || w == 0 {
-            candle_core::bail!(
+            return Err(input_error(format!(
                 "t2i adapter: input size {h}x{w} is not a positive multiple of the adapter's downscale_factor {r}"
-            )
+            )));
         }
         let x = pixel_unshuffle(&x.to_dtype(self.dtype)?, r)?;
         let mut x = match &self.conv_in {
@@ -310,6 +312,12 @@ impl T2IAdapter {
     pub fn dtype(&self) -> DType {
         self.dtype
     }
+}
+
+/// A one-line error about the caller's input (no backtrace attached, even with RUST_BACKTRACE set,
+/// unlike `candle_core::bail!`).
+fn input_error(msg: String) -> candle_core::Error {
+    candle_core::Error::Msg(msg)
 }
 
 /// `nn.PixelUnshuffle(r)`: `[b, c, H, W]` -> `[b, c*r*r, H/r, W/r]`, output channel
