@@ -537,3 +537,39 @@ fn controlnet_adapter_and_canny_flags() {
         assert!(!out.exists());
     }
 }
+
+/// `--controlnet org/name` resolves through the Hugging Face cache (files at the repo root, as
+/// lllyasviel/sd-controlnet-canny has them); an uncached repo offline is one clear line.
+#[test]
+fn controlnet_from_the_hf_cache() {
+    let tmp = tempfile::tempdir().unwrap();
+    let fx = common::fixtures();
+    let commit = "0123456789abcdef0123456789abcdef01234567";
+    let repo = tmp.path().join("hf/hub/models--lllyasviel--sd-controlnet-tiny");
+    let snap = repo.join("snapshots").join(commit);
+    copy_dir(&fx.join("controlnets/sd"), &snap);
+    std::fs::create_dir_all(repo.join("refs")).unwrap();
+    std::fs::write(repo.join("refs/main"), commit).unwrap();
+    let model = fresh_model(tmp.path(), "tiny-sd");
+    let out = tmp.path().join("c.png");
+    let hf = [("HF_HOME", tmp.path().join("hf").to_str().unwrap().to_string())];
+    let envs: Vec<(&str, &str)> = hf.iter().map(|(k, v)| (*k, v.as_str())).collect();
+    let args = |cn: &str| {
+        vec![
+            "generate".to_string(), "--model".into(), model.to_str().unwrap().into(), "--lora".into(),
+            fx.join("loras/lcm_like").to_str().unwrap().into(), "--guidance-scale".into(), "1".into(),
+            "--controlnet".into(), cn.into(), "--control-image".into(), fx.join("images/photo_45x37.png").to_str().unwrap().into(),
+            "--controlnet-scale".into(), "0.8".into(), "--seed".into(), "0".into(), "--prompt".into(),
+            "a mountain lake at sunset, photo".into(), "--output".into(), out.to_str().unwrap().into(),
+        ]
+    };
+    let a = args("lllyasviel/sd-controlnet-tiny");
+    let o = lcm(&a.iter().map(String::as_str).collect::<Vec<_>>(), &envs);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let want = common::reference("controlnet_pipelines.safetensors")["sd_cn_lcmlora_g1"].flatten_all().unwrap().to_vec1::<u8>().unwrap();
+    assert_close(&lcm::image_io::read_png(&out).unwrap().pixels, &want, "hub controlnet");
+    std::fs::remove_file(&out).unwrap();
+    let a = args("lllyasviel/not-cached");
+    let o = lcm(&a.iter().map(String::as_str).collect::<Vec<_>>(), &envs);
+    assert_clean_error(&o, "offline");
+}
