@@ -4,7 +4,7 @@
 
 use crate::config::read_config;
 use crate::models::unet_2d_condition::{Timestep, UNet2DConditionConfig, UNetConditioning};
-use crate::models::unet_down_path::{BlockSettings, UNetDownPath};
+use crate::models::unet_down_path::{BlockSettings, NoHooks, UNetDownPath};
 use crate::nn::{Activation, Conv2d};
 use anyhow::bail;
 use candle_core::{DType, Result, Tensor};
@@ -196,8 +196,8 @@ impl ControlNetModel {
             )
         }
         let x = (x + cond_emb)?;
-        let (x, skips) = self.down.down(x, &emb, encoder_hidden_states, &mut std::iter::empty())?;
-        let x = self.down.mid(x, &emb, encoder_hidden_states)?;
+        let (x, skips) = self.down.down(x, &emb, encoder_hidden_states, &mut std::iter::empty(), &NoHooks)?;
+        let x = self.down.mid(x, &emb, encoder_hidden_states, &NoHooks)?;
 
         if skips.len() != self.controlnet_down_blocks.len() {
             candle_core::bail!("controlnet: {} skip connections for {} zero convolutions", skips.len(), self.controlnet_down_blocks.len())

@@ -5,6 +5,7 @@ pub mod clip_text_model;
 pub mod clip_tokenizer;
 pub mod controlnet;
 pub mod embeddings;
+pub mod motion_adapter;
 pub mod resnet;
 pub mod t2i_adapter;
 pub mod unet_2d_blocks;

@@ -93,6 +93,17 @@ fn upsampler(vb: &VarBuilder, add: bool, channels: usize) -> Result<Option<Upsam
     }
 }
 
+/// Called after each layer of a block with the layer's index and output: AnimateDiff's motion
+/// modules. `None` leaves the block as it is.
+pub type LayerHook<'a> = Option<&'a dyn Fn(usize, Tensor) -> Result<Tensor>>;
+
+fn after_layer(hook: LayerHook, i: usize, x: Tensor) -> Result<Tensor> {
+    match hook {
+        Some(f) => f(i, x),
+        None => Ok(x),
+    }
+}
+
 /// Resnets then an optional downsampler; every intermediate output is a skip connection.
 #[derive(Clone, Debug)]
 pub struct DownBlock2D {
@@ -121,11 +132,11 @@ impl DownBlock2D {
     }
 
     /// Returns the output and the skip connections it produced.
-    pub fn forward(&self, x: &Tensor, temb: Option<&Tensor>) -> Result<(Tensor, Vec<Tensor>)> {
+    pub fn forward(&self, x: &Tensor, temb: Option<&Tensor>, hook: LayerHook) -> Result<(Tensor, Vec<Tensor>)> {
         let mut x = x.clone();
         let mut states = Vec::with_capacity(self.resnets.len() + 1);
-        for r in &self.resnets {
-            x = r.forward(&x, temb)?;
+        for (i, r) in self.resnets.iter().enumerate() {
+            x = after_layer(hook, i, r.forward(&x, temb)?)?;
             states.push(x.clone());
         }
         if let Some(d) = &self.downsamplers {
@@ -175,13 +186,14 @@ impl CrossAttnDownBlock2D {
         temb: Option<&Tensor>,
         encoder_hidden_states: &Tensor,
         additional_residual: Option<&Tensor>,
+        hook: LayerHook,
     ) -> Result<(Tensor, Vec<Tensor>)> {
         let mut x = x.clone();
         let mut states = Vec::with_capacity(self.resnets.len() + 1);
         let n = self.resnets.len();
         for (i, (r, a)) in self.resnets.iter().zip(&self.attentions).enumerate() {
             x = r.forward(&x, temb)?;
-            x = a.forward(&x, encoder_hidden_states)?;
+            x = after_layer(hook, i, a.forward(&x, encoder_hidden_states)?)?;
             if i + 1 == n {
                 if let Some(res) = additional_residual {
                     x = (x + res)?;
@@ -256,12 +268,13 @@ impl UpBlock2D {
         skips: &[Tensor],
         temb: Option<&Tensor>,
         upsample_size: Option<(usize, usize)>,
+        hook: LayerHook,
     ) -> Result<Tensor> {
         let mut skips = skips;
         let mut x = x.clone();
-        for r in &self.resnets {
+        for (i, r) in self.resnets.iter().enumerate() {
             let skip = take_skip(&mut skips, "UpBlock2D")?;
-            x = r.forward(&Tensor::cat(&[&x, skip], 1)?, temb)?;
+            x = after_layer(hook, i, r.forward(&Tensor::cat(&[&x, skip], 1)?, temb)?)?;
         }
         match &self.upsamplers {
             Some(u) => u.forward(&x, upsample_size),
@@ -308,13 +321,14 @@ impl CrossAttnUpBlock2D {
         temb: Option<&Tensor>,
         encoder_hidden_states: &Tensor,
         upsample_size: Option<(usize, usize)>,
+        hook: LayerHook,
     ) -> Result<Tensor> {
         let mut skips = skips;
         let mut x = x.clone();
-        for (r, a) in self.resnets.iter().zip(&self.attentions) {
+        for (i, (r, a)) in self.resnets.iter().zip(&self.attentions).enumerate() {
             let skip = take_skip(&mut skips, "CrossAttnUpBlock2D")?;
             x = r.forward(&Tensor::cat(&[&x, skip], 1)?, temb)?;
-            x = a.forward(&x, encoder_hidden_states)?;
+            x = after_layer(hook, i, a.forward(&x, encoder_hidden_states)?)?;
         }
         match &self.upsamplers {
             Some(u) => u.forward(&x, upsample_size),
@@ -402,12 +416,14 @@ impl UNetMidBlock2DCrossAttn {
         x: &Tensor,
         temb: Option<&Tensor>,
         encoder_hidden_states: &Tensor,
+        hook: LayerHook,
     ) -> Result<Tensor> {
         let mut x = x.clone();
         for (i, r) in self.resnets.iter().enumerate() {
             if i > 0 {
                 if let Some(a) = self.attentions.get(i - 1) {
-                    x = a.forward(&x, encoder_hidden_states)?;
+                    // AnimateDiff's mid block: attention, motion module, resnet.
+                    x = after_layer(hook, i - 1, a.forward(&x, encoder_hidden_states)?)?;
                 }
             }
             x = r.forward(&x, temb)?;

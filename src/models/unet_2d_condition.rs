@@ -3,7 +3,8 @@
 
 use crate::config::{read_config, PerBlock};
 use crate::models::unet_2d_blocks::{CrossAttnParams, CrossAttnUpBlock2D, UpBlock2D};
-use crate::models::unet_down_path::{layers_of, BlockSettings, UNetDownPath};
+use crate::models::motion_adapter::MotionModules;
+use crate::models::unet_down_path::{layers_of, BlockHooks, BlockSettings, NoHooks, Place, UNetDownPath};
 use crate::nn::{Activation, Conv2d, GroupNorm};
 use anyhow::bail;
 use candle_core::{DType, Result, Tensor};
@@ -250,6 +251,9 @@ pub struct UNetConditioning {
     /// T2I-Adapter: added inside the down blocks (and to the mid block output when one is left
     /// over with its shape).
     pub down_intrablock_additional_residuals: Option<Vec<Tensor>>,
+    /// AnimateDiff: the batch holds `num_frames` consecutive frames per video (needed when
+    /// motion modules are attached).
+    pub num_frames: Option<usize>,
 }
 
 /// A timestep: one number for the whole batch or a tensor (0-d, `[1]` or `[batch]`).
@@ -299,6 +303,8 @@ pub struct UNet2DConditionModel {
     pub conv_norm_out: GroupNorm,
     pub conv_act: Activation,
     pub conv_out: Conv2d,
+    /// AnimateDiff motion modules (`UNetMotionModel`), attached with [`Self::with_motion`].
+    pub motion: Option<MotionModules>,
     num_upsamplers: usize,
 }
 
@@ -388,6 +394,7 @@ impl UNet2DConditionModel {
             conv_norm_out,
             conv_act: act,
             conv_out,
+            motion: None,
             num_upsamplers,
         })
     }
@@ -424,7 +431,16 @@ impl UNet2DConditionModel {
                 (None, Some(_)) => None,
             };
         let mut intrablock = intrablock.map(|r| r.iter()).into_iter().flatten();
-        let (mut x, mut skips) = self.down.down(x, &emb, ehs, &mut intrablock)?;
+        let motion_hooks;
+        let hooks: &dyn BlockHooks = match (&self.motion, cond.num_frames) {
+            (Some(m), Some(frames)) => {
+                motion_hooks = m.hooks(frames);
+                &motion_hooks
+            }
+            (Some(_), None) => candle_core::bail!("this UNet has motion modules: give `num_frames` (frames folded into the batch)"),
+            (None, _) => &NoHooks,
+        };
+        let (mut x, mut skips) = self.down.down(x, &emb, ehs, &mut intrablock, hooks)?;
 
         if let (Some(extra), true) = (&cond.down_block_additional_residuals, is_controlnet) {
             if extra.len() != skips.len() {
@@ -440,7 +456,7 @@ impl UNet2DConditionModel {
         }
 
         if self.down.mid_block.is_some() {
-            x = self.down.mid(x, &emb, ehs)?;
+            x = self.down.mid(x, &emb, ehs, hooks)?;
             // A T2I-Adapter feature left over after the down blocks goes to the mid block output
             // when its shape fits.
             if let Some(extra) = intrablock.next() {
@@ -469,14 +485,21 @@ impl UNet2DConditionModel {
                 }
                 _ => None,
             };
+            let hook = |j: usize, x: Tensor| hooks.after_layer(Place::Up(i), j, x);
             x = match block {
-                UpBlock::Up(b) => b.forward(&x, &block_skips, Some(&emb), upsample_size)?,
-                UpBlock::CrossAttn(b) => b.forward(&x, &block_skips, Some(&emb), ehs, upsample_size)?,
+                UpBlock::Up(b) => b.forward(&x, &block_skips, Some(&emb), upsample_size, Some(&hook))?,
+                UpBlock::CrossAttn(b) => b.forward(&x, &block_skips, Some(&emb), ehs, upsample_size, Some(&hook))?,
             };
         }
 
         let x = self.conv_act.forward(&self.conv_norm_out.forward(&x)?)?;
         self.conv_out.forward(&x)
+    }
+
+    /// Attach AnimateDiff motion modules, making this diffusers' `UNetMotionModel.from_unet2d`.
+    pub fn with_motion(mut self, motion: MotionModules) -> Self {
+        self.motion = Some(motion);
+        self
     }
 
     /// The dtype the weights were loaded in.

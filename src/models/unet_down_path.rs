@@ -8,7 +8,8 @@ use crate::config::PerBlock;
 use crate::models::embeddings::{TimestepEmbedding, Timesteps};
 use crate::models::resnet::TimeEmbeddingNorm;
 use crate::models::unet_2d_blocks::{
-    CrossAttnDownBlock2D, CrossAttnParams, DownBlock2D, ResnetParams, UNetMidBlock2D, UNetMidBlock2DCrossAttn,
+    CrossAttnDownBlock2D, CrossAttnParams, DownBlock2D, ResnetParams, UNetMidBlock2D,
+    UNetMidBlock2DCrossAttn,
 };
 use crate::models::unet_2d_condition::{Timestep, TransformerLayers, UNet2DConditionConfig, UNetConditioning};
 use crate::nn::{Activation, Conv2d};
@@ -140,6 +141,25 @@ impl BlockSettings {
         })
     }
 }
+
+/// Which block a layer belongs to.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Place {
+    Down(usize),
+    Mid,
+    Up(usize),
+}
+
+/// Work done after each layer of the UNet's blocks (AnimateDiff's motion modules).
+pub trait BlockHooks {
+    fn after_layer(&self, _place: Place, _layer: usize, x: Tensor) -> Result<Tensor> {
+        Ok(x)
+    }
+}
+
+/// No hooks: the plain UNet.
+pub struct NoHooks;
+impl BlockHooks for NoHooks {}
 
 #[derive(Clone, Debug)]
 pub struct UNetDownPath {
@@ -308,18 +328,19 @@ impl UNetDownPath {
         emb: &Tensor,
         ehs: &Tensor,
         intrablock: &mut dyn Iterator<Item = &Tensor>,
+        hooks: &dyn BlockHooks,
     ) -> Result<(Tensor, Vec<Tensor>)> {
         let mut skips: Vec<Tensor> = vec![x.clone()];
-        for block in &self.down_blocks {
+        for (i, block) in self.down_blocks.iter().enumerate() {
             match block {
                 DownBlock::CrossAttn(b) => {
                     let extra = intrablock.next();
-                    let (y, states) = b.forward(&x, Some(emb), ehs, extra)?;
+                    let (y, states) = b.forward(&x, Some(emb), ehs, extra, Some(&|j, x| hooks.after_layer(Place::Down(i), j, x)))?;
                     x = y;
                     skips.extend(states);
                 }
                 DownBlock::Down(b) => {
-                    let (y, mut states) = b.forward(&x, Some(emb))?;
+                    let (y, mut states) = b.forward(&x, Some(emb), Some(&|j, x| hooks.after_layer(Place::Down(i), j, x)))?;
                     x = y;
                     if let Some(extra) = intrablock.next() {
                         // diffusers adds in place (`sample += ...`), so the skip connection that
@@ -365,9 +386,9 @@ impl UNetDownPath {
     }
 
     /// The mid block, if the model has one (`x` unchanged otherwise).
-    pub fn mid(&self, x: Tensor, emb: &Tensor, ehs: &Tensor) -> Result<Tensor> {
+    pub fn mid(&self, x: Tensor, emb: &Tensor, ehs: &Tensor, hooks: &dyn BlockHooks) -> Result<Tensor> {
         match &self.mid_block {
-            Some(MidBlock::CrossAttn(m)) => m.forward(&x, Some(emb), ehs),
+            Some(MidBlock::CrossAttn(m)) => m.forward(&x, Some(emb), ehs, Some(&|j, x| hooks.after_layer(Place::Mid, j, x))),
             Some(MidBlock::Plain(m)) => m.forward(&x, Some(emb)),
             None => Ok(x),
         }
