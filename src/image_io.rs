@@ -95,3 +95,31 @@ pub fn read_png(path: &Path) -> Result<RgbImage> {
     };
     Ok(RgbImage { width: img.width, height: img.height, pixels })
 }
+
+/// Write an animated GIF as diffusers' `export_to_gif` does: every frame shown `1000 / fps` ms,
+/// looping forever (frames quantized to a 256-colour palette each). Refuses to replace an
+/// existing file unless `overwrite`.
+pub fn write_gif(path: &Path, frames: &[RgbImage], fps: u32, overwrite: bool) -> Result<()> {
+    use image::codecs::gif::{GifEncoder, Repeat};
+    use image::{Delay, Frame, RgbaImage};
+    if frames.is_empty() {
+        bail!("no frames to write to {}", path.display());
+    }
+    let file = if overwrite {
+        std::fs::File::create(path)
+    } else {
+        std::fs::OpenOptions::new().write(true).create_new(true).open(path)
+    }
+    .map_err(|e| anyhow::anyhow!("cannot create {}: {e}", path.display()))?;
+    let mut enc = GifEncoder::new_with_speed(std::io::BufWriter::new(file), 10);
+    enc.set_repeat(Repeat::Infinite).map_err(|e| anyhow::anyhow!("cannot write {}: {e}", path.display()))?;
+    let delay = Delay::from_numer_denom_ms(1000 / fps.max(1), 1);
+    for f in frames {
+        let rgba: Vec<u8> = f.pixels.chunks(3).flat_map(|p| [p[0], p[1], p[2], 255]).collect();
+        let img = RgbaImage::from_raw(f.width as u32, f.height as u32, rgba)
+            .ok_or_else(|| anyhow::anyhow!("frame buffer does not match its size"))?;
+        enc.encode_frame(Frame::from_parts(img, 0, 0, delay))
+            .map_err(|e| anyhow::anyhow!("cannot write {}: {e}", path.display()))?;
+    }
+    Ok(())
+}

@@ -2,7 +2,7 @@
 
 use anyhow::{bail, Result};
 use clap::{Parser, Subcommand, ValueEnum};
-use lcm::image_io::{numbered_paths, write_png};
+use lcm::image_io::{numbered_paths, write_gif, write_png};
 use lcm::image_processor::Image8;
 use lcm::pipelines::{AdapterInput, ControlNetInput, GenerateRequest, LcmPipeline, LoadOptions, LoraSpec, PipelineKind};
 use std::path::PathBuf;
@@ -27,55 +27,70 @@ enum PipelineArg {
     Sdxl,
 }
 
+/// Which model to load and what to fuse into it (shared by `generate` and `animate`).
+#[derive(clap::Args)]
+struct ModelArgs {
+    /// Diffusers folder or Hugging Face hub repo id (an existing path is always a path).
+    #[arg(long, default_value = "SimianLuo/LCM_Dreamshaper_v7")]
+    model: String,
+    /// Weight variant, e.g. fp16 picks *.fp16.safetensors.
+    #[arg(long)]
+    variant: Option<String>,
+    /// Replace the model's UNet (folder or hub id), e.g. an LCM-distilled UNet.
+    #[arg(long)]
+    unet: Option<String>,
+    /// LoRA to fuse in: a .safetensors file, a folder or a hub repo id, with an optional
+    /// weight (SOURCE@0.8); repeat for several, like diffusers' set_adapters.
+    #[arg(long = "lora", value_name = "SOURCE[@WEIGHT]")]
+    loras: Vec<String>,
+}
+
+/// Prompt, schedule and seed (shared by `generate` and `animate`).
+#[derive(clap::Args)]
+struct SamplingArgs {
+    #[arg(long)]
+    prompt: String,
+    #[arg(long)]
+    negative_prompt: Option<String>,
+    #[arg(long, default_value_t = 4)]
+    steps: usize,
+    /// Default: the pipeline's (8.5 LatentConsistencyModelPipeline, 7.5 StableDiffusion and
+    /// AnimateDiff, 5.0 SDXL).
+    #[arg(long)]
+    guidance_scale: Option<f64>,
+    /// Default: the UNet's sample_size times the VAE scale factor (or the input image's size).
+    #[arg(long)]
+    width: Option<usize>,
+    #[arg(long)]
+    height: Option<usize>,
+    /// Same as `generator=torch.manual_seed(SEED)`; random when not given.
+    #[arg(long)]
+    seed: Option<u64>,
+    #[arg(long)]
+    original_inference_steps: Option<usize>,
+    /// Custom descending timesteps, e.g. 999,759,499,259 (instead of --steps).
+    #[arg(long, value_delimiter = ',')]
+    timesteps: Option<Vec<i64>>,
+    /// Replace existing output files.
+    #[arg(long)]
+    overwrite: bool,
+}
+
 #[derive(Subcommand)]
 enum Command {
-    /// Text-to-image.
+    /// Text-to-image, image-to-image and inpainting, with LoRAs, ControlNets and T2I-Adapters.
     Generate {
-        /// Diffusers folder or Hugging Face hub repo id (an existing path is always a path).
-        #[arg(long, default_value = "SimianLuo/LCM_Dreamshaper_v7")]
-        model: String,
-        #[arg(long)]
-        prompt: String,
-        #[arg(long)]
-        negative_prompt: Option<String>,
-        #[arg(long, default_value_t = 4)]
-        steps: usize,
-        /// Default: 8.5 for LatentConsistencyModelPipeline, 7.5 for StableDiffusionPipeline.
-        #[arg(long)]
-        guidance_scale: Option<f64>,
-        /// Default: the UNet's sample_size times the VAE scale factor.
-        #[arg(long)]
-        width: Option<usize>,
-        #[arg(long)]
-        height: Option<usize>,
-        /// Same as `generator=torch.manual_seed(SEED)`; random when not given.
-        #[arg(long)]
-        seed: Option<u64>,
+        #[command(flatten)]
+        model: ModelArgs,
+        #[command(flatten)]
+        sampling: SamplingArgs,
         #[arg(long, default_value_t = 1)]
         num_images: usize,
-        #[arg(long)]
-        original_inference_steps: Option<usize>,
-        /// Custom descending timesteps, e.g. 999,759,499,259 (instead of --steps).
-        #[arg(long, value_delimiter = ',')]
-        timesteps: Option<Vec<i64>>,
         /// Output PNG; several images become NAME-1.png, NAME-2.png, ...
         #[arg(long, short, default_value = "output.png")]
         output: PathBuf,
-        /// Replace existing output files.
-        #[arg(long)]
-        overwrite: bool,
-        /// Weight variant, e.g. fp16 picks *.fp16.safetensors.
-        #[arg(long)]
-        variant: Option<String>,
-        /// Replace the model's UNet (folder or hub id), e.g. an LCM-distilled UNet.
-        #[arg(long)]
-        unet: Option<String>,
         #[arg(long, value_enum, default_value = "auto")]
         pipeline: PipelineArg,
-        /// LoRA to fuse in: a .safetensors file, a folder or a hub repo id, with an optional
-        /// weight (SOURCE@0.8); repeat for several, like diffusers' set_adapters.
-        #[arg(long = "lora", value_name = "SOURCE[@WEIGHT]")]
-        loras: Vec<String>,
         /// Init image: selects image-to-image (with --mask-image: inpainting). Without
         /// --width/--height the output takes its size, rounded down to the VAE factor.
         #[arg(long)]
@@ -89,6 +104,32 @@ enum Command {
         strength: Option<f64>,
         #[command(flatten)]
         control: ControlArgs,
+    },
+    /// Text-to-video with an AnimateDiff motion adapter (AnimateDiffPipeline + LCMScheduler).
+    Animate {
+        #[command(flatten)]
+        model: ModelArgs,
+        /// MotionAdapter folder or hub id, e.g. guoyww/animatediff-motion-adapter-v1-5-2.
+        #[arg(long)]
+        motion_adapter: String,
+        #[command(flatten)]
+        sampling: SamplingArgs,
+        /// Frames per video (AnimateDiffPipeline's default 16).
+        #[arg(long, default_value_t = 16)]
+        frames: usize,
+        /// Videos to make from the prompt (num_videos_per_prompt).
+        #[arg(long, default_value_t = 1)]
+        num_videos: usize,
+        /// `.gif`: an animated GIF as diffusers' export_to_gif (looping, --fps); `.png`: one
+        /// numbered PNG per frame (NAME-1.png, ...).
+        #[arg(long, short, default_value = "animation.gif")]
+        output: PathBuf,
+        #[arg(long, default_value_t = 10)]
+        fps: u32,
+        /// Override the scheduler's beta_schedule, as diffusers' LCM guide does for AnimateDiff
+        /// (`LCMScheduler.from_config(config, beta_schedule="linear")`).
+        #[arg(long)]
+        beta_schedule: Option<String>,
     },
     /// Canny edge map of an image, as OpenCV's cv2.Canny(image, low, high) in diffusers' guide.
     Canny {
@@ -220,32 +261,70 @@ fn canny_command(input: &std::path::Path, output: &std::path::Path, low: f64, hi
     Ok(())
 }
 
+impl SamplingArgs {
+    /// The request fields these flags set (the rest default).
+    fn request(&self) -> Result<GenerateRequest> {
+        if self.steps == 0 {
+            bail!("--steps must be at least 1");
+        }
+        let seed = self.seed.unwrap_or_else(|| {
+            std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_nanos() as u64)
+        });
+        Ok(GenerateRequest {
+            prompt: self.prompt.clone(),
+            negative_prompt: self.negative_prompt.clone(),
+            num_inference_steps: self.steps,
+            guidance_scale: self.guidance_scale,
+            width: self.width,
+            height: self.height,
+            seed,
+            original_inference_steps: self.original_inference_steps,
+            timesteps: self.timesteps.clone(),
+            ..Default::default()
+        })
+    }
+}
+
+/// Existing outputs are never replaced unless asked.
+fn check_outputs(paths: &[PathBuf], overwrite: bool) -> Result<()> {
+    if !overwrite {
+        if let Some(p) = paths.iter().find(|p| p.exists()) {
+            bail!("{} already exists; pass --overwrite to replace it", p.display());
+        }
+    }
+    Ok(())
+}
+
+fn load_pipeline(m: &ModelArgs, motion_adapter: Option<String>) -> Result<LcmPipeline> {
+    let loras = m.loras.iter().map(|l| LoraSpec::parse(l)).collect::<Result<Vec<_>>>()?;
+    let opts = LoadOptions { variant: m.variant.clone(), unet: m.unet.clone(), loras, motion_adapter };
+    let pipe = LcmPipeline::load(&m.model, &opts)?;
+    for warning in pipe.components.lora_reports.iter().filter_map(|r| r.warning()) {
+        eprintln!("warning: {warning}");
+    }
+    Ok(pipe)
+}
+
+/// Run `f` with a progress bar fed by its per-step callback.
+fn with_progress<T>(f: impl FnOnce(&mut dyn FnMut(usize, usize)) -> Result<T>) -> Result<T> {
+    let bar = indicatif::ProgressBar::new(0);
+    bar.set_style(
+        indicatif::ProgressStyle::with_template("{msg} [{bar:30}] {pos}/{len} steps {elapsed}")
+            .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
+    );
+    bar.set_message("denoising");
+    let out = f(&mut |done, total| {
+        bar.set_length(total as u64);
+        bar.set_position(done as u64);
+    });
+    bar.finish_and_clear();
+    out
+}
+
 fn run(cli: Cli) -> Result<()> {
     match cli.command {
         Command::Canny { input, output, low, high, overwrite } => canny_command(&input, &output, low, high, overwrite),
-        Command::Generate {
-            model,
-            prompt,
-            negative_prompt,
-            steps,
-            guidance_scale,
-            width,
-            height,
-            seed,
-            num_images,
-            original_inference_steps,
-            timesteps,
-            output,
-            overwrite,
-            variant,
-            unet,
-            pipeline,
-            loras,
-            image,
-            mask_image,
-            strength,
-            control,
-        } => {
+        Command::Generate { model, sampling, num_images, output, pipeline, image, mask_image, strength, control } => {
             if mask_image.is_some() && image.is_none() {
                 bail!("--mask-image needs --image (the picture to inpaint)");
             }
@@ -261,27 +340,12 @@ fn run(cli: Cli) -> Result<()> {
                 bail!("--pipeline lcm has no ControlNet / T2I-Adapter variant in diffusers; use --pipeline sd (the default with --controlnet)");
             }
             let mask_image = mask_image.as_deref().map(Image8::read).transpose()?;
-            if steps == 0 {
-                bail!("--steps must be at least 1");
-            }
             if num_images == 0 {
                 bail!("--num-images must be at least 1");
             }
             let paths = numbered_paths(&output, num_images);
-            if !overwrite {
-                if let Some(p) = paths.iter().find(|p| p.exists()) {
-                    bail!("{} already exists; pass --overwrite to replace it", p.display());
-                }
-            }
-            let seed = seed.unwrap_or_else(|| {
-                std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_nanos() as u64)
-            });
-            let loras = loras.iter().map(|l| LoraSpec::parse(l)).collect::<Result<Vec<_>>>()?;
-            let opts = LoadOptions { variant, unet, loras };
-            let mut pipe = LcmPipeline::load(&model, &opts)?;
-            for warning in pipe.components.lora_reports.iter().filter_map(|r| r.warning()) {
-                eprintln!("warning: {warning}");
-            }
+            check_outputs(&paths, sampling.overwrite)?;
+            let mut pipe = load_pipeline(&model, None)?;
             pipe = match pipeline {
                 PipelineArg::Auto => pipe,
                 PipelineArg::Lcm => pipe.with_kind(PipelineKind::LatentConsistencyModel),
@@ -295,16 +359,7 @@ fn run(cli: Cli) -> Result<()> {
                 pipe.load_t2i_adapter(source, None)?;
             }
             let req = GenerateRequest {
-                prompt,
-                negative_prompt,
-                num_inference_steps: steps,
-                guidance_scale,
-                width,
-                height,
-                seed,
                 num_images_per_prompt: num_images,
-                original_inference_steps,
-                timesteps,
                 image,
                 mask_image,
                 strength,
@@ -312,21 +367,48 @@ fn run(cli: Cli) -> Result<()> {
                 guess_mode: control.guess_mode,
                 adapter: adapter_inputs,
                 adapter_conditioning_factor: control.adapter_conditioning_factor,
+                ..sampling.request()?
             };
-            let bar = indicatif::ProgressBar::new(0);
-            bar.set_style(
-                indicatif::ProgressStyle::with_template("{msg} [{bar:30}] {pos}/{len} steps {elapsed}")
-                    .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
-            );
-            bar.set_message("denoising");
-            let images = pipe.generate(&req, |done, total| {
-                bar.set_length(total as u64);
-                bar.set_position(done as u64);
-            })?;
-            bar.finish_and_clear();
+            let images = with_progress(|on_step| pipe.generate(&req, on_step))?;
             for (i, (img, path)) in images.iter().zip(&paths).enumerate() {
-                write_png(path, img, Some(&pipe.parameters_text(&req, i)), overwrite)?;
-                eprintln!("wrote {} (seed {seed})", path.display());
+                write_png(path, img, Some(&pipe.parameters_text(&req, i)), sampling.overwrite)?;
+                eprintln!("wrote {} (seed {})", path.display(), req.seed);
+            }
+            Ok(())
+        }
+        Command::Animate { model, motion_adapter, sampling, frames, num_videos, output, fps, beta_schedule } => {
+            if frames == 0 || num_videos == 0 {
+                bail!("--frames and --num-videos must be at least 1");
+            }
+            if fps == 0 {
+                bail!("--fps must be at least 1");
+            }
+            let ext = output.extension().and_then(|e| e.to_str()).map(str::to_ascii_lowercase);
+            let gif = match ext.as_deref() {
+                Some("gif") => true,
+                Some("png") => false,
+                _ => bail!("--output must end in .gif (animated GIF) or .png (one PNG per frame), got {}", output.display()),
+            };
+            let videos = numbered_paths(&output, num_videos);
+            let frame_paths: Vec<Vec<PathBuf>> =
+                videos.iter().map(|v| if gif { vec![v.clone()] } else { numbered_paths(v, frames.max(2)).into_iter().take(frames).collect() }).collect();
+            check_outputs(&frame_paths.concat(), sampling.overwrite)?;
+            let mut pipe = load_pipeline(&model, Some(motion_adapter))?;
+            if let Some(b) = beta_schedule {
+                pipe.components.scheduler_config.beta_schedule = b;
+            }
+            let req = GenerateRequest { num_images_per_prompt: num_videos, num_frames: Some(frames), ..sampling.request()? };
+            let clips = with_progress(|on_step| pipe.animate(&req, on_step))?;
+            for (i, (clip, paths)) in clips.iter().zip(&frame_paths).enumerate() {
+                if gif {
+                    write_gif(&paths[0], clip, fps, sampling.overwrite)?;
+                    eprintln!("wrote {} ({} frames, seed {})", paths[0].display(), clip.len(), req.seed);
+                } else {
+                    for (img, path) in clip.iter().zip(paths) {
+                        write_png(path, img, Some(&pipe.parameters_text(&req, i)), sampling.overwrite)?;
+                    }
+                    eprintln!("wrote {} frames {} .. {} (seed {})", clip.len(), paths[0].display(), paths[paths.len() - 1].display(), req.seed);
+                }
             }
             Ok(())
         }

@@ -9,6 +9,7 @@ use crate::pipelines::adapters::{AdapterSet, LoraReport, LoraSpec};
 use crate::models::autoencoder_kl::{AutoencoderKL, AutoencoderKLConfig};
 use crate::models::clip_text_model::{ClipTextConfig, ClipTextModel, ClipTextModelWithProjection};
 use crate::models::clip_tokenizer::ClipTokenizer;
+use crate::models::motion_adapter::{read_motion_config, MotionAdapterConfig, MotionModules};
 use crate::models::unet_2d_condition::{UNet2DConditionConfig, UNet2DConditionModel};
 use crate::schedulers::LcmSchedulerConfig;
 use anyhow::{Context, Result};
@@ -24,6 +25,9 @@ pub struct LoadOptions {
     pub unet: Option<String>,
     /// LoRAs fused into the UNet and text encoder at load (`load_lora_weights` + `set_adapters`).
     pub loras: Vec<LoraSpec>,
+    /// AnimateDiff `MotionAdapter` (folder or hub id): the UNet becomes `UNetMotionModel`.
+    /// Loaded before the LoRAs, so motion LoRAs find its weights.
+    pub motion_adapter: Option<String>,
 }
 
 /// Every network a Stable Diffusion pipeline needs, loaded.
@@ -44,9 +48,47 @@ pub struct StableDiffusionComponents {
     /// Loaded LoRA adapters and what loading them matched.
     pub adapters: AdapterSet,
     pub lora_reports: Vec<LoraReport>,
+    /// AnimateDiff: the motion adapter whose modules the UNet carries.
+    pub motion: Option<MotionAdapterWeights>,
     text_encoder_weights: ComponentWeights,
     unet_weights: ComponentWeights,
     device: Device,
+}
+
+/// A loaded `MotionAdapter`: its config and memory-mapped weights (LoRAs are fused into them
+/// like into the UNet's).
+pub struct MotionAdapterWeights {
+    pub name: String,
+    pub config: MotionAdapterConfig,
+    weights: ComponentWeights,
+}
+
+/// The UNet's weight names plus the motion adapter's, as one index for LoRA matching: motion
+/// LoRAs name `unet.down_blocks.0.motion_modules...`.
+struct UnetIndex<'a> {
+    unet: &'a ComponentWeights,
+    motion: Option<&'a ComponentWeights>,
+    names: Vec<String>,
+}
+
+impl<'a> UnetIndex<'a> {
+    fn new(unet: &'a ComponentWeights, motion: Option<&'a MotionAdapterWeights>) -> Self {
+        let motion = motion.map(|m| &m.weights);
+        let mut names = unet.names().to_vec();
+        if let Some(m) = motion {
+            names.extend(m.names().iter().cloned());
+        }
+        Self { unet, motion, names }
+    }
+}
+
+impl WeightIndex for UnetIndex<'_> {
+    fn names(&self) -> &[String] {
+        &self.names
+    }
+    fn shape(&self, name: &str) -> Option<Vec<usize>> {
+        self.unet.shape(name).or_else(|| self.motion.and_then(|m| m.shape(name)))
+    }
 }
 
 const PIPELINE_FOLDERS: &[&str] =
@@ -108,22 +150,34 @@ impl StableDiffusionComponents {
         let vae_vb = weights::load_component(&vae_dir, variant, dtype, device)?;
         let vae = AutoencoderKL::new(vae_vb, &vae_config).context("vae")?;
 
+        let motion = match &opts.motion_adapter {
+            Some(source) => {
+                let dir = resolve_component(source, "motion_adapter", None)?;
+                let config = read_motion_config(&dir)?;
+                let weights = ComponentWeights::open(&dir, None)?;
+                Some(MotionAdapterWeights { name: display_name(source), config, weights })
+            }
+            None => None,
+        };
+
         let sched_dir = index.component_dir("scheduler", Some("scheduler_config.json"))?;
         let scheduler_config: LcmSchedulerConfig = read_config(&sched_dir.join("scheduler_config.json"))?;
 
         // LoRAs are matched first so the networks are built once, with the updates fused in.
         let mut adapters = AdapterSet::default();
         let mut reports = Vec::new();
+        let unet_index = UnetIndex::new(&unet_weights, motion.as_ref());
         for spec in &opts.loras {
             let mut targets: Vec<(LoraComponent, &dyn WeightIndex)> =
-                vec![(LoraComponent::Unet, &unet_weights), (LoraComponent::TextEncoder, &text_encoder_weights)];
+                vec![(LoraComponent::Unet, &unet_index), (LoraComponent::TextEncoder, &text_encoder_weights)];
             if let Some((_, _, w)) = &second {
                 targets.push((LoraComponent::TextEncoder2, w));
             }
             reports.push(adapters.add(spec, &targets)?);
         }
         let text_encoder = build_text_encoder(&text_encoder_weights, &te_config, &adapters, device)?;
-        let unet = build_unet(&unet_weights, &unet_config, &adapters, device)?;
+        drop(unet_index);
+        let unet = build_unet(&unet_weights, &unet_config, motion.as_ref(), &adapters, device)?;
         let text_encoder_2 = match second {
             Some((tokenizer, config, weights)) => {
                 let model = build_text_encoder_2(&weights, &config, &adapters, device)?;
@@ -149,6 +203,7 @@ impl StableDiffusionComponents {
             scheduler_config,
             adapters,
             lora_reports: reports,
+            motion,
             device: device.clone(),
         })
     }
@@ -156,14 +211,16 @@ impl StableDiffusionComponents {
     /// Load more LoRAs (active at their weights, like `load_lora_weights`) and rebuild.
     pub fn load_loras(&mut self, specs: &[LoraSpec]) -> Result<Vec<LoraReport>> {
         let mut reports = Vec::new();
+        let unet_index = UnetIndex::new(&self.unet_weights, self.motion.as_ref());
         for spec in specs {
             let mut targets: Vec<(LoraComponent, &dyn WeightIndex)> =
-                vec![(LoraComponent::Unet, &self.unet_weights), (LoraComponent::TextEncoder, &self.text_encoder_weights)];
+                vec![(LoraComponent::Unet, &unet_index), (LoraComponent::TextEncoder, &self.text_encoder_weights)];
             if let Some(t2) = &self.text_encoder_2 {
                 targets.push((LoraComponent::TextEncoder2, &t2.weights));
             }
             reports.push(self.adapters.add(spec, &targets)?);
         }
+        drop(unet_index);
         self.rebuild()?;
         Ok(reports)
     }
@@ -183,7 +240,7 @@ impl StableDiffusionComponents {
     /// Rebuild the adapted networks from the memory-mapped base weights (nothing is re-read).
     fn rebuild(&mut self) -> Result<()> {
         self.text_encoder = build_text_encoder(&self.text_encoder_weights, &self.text_encoder_config, &self.adapters, &self.device)?;
-        self.unet = build_unet(&self.unet_weights, &self.unet_config, &self.adapters, &self.device)?;
+        self.unet = build_unet(&self.unet_weights, &self.unet_config, self.motion.as_ref(), &self.adapters, &self.device)?;
         if let Some(t2) = &mut self.text_encoder_2 {
             t2.model = build_text_encoder_2(&t2.weights, &t2.config, &self.adapters, &self.device)?;
         }
@@ -206,9 +263,24 @@ fn build_text_encoder_2(
     ClipTextModelWithProjection::new(vb, cfg).context("text_encoder_2")
 }
 
-fn build_unet(w: &ComponentWeights, cfg: &UNet2DConditionConfig, adapters: &AdapterSet, device: &Device) -> Result<UNet2DConditionModel> {
-    let vb = w.var_builder(adapters.combined(LoraComponent::Unet), DType::F32, device);
-    UNet2DConditionModel::new(vb, cfg).context("unet")
+fn build_unet(
+    w: &ComponentWeights,
+    cfg: &UNet2DConditionConfig,
+    motion: Option<&MotionAdapterWeights>,
+    adapters: &AdapterSet,
+    device: &Device,
+) -> Result<UNet2DConditionModel> {
+    let deltas = adapters.combined(LoraComponent::Unet);
+    let vb = w.var_builder(deltas.clone(), DType::F32, device);
+    let unet = UNet2DConditionModel::new(vb, cfg).context("unet")?;
+    Ok(match motion {
+        Some(m) => {
+            let vb = m.weights.var_builder(deltas, DType::F32, device);
+            let modules = MotionModules::new(vb, &m.config, &unet).with_context(|| format!("motion adapter {}", m.name))?;
+            unet.with_motion(modules)
+        }
+        None => unet,
+    })
 }
 
 fn display_name(model: &str) -> String {

@@ -36,6 +36,9 @@ pub enum PipelineKind {
     StableDiffusion,
     /// `StableDiffusionXLPipeline` with `LCMScheduler` (SDXL, SSD-1B).
     StableDiffusionXL,
+    /// `AnimateDiffPipeline` with `LCMScheduler`: a UNet with motion modules, videos of
+    /// `num_frames` frames; CFG whenever `guidance_scale > 1` (no guidance embedding).
+    AnimateDiff,
 }
 
 impl PipelineKind {
@@ -56,6 +59,7 @@ impl PipelineKind {
             Self::LatentConsistencyModel => 8.5,
             Self::StableDiffusion => 7.5,
             Self::StableDiffusionXL => 5.0,
+            Self::AnimateDiff => 7.5,
         }
     }
 
@@ -64,6 +68,7 @@ impl PipelineKind {
             Self::LatentConsistencyModel => "LatentConsistencyModelPipeline",
             Self::StableDiffusion => "StableDiffusionPipeline",
             Self::StableDiffusionXL => "StableDiffusionXLPipeline",
+            Self::AnimateDiff => "AnimateDiffPipeline",
         }
     }
 }
@@ -100,6 +105,8 @@ pub struct GenerateRequest {
     pub adapter: Vec<AdapterInput>,
     /// The fraction of the steps (from the first) that get the adapters' features.
     pub adapter_conditioning_factor: f64,
+    /// AnimateDiff: frames per video (`None`: diffusers' default, 16). Needs a motion adapter.
+    pub num_frames: Option<usize>,
 }
 
 impl Default for GenerateRequest {
@@ -122,6 +129,7 @@ impl Default for GenerateRequest {
             guess_mode: false,
             adapter: Vec::new(),
             adapter_conditioning_factor: 1.0,
+            num_frames: None,
         }
     }
 }
@@ -170,7 +178,11 @@ impl LcmPipeline {
     pub fn load(model: &str, opts: &LoadOptions) -> Result<Self> {
         let device = Device::Cpu;
         let components = StableDiffusionComponents::load(model, opts, &device)?;
-        let kind = PipelineKind::from_class_name(&components.pipeline_class);
+        let kind = if components.motion.is_some() {
+            PipelineKind::AnimateDiff
+        } else {
+            PipelineKind::from_class_name(&components.pipeline_class)
+        };
         Ok(Self { components, kind, controlnets: Vec::new(), t2i_adapters: Vec::new(), device })
     }
 
@@ -251,6 +263,10 @@ impl LcmPipeline {
 
     /// Whether classifier-free guidance runs (two UNet passes per step).
     pub fn uses_cfg(&self, guidance_scale: f64) -> bool {
+        if self.kind == PipelineKind::AnimateDiff {
+            // AnimateDiffPipeline never passes a guidance embedding, even to LCM-distilled UNets.
+            return guidance_scale > 1.0;
+        }
         self.kind != PipelineKind::LatentConsistencyModel
             && guidance_scale > 1.0
             && self.components.unet_config.time_cond_proj_dim.is_none()
@@ -329,6 +345,19 @@ impl LcmPipeline {
                 );
             }
         }
+        if let Some(f) = self.num_frames(req) {
+            if self.components.unet.motion.is_none() {
+                bail!("video generation (num_frames) needs a motion adapter");
+            }
+            if f == 0 {
+                bail!("the number of frames must be at least 1");
+            }
+            if req.task() != Task::TextToImage || self.has_control() {
+                bail!("AnimateDiff here is text-to-video only (no init image, mask, ControlNet or T2I-Adapter)");
+            }
+        } else if self.components.unet.motion.is_some() {
+            bail!("this UNet carries motion modules: use the AnimateDiff pipeline (num_frames)");
+        }
         if self.kind == PipelineKind::LatentConsistencyModel && self.has_control() {
             bail!("LatentConsistencyModelPipeline has no ControlNet / T2I-Adapter variant in diffusers; use the StableDiffusion pipeline");
         }
@@ -373,8 +402,23 @@ impl LcmPipeline {
         Ok((w, h))
     }
 
-    /// Generate `num_images_per_prompt` images; `on_step(done, total)` is called after each
-    /// denoising step.
+    /// Frames per video when this is an AnimateDiff generation.
+    pub fn num_frames(&self, req: &GenerateRequest) -> Option<usize> {
+        match (self.kind, req.num_frames) {
+            (PipelineKind::AnimateDiff, f) => Some(f.unwrap_or(16)),
+            (_, f) => f,
+        }
+    }
+
+    /// AnimateDiff: `num_images_per_prompt` videos of `num_frames` frames each.
+    pub fn animate(&self, req: &GenerateRequest, on_step: impl FnMut(usize, usize)) -> Result<Vec<Vec<RgbImage>>> {
+        let frames = self.num_frames(req).unwrap_or(16);
+        let images = self.generate(req, on_step)?;
+        Ok(images.chunks(frames.max(1)).map(|c| c.to_vec()).collect())
+    }
+
+    /// Generate `num_images_per_prompt` images (AnimateDiff: that many videos, their frames in
+    /// order, video after video); `on_step(done, total)` is called after each denoising step.
     pub fn generate(&self, req: &GenerateRequest, mut on_step: impl FnMut(usize, usize)) -> Result<Vec<RgbImage>> {
         let (width, height) = self.check(req)?;
         let c = &self.components;
@@ -408,9 +452,14 @@ impl LcmPipeline {
         }
 
         let text = conditioning::encode_text(c, &req.prompt, req.negative_prompt.as_deref(), cfg, n, (height, width), &self.device)?;
-        let prompt_embeds = text.prompt_embeds;
-        let mut unet_cond = UNetConditioning { added_cond: text.added_cond, ..Default::default() };
-        if let Some(dim) = c.unet_config.time_cond_proj_dim {
+        let frames = self.num_frames(req);
+        let prompt_embeds = match frames {
+            // AnimateDiffPipeline: `prompt_embeds.repeat_interleave(num_frames, dim=0)`.
+            Some(f) => repeat_interleave(&text.prompt_embeds, f)?,
+            None => text.prompt_embeds,
+        };
+        let mut unet_cond = UNetConditioning { added_cond: text.added_cond, num_frames: frames, ..Default::default() };
+        if let (Some(dim), false) = (c.unet_config.time_cond_proj_dim, self.kind == PipelineKind::AnimateDiff) {
             let w = vec![(guidance_scale - 1.0) as f32; n];
             unet_cond.timestep_cond = Some(conditioning::guidance_scale_embedding(&w, dim, &self.device)?);
         }
@@ -420,10 +469,18 @@ impl LcmPipeline {
         let latent_channels = c.vae_config.latent_channels;
         let mut inpaint = None;
         let mut latents = match (&req.image, &req.mask_image) {
-            (None, _) => {
-                let shape = (n, latent_channels, height / f, width / f);
-                (generator.randn_tensor(shape)? * scheduler.init_noise_sigma())?
-            }
+            (None, _) => match frames {
+                // Video latents are drawn as [b, c, frames, h, w] (diffusers' order) and stay so;
+                // the UNet sees them with the frames folded into the batch.
+                Some(nf) => {
+                    let shape = (n, latent_channels, nf, height / f, width / f);
+                    (generator.randn_tensor(shape)? * scheduler.init_noise_sigma())?
+                }
+                None => {
+                    let shape = (n, latent_channels, height / f, width / f);
+                    (generator.randn_tensor(shape)? * scheduler.init_noise_sigma())?
+                }
+            },
             (Some(image), None) => start_latents::image_to_image(
                 &c.vae, &scheduler, image, (width, height), n, timesteps[0], &mut generator, &self.device,
             )?,
@@ -470,7 +527,10 @@ impl LcmPipeline {
             if let Some(x) = &extra_channels {
                 model_in = Tensor::cat(&[&model_in, x], 1)?;
             }
-            let pred = c.unet.forward(&model_in, t as f64, &prompt_embeds, &cond)?;
+            let pred = match frames {
+                Some(nf) => unfold_frames(&c.unet.forward(&fold_frames(&model_in)?, t as f64, &prompt_embeds, &cond)?, nf)?,
+                None => c.unet.forward(&model_in, t as f64, &prompt_embeds, &cond)?,
+            };
             let pred = if cfg {
                 let (uncond, text) = (pred.narrow(0, 0, n)?, pred.narrow(0, n, n)?);
                 (&uncond + ((&text - &uncond)? * guidance_scale)?)?
@@ -498,8 +558,20 @@ impl LcmPipeline {
             Some(s) => (z + s)?,
             None => z,
         };
-        let decoded = c.vae.decode(&z)?;
-        postprocess(&decoded)
+        match frames {
+            // Frame by frame, so memory does not grow with the clip length.
+            Some(nf) => {
+                let mut out = Vec::with_capacity(n * nf);
+                for v in 0..n {
+                    for k in 0..nf {
+                        let frame = z.narrow(0, v, 1)?.narrow(2, k, 1)?.squeeze(2)?;
+                        out.extend(postprocess(&c.vae.decode(&frame)?)?);
+                    }
+                }
+                Ok(out)
+            }
+            None => postprocess(&c.vae.decode(&z)?),
+        }
     }
 
     /// The AUTOMATIC1111-style `parameters` text for image `index` of a request.
@@ -537,4 +609,23 @@ impl LcmPipeline {
         s.push_str(&format!(", Pipeline: {}", self.kind.diffusers_name()));
         s
     }
+}
+
+/// `[b, c, f, h, w]` -> `[b * f, c, h, w]` (frame-major within each video), as `UNetMotionModel`.
+fn fold_frames(x: &Tensor) -> Result<Tensor> {
+    let (b, c, f, h, w) = x.dims5()?;
+    Ok(x.permute((0, 2, 1, 3, 4))?.contiguous()?.reshape((b * f, c, h, w))?)
+}
+
+/// The inverse of [`fold_frames`].
+fn unfold_frames(x: &Tensor, frames: usize) -> Result<Tensor> {
+    let (bf, c, h, w) = x.dims4()?;
+    Ok(x.reshape((bf / frames, frames, c, h, w))?.permute((0, 2, 1, 3, 4))?.contiguous()?)
+}
+
+/// `x.repeat_interleave(k, dim=0)`.
+fn repeat_interleave(x: &Tensor, k: usize) -> Result<Tensor> {
+    let rows: Vec<Tensor> = (0..x.dim(0)?).map(|i| x.narrow(0, i, 1)).collect::<candle_core::Result<_>>()?;
+    let repeated: Vec<&Tensor> = rows.iter().flat_map(|r| std::iter::repeat_n(r, k)).collect();
+    Ok(Tensor::cat(&repeated, 0)?)
 }
