@@ -134,3 +134,13 @@ pub fn upsample_nearest2x(x: &Tensor) -> Result<Tensor> {
 pub fn upsample_nearest(x: &Tensor, h: usize, w: usize) -> Result<Tensor> {
     x.upsample_nearest2d(h, w)
 }
+
+/// `x.repeat_interleave(k, dim=0)`: each row `k` times in a row.
+pub fn repeat_interleave(x: &Tensor, k: usize) -> Result<Tensor> {
+    if k == 1 {
+        return Ok(x.clone());
+    }
+    let rows: Vec<Tensor> = (0..x.dim(0)?).map(|i| x.narrow(0, i, 1)).collect::<Result<_>>()?;
+    let repeated: Vec<&Tensor> = rows.iter().flat_map(|r| std::iter::repeat_n(r, k)).collect();
+    Tensor::cat(&repeated, 0)
+}

@@ -496,6 +496,37 @@ impl UNet2DConditionModel {
         self.conv_out.forward(&x)
     }
 
+    /// `UNetMotionModel.forward`: `sample` `[b, c, frames, h, w]`, `encoder_hidden_states` one
+    /// row per frame (`[b * frames, seq, d]`, as AnimateDiffPipeline repeats them); per-video
+    /// conditioning (`timestep_cond`, `added_cond`) is repeated per frame. Returns `[b, c, frames, h, w]`.
+    pub fn forward_frames(
+        &self,
+        sample: &Tensor,
+        timestep: impl Into<Timestep>,
+        encoder_hidden_states: &Tensor,
+        cond: &UNetConditioning,
+    ) -> Result<Tensor> {
+        let (b, c, f, h, w) = sample.dims5()?;
+        let folded = sample.permute((0, 2, 1, 3, 4))?.contiguous()?.reshape((b * f, c, h, w))?;
+        let per_frame = |t: &Tensor| crate::ops::repeat_interleave(t, f);
+        let cond = UNetConditioning {
+            timestep_cond: cond.timestep_cond.as_ref().map(per_frame).transpose()?,
+            added_cond: match &cond.added_cond {
+                Some(a) => Some(AddedCond { text_embeds: per_frame(&a.text_embeds)?, time_ids: per_frame(&a.time_ids)? }),
+                None => None,
+            },
+            num_frames: Some(f),
+            ..cond.clone()
+        };
+        let timestep = match timestep.into() {
+            Timestep::Tensor(t) if t.rank() == 1 && t.dim(0)? == b => Timestep::Tensor(per_frame(&t)?),
+            t => t,
+        };
+        let out = self.forward(&folded, timestep, encoder_hidden_states, &cond)?;
+        let oc = out.dim(1)?;
+        out.reshape((b, f, oc, h, w))?.permute((0, 2, 1, 3, 4))?.contiguous()
+    }
+
     /// Attach AnimateDiff motion modules, making this diffusers' `UNetMotionModel.from_unet2d`.
     pub fn with_motion(mut self, motion: MotionModules) -> Self {
         self.motion = Some(motion);

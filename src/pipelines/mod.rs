@@ -455,7 +455,7 @@ impl LcmPipeline {
         let frames = self.num_frames(req);
         let prompt_embeds = match frames {
             // AnimateDiffPipeline: `prompt_embeds.repeat_interleave(num_frames, dim=0)`.
-            Some(f) => repeat_interleave(&text.prompt_embeds, f)?,
+            Some(f) => crate::ops::repeat_interleave(&text.prompt_embeds, f)?,
             None => text.prompt_embeds,
         };
         let mut unet_cond = UNetConditioning { added_cond: text.added_cond, num_frames: frames, ..Default::default() };
@@ -528,7 +528,7 @@ impl LcmPipeline {
                 model_in = Tensor::cat(&[&model_in, x], 1)?;
             }
             let pred = match frames {
-                Some(nf) => unfold_frames(&c.unet.forward(&fold_frames(&model_in)?, t as f64, &prompt_embeds, &cond)?, nf)?,
+                Some(_) => c.unet.forward_frames(&model_in, t as f64, &prompt_embeds, &cond)?,
                 None => c.unet.forward(&model_in, t as f64, &prompt_embeds, &cond)?,
             };
             let pred = if cfg {
@@ -609,23 +609,4 @@ impl LcmPipeline {
         s.push_str(&format!(", Pipeline: {}", self.kind.diffusers_name()));
         s
     }
-}
-
-/// `[b, c, f, h, w]` -> `[b * f, c, h, w]` (frame-major within each video), as `UNetMotionModel`.
-fn fold_frames(x: &Tensor) -> Result<Tensor> {
-    let (b, c, f, h, w) = x.dims5()?;
-    Ok(x.permute((0, 2, 1, 3, 4))?.contiguous()?.reshape((b * f, c, h, w))?)
-}
-
-/// The inverse of [`fold_frames`].
-fn unfold_frames(x: &Tensor, frames: usize) -> Result<Tensor> {
-    let (bf, c, h, w) = x.dims4()?;
-    Ok(x.reshape((bf / frames, frames, c, h, w))?.permute((0, 2, 1, 3, 4))?.contiguous()?)
-}
-
-/// `x.repeat_interleave(k, dim=0)`.
-fn repeat_interleave(x: &Tensor, k: usize) -> Result<Tensor> {
-    let rows: Vec<Tensor> = (0..x.dim(0)?).map(|i| x.narrow(0, i, 1)).collect::<candle_core::Result<_>>()?;
-    let repeated: Vec<&Tensor> = rows.iter().flat_map(|r| std::iter::repeat_n(r, k)).collect();
-    Ok(Tensor::cat(&repeated, 0)?)
 }
