@@ -573,3 +573,75 @@ fn controlnet_from_the_hf_cache() {
     let o = lcm(&a.iter().map(String::as_str).collect::<Vec<_>>(), &envs);
     assert_clean_error(&o, "offline");
 }
+
+/// `lcm animate`: diffusers' AnimateDiff frames from an unseen copy (LCM-LoRA + motion LoRA at
+/// diffusers' set_adapters weights), as numbered PNGs and as a looping 10 fps GIF; clean errors.
+#[test]
+fn animate_writes_png_frames_and_gif() {
+    let tmp = tempfile::tempdir().unwrap();
+    let fx = common::fixtures();
+    let model = fresh_model(tmp.path(), "tiny-sd");
+    let adapter = tmp.path().join("my-motion-adapter");
+    copy_dir(&fx.join("motion_adapters/tiny_sd"), &adapter);
+    let s = |p: &Path| p.to_str().unwrap().to_string();
+    let lcm_lora = format!("{}@0.55", s(&fx.join("loras/lcm_like")));
+    let motion_lora = format!("{}@1.2", s(&fx.join("loras/motion_like")));
+    let args = |out: &Path, extra: &[&str]| {
+        let mut a: Vec<String> = [
+            "animate", "--model", &s(&model), "--motion-adapter", &s(&adapter), "--lora", &lcm_lora, "--lora", &motion_lora,
+            "--beta-schedule", "linear", "--guidance-scale", "1", "--seed", "1", "--prompt",
+            "a small red house next to the lake", "--output", &s(out),
+        ]
+        .iter()
+        .map(|x| x.to_string())
+        .collect();
+        a.extend(extra.iter().map(|x| x.to_string()));
+        a
+    };
+    let run = |a: Vec<String>| lcm(&a.iter().map(String::as_str).collect::<Vec<_>>(), &[]);
+    let want = common::reference("animatediff_pipelines.safetensors")["sd_lcm0.55_motion1.2_8f"].flatten_all().unwrap().to_vec1::<u8>().unwrap();
+
+    let png = tmp.path().join("clip.png");
+    let o = run(args(&png, &["--frames", "8"]));
+    assert!(o.status.success(), "{}", stderr(&o));
+    let mut got = Vec::new();
+    for i in 1..=8 {
+        let f = tmp.path().join(format!("clip-{i}.png"));
+        got.extend(lcm::image_io::read_png(&f).unwrap().pixels);
+    }
+    assert!(!tmp.path().join("clip-9.png").exists());
+    assert_close(&got, &want, "cli animate frames");
+
+    let gif = tmp.path().join("clip.gif");
+    let o = run(args(&gif, &["--frames", "8"]));
+    assert!(o.status.success(), "{}", stderr(&o));
+    let decoder = image::codecs::gif::GifDecoder::new(std::io::BufReader::new(std::fs::File::open(&gif).unwrap())).unwrap();
+    use image::AnimationDecoder;
+    let frames = decoder.into_frames().collect_frames().unwrap();
+    assert_eq!(frames.len(), 8);
+    assert_eq!(frames[0].delay().numer_denom_ms(), (100, 1));
+    assert_eq!(frames[0].buffer().dimensions(), (32, 32));
+    let bytes = std::fs::read(&gif).unwrap();
+    assert!(bytes.windows(11).any(|w| w == b"NETSCAPE2.0"), "GIF must loop");
+
+    // Existing output kept; bad extension, zero frames, too many frames, missing adapter: one line.
+    let o = run(args(&gif, &["--frames", "8"]));
+    assert_clean_error(&o, "already exists");
+    for (out, extra, msg) in [
+        ("x.mp4", vec!["--frames", "8"], ".gif"),
+        ("x.gif", vec!["--frames", "0"], "--frames"),
+        ("x.gif", vec!["--frames", "30"], "motion_max_seq_length"),
+    ] {
+        let o = run(args(&tmp.path().join(out), &extra));
+        assert_clean_error(&o, msg);
+        assert!(!tmp.path().join(out).exists());
+    }
+    let mut a = args(&tmp.path().join("y.gif"), &["--frames", "2"]);
+    let i = a.iter().position(|x| x == "--motion-adapter").unwrap();
+    a[i + 1] = s(&tmp.path().join("nope"));
+    assert_clean_error(&run(a), "nope");
+    // a motion adapter for another UNet shape
+    let mut a = args(&tmp.path().join("z.gif"), &["--frames", "2"]);
+    a[i + 1] = s(&fx.join("controlnets/sd"));
+    assert_clean_error(&run(a), "MotionAdapter");
+}
