@@ -166,3 +166,24 @@ fn real_motion_adapter_config_builds_and_motion_lora_keys_map() {
     // 21 motion modules x 2 attentions x q/k/v/out
     assert_eq!(deltas.by_weight.values().map(Vec::len).sum::<usize>(), 21 * 2 * 4);
 }
+
+/// A converted motion LoRA repo (`diffusion_pytorch_model.safetensors`, as guoyww's) resolves
+/// from the Hugging Face cache without naming the file, as diffusers guesses it.
+#[test]
+fn motion_lora_repo_resolves_from_the_hf_cache() {
+    let tmp = tempfile::tempdir().unwrap();
+    let commit = "fedcba9876543210fedcba9876543210fedcba98";
+    let repo = tmp.path().join("hub/models--guoyww--animatediff-motion-lora-tiny");
+    let snap = repo.join("snapshots").join(commit);
+    std::fs::create_dir_all(&snap).unwrap();
+    let file = common::fixtures().join("loras/motion_like/diffusion_pytorch_model.safetensors");
+    std::fs::copy(&file, snap.join("diffusion_pytorch_model.safetensors")).unwrap();
+    std::fs::create_dir_all(repo.join("refs")).unwrap();
+    std::fs::write(repo.join("refs/main"), commit).unwrap();
+    std::env::set_var("HF_HUB_CACHE", tmp.path().join("hub"));
+    std::env::set_var("HF_HUB_OFFLINE", "1");
+    let got = lcm::loaders::lora::resolve_source("guoyww/animatediff-motion-lora-tiny", None).unwrap();
+    assert_eq!(std::fs::read(got).unwrap(), std::fs::read(file).unwrap());
+    let e = lcm::loaders::lora::resolve_source("guoyww/not-cached", None).unwrap_err().to_string();
+    assert!(e.contains("not in the Hugging Face cache"), "{e}");
+}

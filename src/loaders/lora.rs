@@ -134,7 +134,13 @@ pub fn resolve_source(source: &str, weight_name: Option<&str>) -> Result<PathBuf
     use crate::loaders::{hub, ModelSource};
     let path = match ModelSource::parse(source)? {
         ModelSource::Local(p) => p,
-        ModelSource::Hub(id) => hub::snapshot(&id, &[], None, weight_name.unwrap_or(DEFAULT_WEIGHT_NAME))?,
+        ModelSource::Hub(id) => match weight_name {
+            Some(w) => hub::snapshot(&id, &[], None, w)?,
+            // diffusers guesses the weight file; LoRA repos use pytorch_lora_weights.safetensors,
+            // converted motion LoRAs (guoyww/animatediff-motion-lora-*) diffusion_pytorch_model.safetensors.
+            None => hub::snapshot(&id, &[], None, DEFAULT_WEIGHT_NAME)
+                .or_else(|e| hub::snapshot(&id, &[], None, "diffusion_pytorch_model.safetensors").map_err(|_| e))?,
+        },
     };
     if path.is_file() {
         return Ok(path);
