@@ -324,6 +324,11 @@ impl MotionModules {
         Ok(Self { down, mid, up })
     }
 
+    /// The most frames the positional embeddings cover (`motion_max_seq_length`).
+    pub fn max_frames(&self) -> usize {
+        self.down.iter().chain(&self.up).chain(self.mid.iter()).flatten().map(|m| m.max_seq_length).min().unwrap_or(usize::MAX)
+    }
+
     /// The hooks that run these modules inside the UNet for `frames`-frame videos.
     pub fn hooks(&self, frames: usize) -> MotionHooks<'_> {
         MotionHooks { modules: self, frames }

@@ -352,6 +352,10 @@ impl LcmPipeline {
             if f == 0 {
                 bail!("the number of frames must be at least 1");
             }
+            let max = self.components.unet.motion.as_ref().map_or(usize::MAX, |m| m.max_frames());
+            if f > max {
+                bail!("{f} frames exceed the motion adapter's motion_max_seq_length {max}");
+            }
             if req.task() != Task::TextToImage || self.has_control() {
                 bail!("AnimateDiff here is text-to-video only (no init image, mask, ControlNet or T2I-Adapter)");
             }
