@@ -10,6 +10,7 @@ pub mod image_io;
 pub mod pipelines;
 pub mod image_processor;
 pub mod canny;
+pub mod benchmark;
 
 /// The README's Rust examples, compiled by `cargo test` so they stay true.
 #[cfg(doctest)]

@@ -131,6 +131,24 @@ enum Command {
         #[arg(long)]
         beta_schedule: Option<String>,
     },
+    /// Benchmark: the real SD1.5 architecture with random weights, stage by stage (see
+    /// BENCHMARKS.md; benches/bench_diffusers.py times diffusers on the same folder).
+    Bench {
+        /// Where the random-weight diffusers folder is written once and reused.
+        #[arg(long)]
+        dir: Option<PathBuf>,
+        #[arg(long, default_value_t = 512)]
+        size: usize,
+        #[arg(long, default_value_t = 4)]
+        steps: usize,
+        #[arg(long, default_value_t = 1)]
+        warmup: usize,
+        #[arg(long, default_value_t = 3)]
+        runs: usize,
+        /// Print JSON (for benches/bench_diffusers.py) instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
     /// Canny edge map of an image, as OpenCV's cv2.Canny(image, low, high) in diffusers' guide.
     Canny {
         input: PathBuf,
@@ -323,6 +341,21 @@ fn with_progress<T>(f: impl FnOnce(&mut dyn FnMut(usize, usize)) -> Result<T>) -
 
 fn run(cli: Cli) -> Result<()> {
     match cli.command {
+        Command::Bench { dir, size, steps, warmup, runs, json } => {
+            if size == 0 || size % 8 != 0 || steps == 0 || runs == 0 {
+                bail!("--size must be a positive multiple of 8, --steps and --runs at least 1");
+            }
+            let dir = dir.unwrap_or_else(|| std::env::temp_dir().join("lcm-bench-sd15"));
+            eprintln!("model folder: {}", dir.display());
+            lcm::benchmark::write_sd15_folder(&dir)?;
+            let report = lcm::benchmark::run(&dir, &lcm::benchmark::BenchOptions { size, steps, warmup, runs })?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&report)?);
+            } else {
+                print!("{}", report.table());
+            }
+            Ok(())
+        }
         Command::Canny { input, output, low, high, overwrite } => canny_command(&input, &output, low, high, overwrite),
         Command::Generate { model, sampling, num_images, output, pipeline, image, mask_image, strength, control } => {
             if mask_image.is_some() && image.is_none() {

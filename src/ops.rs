@@ -6,12 +6,29 @@
 
 use candle_core::{DType, Result, Tensor, D};
 
+/// Floating-point operations of the matrix-multiply-shaped ops (linear, convolution, attention),
+/// counted as 2 per multiply-add, for the benchmark's GFLOP/s. Always on: one atomic add per op.
+pub mod flops {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    static COUNT: AtomicU64 = AtomicU64::new(0);
+
+    pub(crate) fn add(n: usize) {
+        COUNT.fetch_add(n as u64, Ordering::Relaxed);
+    }
+
+    /// FLOPs counted since the last call.
+    pub fn take() -> u64 {
+        COUNT.swap(0, Ordering::Relaxed)
+    }
+}
+
 /// `x @ weight.T + bias` over the last dimension (PyTorch `nn.Linear` semantics).
 pub fn linear(x: &Tensor, weight: &Tensor, bias: Option<&Tensor>) -> Result<Tensor> {
     let dims = x.dims();
     let in_features = dims[dims.len() - 1];
     let rows: usize = dims[..dims.len() - 1].iter().product();
     let out_features = weight.dim(0)?;
+    flops::add(2 * rows * in_features * out_features);
     let y = x.reshape((rows, in_features))?.matmul(&weight.t()?)?;
     let y = match bias {
         Some(b) => y.broadcast_add(b)?,
@@ -39,6 +56,9 @@ pub fn conv2d(
     } else {
         x.conv2d(weight, padding, stride, 1, 1)?
     };
+    let (n, co, ho, wo) = y.dims4()?;
+    let (_, ci, kh, kw) = weight.dims4()?;
+    flops::add(2 * n * co * ho * wo * ci * kh * kw);
     match bias {
         Some(b) => y.broadcast_add(&b.reshape((1, b.dim(0)?, 1, 1))?),
         None => Ok(y),
@@ -89,6 +109,9 @@ pub fn layer_norm(x: &Tensor, weight: &Tensor, bias: Option<&Tensor>, eps: f64) 
 /// Scaled dot-product attention: q `[b, heads, lq, d]`, k/v `[b, heads, lk, d]`.
 /// `causal` masks future positions (CLIP's text encoder).
 pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, scale: f64, causal: bool) -> Result<Tensor> {
+    let (lq, d) = (q.dim(D::Minus2)?, q.dim(D::Minus1)?);
+    let batch_heads: usize = q.dims()[..q.rank() - 2].iter().product();
+    flops::add(4 * batch_heads * lq * k.dim(D::Minus2)? * d);
     let scores = (q.contiguous()?.matmul(&k.t()?.contiguous()?)? * scale)?;
     let scores = if causal {
         let (lq, lk) = (scores.dim(D::Minus2)?, scores.dim(D::Minus1)?);

@@ -645,3 +645,15 @@ fn animate_writes_png_frames_and_gif() {
     a[i + 1] = s(&fx.join("controlnets/sd"));
     assert_clean_error(&run(a), "MotionAdapter");
 }
+
+/// `lcm bench` refuses bad settings before writing anything.
+#[test]
+fn bench_rejects_bad_settings() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("bench-model");
+    for bad in [["--size", "100"], ["--runs", "0"], ["--steps", "0"]] {
+        let o = lcm(&["bench", "--dir", dir.to_str().unwrap(), bad[0], bad[1]], &[]);
+        assert_clean_error(&o, "--size must be a positive multiple of 8");
+        assert!(!dir.exists());
+    }
+}

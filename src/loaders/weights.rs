@@ -187,19 +187,49 @@ pub(crate) fn one_line(s: &str) -> String {
 /// zeros for 1-D biases. For building real architectures without their weights (tests,
 /// benchmarks).
 pub fn random_var_builder(seed: u64, dtype: DType, device: &Device) -> VarBuilder<'static> {
-    VarBuilder::from_backend(Box::new(RandomWeights { state: std::sync::atomic::AtomicU64::new(seed | 1) }), dtype, device.clone())
+    VarBuilder::from_backend(Box::new(RandomWeights { state: std::sync::atomic::AtomicU64::new(seed | 1), record: None }), dtype, device.clone())
+}
+
+/// Weights a [`recording_random_var_builder`] handed out, by name (to save as a safetensors file).
+pub type RecordedWeights = Arc<std::sync::Mutex<std::collections::HashMap<String, Tensor>>>;
+
+/// [`random_var_builder`] that also records every weight it makes, so a randomly initialised
+/// model can be written out as a diffusers folder (benchmarks).
+pub fn recording_random_var_builder(seed: u64, device: &Device) -> (VarBuilder<'static>, RecordedWeights) {
+    let record: RecordedWeights = Default::default();
+    let backend = RandomWeights { state: std::sync::atomic::AtomicU64::new(seed | 1), record: Some(record.clone()) };
+    (VarBuilder::from_backend(Box::new(backend), DType::F32, device.clone()), record)
 }
 
 struct RandomWeights {
     state: std::sync::atomic::AtomicU64,
+    record: Option<RecordedWeights>,
 }
 
 impl SimpleBackend for RandomWeights {
     fn get(&self, s: Shape, name: &str, _: candle_nn::Init, dtype: DType, dev: &Device) -> candle_core::Result<Tensor> {
+        let t = self.make(&s, name, dev)?;
+        if let Some(r) = &self.record {
+            r.lock().map_err(|_| candle_core::Error::Msg("weight record poisoned".into()))?.insert(name.to_string(), t.clone());
+        }
+        t.to_dtype(dtype)
+    }
+
+    fn get_unchecked(&self, name: &str, _: DType, _: &Device) -> candle_core::Result<Tensor> {
+        candle_core::bail!("random weights need a shape for {name}")
+    }
+
+    fn contains_tensor(&self, _: &str) -> bool {
+        true
+    }
+}
+
+impl RandomWeights {
+    fn make(&self, s: &Shape, name: &str, dev: &Device) -> candle_core::Result<Tensor> {
         let dims = s.dims();
         if dims.len() == 1 {
             let v = if name.ends_with("weight") { 1.0f32 } else { 0.0 };
-            return Tensor::full(v, s, dev)?.to_dtype(dtype);
+            return Tensor::full(v, s, dev);
         }
         let fan_in: usize = dims[1..].iter().product();
         let bound = (3.0 / fan_in as f32).sqrt();
@@ -213,14 +243,6 @@ impl SimpleBackend for RandomWeights {
                 ((x >> 40) as f32 / (1u64 << 24) as f32 * 2.0 - 1.0) * bound
             })
             .collect();
-        Tensor::from_vec(data, s, dev)?.to_dtype(dtype)
-    }
-
-    fn get_unchecked(&self, name: &str, _: DType, _: &Device) -> candle_core::Result<Tensor> {
-        candle_core::bail!("random weights need a shape for {name}")
-    }
-
-    fn contains_tensor(&self, _: &str) -> bool {
-        true
+        Tensor::from_vec(data, s.clone(), dev)
     }
 }
