@@ -141,7 +141,7 @@ fn cephes_logf(x: f32) -> f32 {
     let mut e = ((bits >> 23) as i32 - 0x7f) as f32 + 1.0;
     let mut x = f32::from_bits((bits & !0x7f80_0000) | 0.5f32.to_bits());
     // if x < sqrt(1/2) { e -= 1; x = x + x - 1 } else { x = x - 1 }, in avx_mathfun's order.
-    let small = x < 0.707_106_781_186_547_524_f32;
+    let small = x < std::f32::consts::FRAC_1_SQRT_2;
     let tmp = if small { x } else { 0.0 };
     x -= 1.0;
     if small {
