@@ -6,19 +6,12 @@
 //! Frame counts run in increasing order, so each peak-RSS line bounds that count's working set.
 
 use candle_core::{DType, Device, Tensor};
+use lcm::benchmark::peak_rss_mb;
 use lcm::loaders::weights::random_var_builder;
 use lcm::models::autoencoder_kl::{AutoencoderKL, AutoencoderKLConfig};
 use lcm::models::motion_adapter::{read_motion_config, MotionModules};
 use lcm::models::unet_2d_condition::{UNet2DConditionConfig, UNet2DConditionModel, UNetConditioning};
 use std::time::Instant;
-
-fn peak_rss_mb() -> f64 {
-    std::fs::read_to_string("/proc/self/status")
-        .ok()
-        .and_then(|s| s.lines().find(|l| l.starts_with("VmHWM:")).map(String::from))
-        .and_then(|l| l.split_whitespace().nth(1).and_then(|v| v.parse::<f64>().ok()))
-        .map_or(f64::NAN, |kb| kb / 1024.0)
-}
 
 fn main() -> anyhow::Result<()> {
     let args: Vec<usize> = std::env::args().skip(1).filter(|a| !a.starts_with("--")).map(|a| a.parse()).collect::<Result<_, _>>()?;

@@ -12,6 +12,23 @@ pub fn read_config<T: DeserializeOwned>(path: &Path) -> Result<T> {
         .map_err(|e| anyhow::anyhow!("invalid config {}: {e}", path.display()))
 }
 
+/// `null` in a config reads as `false`, as diffusers' truthiness checks treat `None`
+/// (`#[serde(deserialize_with = "crate::config::null_false")]`).
+pub fn null_false<'de, D: serde::Deserializer<'de>>(d: D) -> std::result::Result<bool, D::Error> {
+    use serde::Deserialize;
+    Ok(Option::<bool>::deserialize(d)?.unwrap_or(false))
+}
+
+/// Refuse a folder whose `config.json` names another class than `expected` (e.g. a UNet folder
+/// given as a ControlNet); a config without `_class_name` is accepted.
+pub fn check_class_name(dir: &Path, expected: &str) -> Result<()> {
+    let v: serde_json::Value = read_config(&dir.join("config.json"))?;
+    if let Some(class) = v.get("_class_name").and_then(|c| c.as_str()).filter(|c| *c != expected) {
+        anyhow::bail!("{} holds a `{class}`, not a `{expected}`", dir.display())
+    }
+    Ok(())
+}
+
 /// A config value that diffusers accepts either as one number for every block or as one
 /// number per block (`attention_head_dim`, `transformer_layers_per_block`, ...).
 #[derive(Clone, Debug, serde::Deserialize, PartialEq)]

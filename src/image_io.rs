@@ -49,18 +49,23 @@ pub fn numbered_paths(path: &Path, count: usize) -> Vec<PathBuf> {
 
 /// Write a PNG carrying an A1111-style `parameters` text chunk. Refuses to replace an existing
 /// file unless `overwrite`.
-pub fn write_png(path: &Path, image: &RgbImage, parameters: Option<&str>, overwrite: bool) -> Result<()> {
+/// Create an output file; an existing one is replaced only with `overwrite`.
+fn create_output(path: &Path, overwrite: bool) -> Result<std::fs::File> {
     let file = if overwrite {
         std::fs::File::create(path)
     } else {
         std::fs::OpenOptions::new().write(true).create_new(true).open(path)
     };
-    let file = file.map_err(|e| match e.kind() {
+    file.map_err(|e| match e.kind() {
         std::io::ErrorKind::AlreadyExists => {
             anyhow::anyhow!("{} already exists; pass --overwrite to replace it", path.display())
         }
         _ => anyhow::anyhow!("cannot create {}: {e}", path.display()),
-    })?;
+    })
+}
+
+pub fn write_png(path: &Path, image: &RgbImage, parameters: Option<&str>, overwrite: bool) -> Result<()> {
+    let file = create_output(path, overwrite)?;
     let mut enc = png::Encoder::new(std::io::BufWriter::new(file), image.width as u32, image.height as u32);
     enc.set_color(png::ColorType::Rgb);
     enc.set_depth(png::BitDepth::Eight);
@@ -105,12 +110,7 @@ pub fn write_gif(path: &Path, frames: &[RgbImage], fps: u32, overwrite: bool) ->
     if frames.is_empty() {
         bail!("no frames to write to {}", path.display());
     }
-    let file = if overwrite {
-        std::fs::File::create(path)
-    } else {
-        std::fs::OpenOptions::new().write(true).create_new(true).open(path)
-    }
-    .map_err(|e| anyhow::anyhow!("cannot create {}: {e}", path.display()))?;
+    let file = create_output(path, overwrite)?;
     let mut enc = GifEncoder::new_with_speed(std::io::BufWriter::new(file), 10);
     enc.set_repeat(Repeat::Infinite).map_err(|e| anyhow::anyhow!("cannot write {}: {e}", path.display()))?;
     let delay = Delay::from_numer_denom_ms(1000 / fps.max(1), 1);

@@ -268,9 +268,7 @@ impl ControlArgs {
 }
 
 fn canny_command(input: &std::path::Path, output: &std::path::Path, low: f64, high: f64, overwrite: bool) -> Result<()> {
-    if output.exists() && !overwrite {
-        bail!("{} already exists; pass --overwrite to replace it", output.display());
-    }
+    check_outputs(&[output.to_path_buf()], overwrite)?;
     let img = Image8::read(input)?;
     let edges = lcm::canny::canny(&img, low, high)?.to_rgb();
     let rgb = lcm::image_io::RgbImage { width: edges.width, height: edges.height, pixels: edges.pixels };

@@ -158,6 +158,14 @@ pub fn upsample_nearest(x: &Tensor, h: usize, w: usize) -> Result<Tensor> {
     x.upsample_nearest2d(h, w)
 }
 
+/// `x.repeat(k, 1, ...)` along dim 0: the whole batch `k` times over.
+pub fn tile_batch(x: &Tensor, k: usize) -> Result<Tensor> {
+    if k == 1 {
+        return Ok(x.clone());
+    }
+    Tensor::cat(&vec![x; k], 0)
+}
+
 /// `x.repeat_interleave(k, dim=0)`: each row `k` times in a row.
 pub fn repeat_interleave(x: &Tensor, k: usize) -> Result<Tensor> {
     if k == 1 {

@@ -7,15 +7,10 @@ use crate::nn::{Activation, Conv2d};
 use anyhow::{bail, Context};
 use candle_core::{Result, Tensor};
 use candle_nn::VarBuilder;
-use serde::{Deserialize, Deserializer};
+use serde::Deserialize;
 use std::path::Path;
 
 pub use crate::models::vae::DiagonalGaussian;
-
-fn null_false<'de, D: Deserializer<'de>>(d: D) -> std::result::Result<bool, D::Error> {
-    // `null` would be falsy in diffusers.
-    Ok(Option::<bool>::deserialize(d)?.unwrap_or(false))
-}
 
 /// diffusers' `AutoencoderKL` config; absent keys take diffusers' defaults, unknown keys are ignored.
 #[derive(Clone, Debug, Deserialize)]
@@ -49,13 +44,13 @@ pub struct AutoencoderKLConfig {
     #[serde(default)]
     pub latents_std: Option<Vec<f64>>,
     /// The pipeline runs the VAE in f32 when the model is f16 (SDXL's VAE overflows in f16).
-    #[serde(default = "d_true", deserialize_with = "null_false")]
+    #[serde(default = "d_true", deserialize_with = "crate::config::null_false")]
     pub force_upcast: bool,
-    #[serde(default = "d_true", deserialize_with = "null_false")]
+    #[serde(default = "d_true", deserialize_with = "crate::config::null_false")]
     pub use_quant_conv: bool,
-    #[serde(default = "d_true", deserialize_with = "null_false")]
+    #[serde(default = "d_true", deserialize_with = "crate::config::null_false")]
     pub use_post_quant_conv: bool,
-    #[serde(default = "d_true", deserialize_with = "null_false")]
+    #[serde(default = "d_true", deserialize_with = "crate::config::null_false")]
     pub mid_block_add_attention: bool,
 }
 

@@ -9,12 +9,8 @@ use crate::nn::{Activation, Conv2d};
 use anyhow::bail;
 use candle_core::{DType, Result, Tensor};
 use candle_nn::VarBuilder;
-use serde::{Deserialize, Deserializer};
+use serde::Deserialize;
 use std::path::Path;
-
-fn null_false<'de, D: Deserializer<'de>>(d: D) -> std::result::Result<bool, D::Error> {
-    Ok(Option::<bool>::deserialize(d)?.unwrap_or(false))
-}
 
 /// `ControlNetModel`'s config: the UNet's keys for its down half plus the conditioning ones.
 #[derive(Clone, Debug, Deserialize)]
@@ -29,7 +25,7 @@ pub struct ControlNetConfig {
     #[serde(default = "d_embedding_channels")]
     pub conditioning_embedding_out_channels: Vec<usize>,
     /// Shuffle-style ControlNets: residuals averaged over space (and guess mode forced on).
-    #[serde(default, deserialize_with = "null_false")]
+    #[serde(default, deserialize_with = "crate::config::null_false")]
     pub global_pool_conditions: bool,
 }
 

@@ -11,12 +11,8 @@ use crate::nn::{GroupNorm, LayerNorm, Linear};
 use anyhow::{bail, Context};
 use candle_core::{Device, Result, Tensor};
 use candle_nn::VarBuilder;
-use serde::{Deserialize, Deserializer};
+use serde::Deserialize;
 use std::path::Path;
-
-fn null_false<'de, D: Deserializer<'de>>(d: D) -> std::result::Result<bool, D::Error> {
-    Ok(Option::<bool>::deserialize(d)?.unwrap_or(false))
-}
 
 /// `transformer_layers_per_block`-style value: one depth, one per block, or one per layer.
 #[derive(Clone, Debug, Deserialize, PartialEq)]
@@ -46,7 +42,7 @@ pub struct MotionAdapterConfig {
     pub motion_norm_num_groups: usize,
     #[serde(default = "d_seq")]
     pub motion_max_seq_length: usize,
-    #[serde(default = "d_true", deserialize_with = "null_false")]
+    #[serde(default = "d_true", deserialize_with = "crate::config::null_false")]
     pub use_motion_mid_block: bool,
     /// SparseCtrl / PIA inputs: not supported.
     #[serde(default)]
@@ -357,9 +353,6 @@ impl BlockHooks for MotionHooks<'_> {
 
 /// Read a `MotionAdapter` folder's config.
 pub fn read_motion_config(dir: &Path) -> anyhow::Result<MotionAdapterConfig> {
-    let v: serde_json::Value = read_config(&dir.join("config.json"))?;
-    if let Some(class) = v.get("_class_name").and_then(|c| c.as_str()).filter(|c| *c != "MotionAdapter") {
-        bail!("{} holds a `{class}`, not a `MotionAdapter`", dir.display())
-    }
+    crate::config::check_class_name(dir, "MotionAdapter")?;
     MotionAdapterConfig::from_file(&dir.join("config.json")).context("motion adapter")
 }

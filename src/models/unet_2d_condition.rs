@@ -12,11 +12,6 @@ use candle_nn::VarBuilder;
 use serde::{Deserialize, Deserializer};
 use std::path::Path;
 
-/// `null` in a config reads as `false`, as diffusers' truthiness checks treat `None`.
-fn null_false<'de, D: Deserializer<'de>>(d: D) -> std::result::Result<bool, D::Error> {
-    Ok(Option::<bool>::deserialize(d)?.unwrap_or(false))
-}
-
 fn sample_size<'de, D: Deserializer<'de>>(d: D) -> std::result::Result<usize, D::Error> {
     Ok(match Option::<PerBlock<usize>>::deserialize(d)? {
         None => d_sample_size(),
@@ -48,9 +43,9 @@ pub struct UNet2DConditionConfig {
     pub in_channels: usize,
     #[serde(default = "d_4")]
     pub out_channels: usize,
-    #[serde(default, deserialize_with = "null_false")]
+    #[serde(default, deserialize_with = "crate::config::null_false")]
     pub center_input_sample: bool,
-    #[serde(default = "d_true", deserialize_with = "null_false")]
+    #[serde(default = "d_true", deserialize_with = "crate::config::null_false")]
     pub flip_sin_to_cos: bool,
     #[serde(default)]
     pub freq_shift: f64,
@@ -92,9 +87,9 @@ pub struct UNet2DConditionConfig {
     pub attention_head_dim: PerBlock<usize>,
     #[serde(default)]
     pub num_attention_heads: Option<PerBlock<usize>>,
-    #[serde(default, deserialize_with = "null_false")]
+    #[serde(default, deserialize_with = "crate::config::null_false")]
     pub dual_cross_attention: bool,
-    #[serde(default, deserialize_with = "null_false")]
+    #[serde(default, deserialize_with = "crate::config::null_false")]
     pub use_linear_projection: bool,
     #[serde(default)]
     pub class_embed_type: Option<String>,
@@ -105,7 +100,7 @@ pub struct UNet2DConditionConfig {
     #[serde(default)]
     pub num_class_embeds: Option<usize>,
     /// Attention in f32 for f16 models; a no-op here (f32 throughout).
-    #[serde(default, deserialize_with = "null_false")]
+    #[serde(default, deserialize_with = "crate::config::null_false")]
     pub upcast_attention: bool,
     #[serde(default = "d_default")]
     pub resnet_time_scale_shift: String,

@@ -283,7 +283,8 @@ fn build_unet(
     })
 }
 
-fn display_name(model: &str) -> String {
+/// How a model source is shown (PNG parameters, reports): a path's last component, else the id.
+pub(crate) fn display_name(model: &str) -> String {
     let p = Path::new(model);
     if p.exists() {
         p.file_name().and_then(|n| n.to_str()).unwrap_or(model).to_string()

@@ -1,6 +1,7 @@
 //! Text and guidance conditioning: prompt embeddings, classifier-free-guidance pairs and the
 //! guidance-scale embedding of LCM-distilled UNets.
 
+use crate::ops::repeat_interleave;
 use crate::models::clip_text_model::ClipTextModel;
 use crate::models::clip_tokenizer::ClipTokenizer;
 use crate::models::unet_2d_condition::AddedCond;
@@ -25,18 +26,6 @@ pub fn encode_prompts(
     Ok(text_encoder.forward(&ids)?.last_hidden_state)
 }
 
-/// Repeat each row `n` times in place (`repeat(1, n, 1).view(b * n, ...)` in diffusers), so
-/// the images of one prompt sit next to each other.
-pub fn repeat_rows(x: &Tensor, n: usize) -> Result<Tensor> {
-    if n == 1 {
-        return Ok(x.clone());
-    }
-    let rows: Vec<Tensor> = (0..x.dim(0)?)
-        .flat_map(|i| std::iter::repeat_n(i, n))
-        .map(|i| x.narrow(0, i, 1))
-        .collect::<candle_core::Result<_>>()?;
-    Ok(Tensor::cat(&rows, 0)?)
-}
 
 /// diffusers' `get_guidance_scale_embedding(w, embedding_dim)`: sinusoidal features of
 /// `w * 1000`, computed in f32 as PyTorch does.
@@ -77,9 +66,10 @@ pub fn encode_text(
     device: &Device,
 ) -> Result<TextConditioning> {
     let batch = |neg: Option<Tensor>, pos: &Tensor| -> Result<Tensor> {
-        let pos = repeat_rows(pos, n)?;
+        // diffusers' `repeat(1, n, 1).view(b * n, ...)`: the images of one prompt sit together.
+        let pos = repeat_interleave(pos, n)?;
         Ok(match neg {
-            Some(neg) => Tensor::cat(&[repeat_rows(&neg, n)?, pos], 0)?,
+            Some(neg) => Tensor::cat(&[repeat_interleave(&neg, n)?, pos], 0)?,
             None => pos,
         })
     };

@@ -3,13 +3,15 @@
 //! and T2I-Adapters (`StableDiffusion[XL]AdapterPipeline`, several as `MultiAdapter`).
 //! The models belong to the pipeline; the images and scales to each request.
 
-use crate::config::read_config;
+use crate::config::{check_class_name, read_config};
 use crate::image_processor::{preprocess_control_image, Image8};
 use crate::loaders::model_index::resolve_component;
 use crate::loaders::weights;
 use crate::models::controlnet::{ControlNetConfig, ControlNetModel, ControlNetOutput};
 use crate::models::t2i_adapter::T2IAdapter;
 use crate::models::unet_2d_condition::{AddedCond, UNet2DConditionConfig, UNet2DConditionModel, UNetConditioning};
+use crate::ops::tile_batch;
+use crate::pipelines::components::display_name;
 use anyhow::{bail, Context, Result};
 use candle_core::{DType, Device, Tensor};
 
@@ -50,18 +52,11 @@ pub struct Named<T> {
     pub model: T,
 }
 
-fn class_name(dir: &std::path::Path) -> Result<Option<String>> {
-    let v: serde_json::Value = read_config(&dir.join("config.json"))?;
-    Ok(v.get("_class_name").and_then(|c| c.as_str()).map(String::from))
-}
-
 /// `ControlNetModel.from_pretrained(source)`: a local folder (or a pipeline folder with a
 /// `controlnet/` subfolder) or a hub repo id.
 pub fn load_controlnet(source: &str, variant: Option<&str>, device: &Device) -> Result<Named<ControlNetModel>> {
     let dir = resolve_component(source, "controlnet", variant)?;
-    if let Some(class) = class_name(&dir)?.filter(|c| c != "ControlNetModel") {
-        bail!("{} holds a `{class}`, not a `ControlNetModel`", dir.display())
-    }
+    check_class_name(&dir, "ControlNetModel")?;
     let config: ControlNetConfig = read_config(&dir.join("config.json"))?;
     let vb = weights::load_component(&dir, variant, DType::F32, device)?;
     let model = ControlNetModel::new(vb, &config).with_context(|| format!("controlnet {}", dir.display()))?;
@@ -73,14 +68,6 @@ pub fn load_t2i_adapter(source: &str, variant: Option<&str>, device: &Device) ->
     let dir = resolve_component(source, "adapter", variant)?;
     let model = T2IAdapter::load_with(&dir, variant, DType::F32, device)?;
     Ok(Named { name: display_name(source), model })
-}
-
-fn display_name(source: &str) -> String {
-    let p = std::path::Path::new(source);
-    match p.file_name().and_then(|n| n.to_str()).filter(|_| p.exists()) {
-        Some(n) => n.to_string(),
-        None => source.to_string(),
-    }
 }
 
 /// A ControlNet is a copy of one base model's down path: refuse one made for another base
@@ -137,10 +124,6 @@ pub(crate) struct ControlRequest<'a> {
     pub guess_mode: bool,
 }
 
-fn repeat(x: &Tensor, times: usize) -> Result<Tensor> {
-    Ok(if times == 1 { x.clone() } else { Tensor::cat(&vec![x; times], 0)? })
-}
-
 /// diffusers' `controlnet_keep[i]`: whether step `i` of `total` lies in `[start, end]`.
 pub fn controlnet_keep(i: usize, total: usize, start: f64, end: f64) -> bool {
     let (i, total) = (i as f64, total as f64);
@@ -167,14 +150,14 @@ impl<'a> ControlState<'a> {
         for (cn, input) in controlnets.iter().zip(req.controlnet) {
             let ch = cn.model.config.conditioning_channels;
             let image = preprocess_control_image(&input.image, width, height, ch, device)?;
-            prepared.push(PreparedControlNet { model: &cn.model, image: repeat(&image, batch_copies)?, input });
+            prepared.push(PreparedControlNet { model: &cn.model, image: tile_batch(&image, batch_copies)?, input });
         }
 
         let mut adapter_residuals: Option<Vec<Tensor>> = None;
+        let expected = unet.down.intrablock_shapes(height / vae_scale_factor, width / vae_scale_factor);
         for (ad, input) in adapters.iter().zip(req.adapter) {
             let image = preprocess_control_image(&input.image, width, height, ad.model.config.in_channels, device)?;
             let features = ad.model.forward(&image).with_context(|| format!("T2I-Adapter {}", ad.name))?;
-            let expected = unet.down.intrablock_shapes(height / vae_scale_factor, width / vae_scale_factor);
             for (i, f) in features.iter().enumerate().take(expected.len()) {
                 if f.dims()[1..] != expected[i] {
                     bail!(
@@ -197,7 +180,7 @@ impl<'a> ControlState<'a> {
             });
         }
         let adapter_residuals = match adapter_residuals {
-            Some(r) => Some(r.iter().map(|f| repeat(f, if cfg { 2 * n } else { n })).collect::<Result<Vec<_>>>()?),
+            Some(r) => Some(r.iter().map(|f| tile_batch(f, if cfg { 2 * n } else { n })).collect::<candle_core::Result<Vec<_>>>()?),
             None => None,
         };
         let f = req.adapter_conditioning_factor;

@@ -473,18 +473,12 @@ impl LcmPipeline {
         let latent_channels = c.vae_config.latent_channels;
         let mut inpaint = None;
         let mut latents = match (&req.image, &req.mask_image) {
-            (None, _) => match frames {
+            (None, _) => {
                 // Video latents are drawn as [b, c, frames, h, w] (diffusers' order) and stay so;
                 // the UNet sees them with the frames folded into the batch.
-                Some(nf) => {
-                    let shape = (n, latent_channels, nf, height / f, width / f);
-                    (generator.randn_tensor(shape)? * scheduler.init_noise_sigma())?
-                }
-                None => {
-                    let shape = (n, latent_channels, height / f, width / f);
-                    (generator.randn_tensor(shape)? * scheduler.init_noise_sigma())?
-                }
-            },
+                let shape: Vec<usize> = [n, latent_channels].into_iter().chain(frames).chain([height / f, width / f]).collect();
+                (generator.randn_tensor(shape)? * scheduler.init_noise_sigma())?
+            }
             (Some(image), None) => start_latents::image_to_image(
                 &c.vae, &scheduler, image, (width, height), n, timesteps[0], &mut generator, &self.device,
             )?,

@@ -2,6 +2,7 @@
 //! first timestep (image-to-image), or that plus the mask inputs (inpainting). The random draws
 //! happen in diffusers' order: image latent sample, noise, masked-image latent sample.
 
+use crate::ops::tile_batch;
 use crate::image_processor::{preprocess_image, preprocess_mask, Image8};
 use crate::models::autoencoder_kl::AutoencoderKL;
 use crate::random::TorchGenerator;
@@ -25,10 +26,6 @@ fn encode_sample(vae: &AutoencoderKL, x: &Tensor, generator: &mut TorchGenerator
     let dist = vae.encode(x)?;
     let noise = generator.randn_tensor(dist.mean.shape().clone())?;
     Ok((dist.sample(&noise)? * vae.scaling_factor())?)
-}
-
-fn repeat_batch(x: &Tensor, n: usize) -> Result<Tensor> {
-    Ok(if n == 1 { x.clone() } else { Tensor::cat(&vec![x; n], 0)? })
 }
 
 /// `F.interpolate(mask, size)` with the default nearest mode.
@@ -63,7 +60,7 @@ pub fn image_to_image(
     device: &Device,
 ) -> Result<Tensor> {
     let init = preprocess_image(image, width, height, device)?;
-    let latents = repeat_batch(&encode_sample(vae, &init, generator)?, n)?;
+    let latents = tile_batch(&encode_sample(vae, &init, generator)?, n)?;
     let noise = generator.randn_tensor(latents.shape().clone())?;
     scheduler.add_noise(&latents, &noise, first_timestep)
 }
@@ -88,7 +85,7 @@ pub fn inpaint(
     let is_strength_max = strength == 1.0;
     let blends = unet_in_channels == latent_channels;
     let image_latents = if blends || !is_strength_max {
-        Some(repeat_batch(&encode_sample(vae, &init, generator)?, n)?)
+        Some(tile_batch(&encode_sample(vae, &init, generator)?, n)?)
     } else {
         None
     };
@@ -102,8 +99,8 @@ pub fn inpaint(
     // Keep where the mask is below 0.5: `init_image * (mask < 0.5)`.
     let keep = mask_condition.lt(0.5)?.to_dtype(candle_core::DType::F32)?;
     let masked_image = init.broadcast_mul(&keep)?;
-    let masked_image_latents = repeat_batch(&encode_sample(vae, &masked_image, generator)?, n)?;
-    let mask = repeat_batch(&nearest_resize(&mask_condition, height / f, width / f)?, n)?;
+    let masked_image_latents = tile_batch(&encode_sample(vae, &masked_image, generator)?, n)?;
+    let mask = tile_batch(&nearest_resize(&mask_condition, height / f, width / f)?, n)?;
     let state = InpaintState { mask, masked_image_latents, image_latents: if blends { image_latents } else { None }, noise };
     Ok((latents, state))
 }
