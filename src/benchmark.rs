@@ -141,10 +141,17 @@ fn time(opts: &BenchOptions, mut f: impl FnMut() -> Result<()>) -> Result<(f64, 
     let mut flops = 0;
     for _ in 0..opts.runs.max(1) {
         crate::ops::flops::take();
+        crate::ops::profile::take();
         let t = Instant::now();
         f()?;
         runs.push(t.elapsed().as_secs_f64());
         flops = crate::ops::flops::take();
+        if crate::ops::profile::enabled() {
+            let kinds = crate::ops::profile::take();
+            let other = runs.last().unwrap() - kinds.iter().map(|k| k.1).sum::<f64>();
+            let parts: Vec<String> = kinds.iter().map(|(k, s)| format!("{k} {s:.3}")).collect();
+            eprintln!("  profile: {}, other {other:.3} s", parts.join(", "));
+        }
     }
     let mut sorted = runs.clone();
     sorted.sort_by(|a, b| a.total_cmp(b));

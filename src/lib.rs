@@ -4,6 +4,7 @@ pub mod loaders;
 pub mod models;
 pub mod nn;
 pub mod ops;
+pub mod kernels;
 pub mod random;
 pub mod schedulers;
 pub mod image_io;

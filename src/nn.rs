@@ -108,6 +108,14 @@ impl GroupNorm {
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
         ops::group_norm(x, self.num_groups, &self.weight, &self.bias, self.eps)
     }
+
+    /// `act(norm(x))`, fused when the activation is SiLU.
+    pub fn forward_act(&self, x: &Tensor, act: Activation) -> Result<Tensor> {
+        match act {
+            Activation::Silu => ops::group_norm_silu(x, self.num_groups, &self.weight, &self.bias, self.eps),
+            other => other.forward(&self.forward(x)?),
+        }
+    }
 }
 
 #[derive(Clone, Debug)]

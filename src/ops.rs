@@ -4,6 +4,8 @@
 //! attention, normalization): it calls these functions, so replacing a kernel with a faster one
 //! later is a change to this file only.
 
+use crate::kernels;
+use crate::kernels::gemm::Strided;
 use candle_core::{DType, Result, Tensor, D};
 
 /// Floating-point operations of the matrix-multiply-shaped ops (linear, convolution, attention),
@@ -22,21 +24,100 @@ pub mod flops {
     }
 }
 
+/// Wall time spent in each kind of op, when `LCM_PROFILE` is set (for finding where a model's
+/// time goes; `lcm bench` prints it). Off by default: one relaxed load per op.
+pub mod profile {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    use std::sync::OnceLock;
+    use std::time::Instant;
+
+    pub const KINDS: [&str; 6] = ["linear", "conv2d", "attention", "group_norm", "layer_norm", "activation"];
+    static NANOS: [AtomicU64; 6] = [const { AtomicU64::new(0) }; 6];
+
+    pub fn enabled() -> bool {
+        static ON: OnceLock<bool> = OnceLock::new();
+        *ON.get_or_init(|| std::env::var_os("LCM_PROFILE").is_some())
+    }
+
+    pub(crate) struct Timer(usize, Option<Instant>);
+    impl Drop for Timer {
+        fn drop(&mut self) {
+            if let Some(t) = self.1 {
+                NANOS[self.0].fetch_add(t.elapsed().as_nanos() as u64, Ordering::Relaxed);
+            }
+        }
+    }
+    pub(crate) fn timer(kind: usize) -> Timer {
+        Timer(kind, enabled().then(Instant::now))
+    }
+
+    /// Seconds per kind since the last call, in `KINDS` order.
+    pub fn take() -> Vec<(&'static str, f64)> {
+        KINDS.iter().zip(&NANOS).map(|(k, n)| (*k, n.swap(0, Ordering::Relaxed) as f64 * 1e-9)).collect()
+    }
+}
+
 /// `x @ weight.T + bias` over the last dimension (PyTorch `nn.Linear` semantics).
 pub fn linear(x: &Tensor, weight: &Tensor, bias: Option<&Tensor>) -> Result<Tensor> {
+    let _t = profile::timer(0);
     let dims = x.dims();
     let in_features = dims[dims.len() - 1];
     let rows: usize = dims[..dims.len() - 1].iter().product();
     let out_features = weight.dim(0)?;
     flops::add(2 * rows * in_features * out_features);
+    let mut out_dims = dims.to_vec();
+    *out_dims.last_mut().unwrap() = out_features;
+    if let (Some(xs), Some(ws)) = (cpu_f32(x)?, cpu_f32(weight)?) {
+        // Our GEMM: y = x · Wᵀ with Wᵀ read through strides, bias written first and accumulated onto.
+        let mut y = match bias.map(cpu_f32).transpose()?.flatten() {
+            Some(b) => b.as_ref().repeat(rows),
+            None => vec![0f32; rows * out_features],
+        };
+        let a = Strided { data: &xs, row_stride: in_features, col_stride: 1 };
+        let b = Strided { data: &ws, row_stride: 1, col_stride: in_features };
+        kernels::gemm::gemm(rows, out_features, in_features, &a, &b, &mut y, out_features, bias.is_some());
+        return Tensor::from_vec(y, out_dims, x.device());
+    }
     let y = x.reshape((rows, in_features))?.matmul(&weight.t()?)?;
     let y = match bias {
         Some(b) => y.broadcast_add(b)?,
         None => y,
     };
-    let mut out_dims = dims.to_vec();
-    *out_dims.last_mut().unwrap() = out_features;
     y.reshape(out_dims)
+}
+
+/// The values of a CPU f32 tensor in row-major order, or `None` for other devices and dtypes,
+/// which stay on candle's kernels.
+fn cpu_f32(t: &Tensor) -> Result<Option<CpuSlice>> {
+    if !t.device().is_cpu() || t.dtype() != DType::F32 {
+        return Ok(None);
+    }
+    let tensor = t.contiguous()?;
+    let (ptr, len) = {
+        let (storage, layout) = tensor.storage_and_layout();
+        let (start, end) = layout.contiguous_offsets().expect("contiguous tensor");
+        match &*storage {
+            candle_core::Storage::Cpu(candle_core::CpuStorage::F32(v)) => (v[start..end].as_ptr(), end - start),
+            _ => return Ok(None),
+        }
+    };
+    Ok(Some(CpuSlice { _tensor: tensor, ptr, len }))
+}
+
+/// A borrowed view of a CPU tensor's f32 values; holding the tensor keeps its storage alive,
+/// and candle never mutates a tensor's storage in place behind our back.
+struct CpuSlice {
+    _tensor: Tensor,
+    ptr: *const f32,
+    len: usize,
+}
+
+impl std::ops::Deref for CpuSlice {
+    type Target = [f32];
+    fn deref(&self) -> &[f32] {
+        // SAFETY: ptr/len come from the live storage of `_tensor`, which this struct owns.
+        unsafe { std::slice::from_raw_parts(self.ptr, self.len) }
+    }
 }
 
 /// 2-D convolution, NCHW, PyTorch `nn.Conv2d` semantics (symmetric zero padding).
@@ -47,7 +128,18 @@ pub fn conv2d(
     stride: usize,
     padding: usize,
 ) -> Result<Tensor> {
-    let (_, c, _, w) = x.dims4()?;
+    let _t = profile::timer(1);
+    let (batch, c_in, h, w) = x.dims4()?;
+    let (c_out, _, kh, kw) = weight.dims4()?;
+    if let (Some(xs), Some(ws)) = (cpu_f32(x)?, cpu_f32(weight)?) {
+        let shape = kernels::conv::ConvShape { batch, c_in, h, w, c_out, kh, kw, stride, padding };
+        let (ho, wo) = shape.out_hw();
+        flops::add(2 * batch * c_out * ho * wo * c_in * kh * kw);
+        let b = bias.map(cpu_f32).transpose()?.flatten();
+        let y = kernels::conv::conv2d(&xs, &ws, b.as_deref(), &shape);
+        return Tensor::from_vec(y, (batch, c_out, ho, wo), x.device());
+    }
+    let (c, w) = (c_in, w);
     let y = if x.stride()[1..] == [w * c, c, 1] && weight.dim(2)? > 1 {
         // candle <= 0.9.2 CPU conv2d (huggingface/candle#3404): when C == H == W the NCHW
         // strides equal NHWC ones and the tiled kernel reads the input as NHWC. Convolving the
@@ -66,15 +158,24 @@ pub fn conv2d(
 }
 
 /// Group normalization over NC... tensors (PyTorch `nn.GroupNorm`).
-pub fn group_norm(
-    x: &Tensor,
-    num_groups: usize,
-    weight: &Tensor,
-    bias: &Tensor,
-    eps: f64,
-) -> Result<Tensor> {
+pub fn group_norm(x: &Tensor, num_groups: usize, weight: &Tensor, bias: &Tensor, eps: f64) -> Result<Tensor> {
+    group_norm_act(x, num_groups, weight, bias, eps, false)
+}
+
+/// `silu(group_norm(x))`, one pass on the CPU (the pair every ResNet block starts with).
+pub fn group_norm_silu(x: &Tensor, num_groups: usize, weight: &Tensor, bias: &Tensor, eps: f64) -> Result<Tensor> {
+    group_norm_act(x, num_groups, weight, bias, eps, true)
+}
+
+fn group_norm_act(x: &Tensor, num_groups: usize, weight: &Tensor, bias: &Tensor, eps: f64, silu: bool) -> Result<Tensor> {
+    let _t = profile::timer(3);
     let shape = x.dims().to_vec();
     let (b, c) = (shape[0], shape[1]);
+    if let (Some(xs), Some(ws), Some(bs)) = (cpu_f32(x)?, cpu_f32(weight)?, cpu_f32(bias)?) {
+        let spatial = shape[2..].iter().product();
+        let y = kernels::norm::group_norm(&xs, b, c, spatial, num_groups, &ws, &bs, eps as f32, silu);
+        return Tensor::from_vec(y, shape, x.device());
+    }
     let group_size = shape[2..].iter().product::<usize>() * c / num_groups;
     let dtype = x.dtype();
     let xg = x.reshape((b, num_groups, group_size))?.to_dtype(DType::F32)?;
@@ -84,14 +185,26 @@ pub fn group_norm(
     let xn = xc.broadcast_div(&(var + eps)?.sqrt()?)?;
     let mut wshape = vec![1; shape.len()];
     wshape[1] = c;
-    xn.to_dtype(dtype)?
+    let y = xn
+        .to_dtype(dtype)?
         .reshape(shape)?
         .broadcast_mul(&weight.reshape(wshape.clone())?)?
-        .broadcast_add(&bias.reshape(wshape)?)
+        .broadcast_add(&bias.reshape(wshape)?)?;
+    if silu {
+        y.silu()
+    } else {
+        Ok(y)
+    }
 }
 
 /// Layer normalization over the last dimension (PyTorch `nn.LayerNorm`).
 pub fn layer_norm(x: &Tensor, weight: &Tensor, bias: Option<&Tensor>, eps: f64) -> Result<Tensor> {
+    let _t = profile::timer(4);
+    if let (Some(xs), Some(ws)) = (cpu_f32(x)?, cpu_f32(weight)?) {
+        let b = bias.map(cpu_f32).transpose()?.flatten();
+        let y = kernels::layer_norm(&xs, x.dim(D::Minus1)?, &ws, b.as_deref(), eps as f32);
+        return Tensor::from_vec(y, x.dims(), x.device());
+    }
     let dtype = x.dtype();
     let x = x.to_dtype(DType::F32)?;
     let n = x.dim(D::Minus1)? as f64;
@@ -109,9 +222,17 @@ pub fn layer_norm(x: &Tensor, weight: &Tensor, bias: Option<&Tensor>, eps: f64) 
 /// Scaled dot-product attention: q `[b, heads, lq, d]`, k/v `[b, heads, lk, d]`.
 /// `causal` masks future positions (CLIP's text encoder).
 pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, scale: f64, causal: bool) -> Result<Tensor> {
+    let _t = profile::timer(2);
     let (lq, d) = (q.dim(D::Minus2)?, q.dim(D::Minus1)?);
     let batch_heads: usize = q.dims()[..q.rank() - 2].iter().product();
-    flops::add(4 * batch_heads * lq * k.dim(D::Minus2)? * d);
+    let (lk, dv) = (k.dim(D::Minus2)?, v.dim(D::Minus1)?);
+    flops::add(2 * batch_heads * lq * lk * (d + dv));
+    if let (Some(qs), Some(ks), Some(vs)) = (cpu_f32(q)?, cpu_f32(k)?, cpu_f32(v)?) {
+        let out = kernels::attention::attention(&qs, &ks, &vs, batch_heads, lq, lk, d, dv, scale as f32, causal);
+        let mut dims = q.dims().to_vec();
+        *dims.last_mut().unwrap() = dv;
+        return Tensor::from_vec(out, dims, q.device());
+    }
     let scores = (q.contiguous()?.matmul(&k.t()?.contiguous()?)? * scale)?;
     let scores = if causal {
         let (lq, lk) = (scores.dim(D::Minus2)?, scores.dim(D::Minus1)?);
@@ -128,21 +249,48 @@ pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, scale: f64, causal: bool) -
 }
 
 pub fn silu(x: &Tensor) -> Result<Tensor> {
+    let _t = profile::timer(5);
+    if let Some(xs) = cpu_f32(x)? {
+        let mut y = xs.to_vec();
+        kernels::silu_inplace(&mut y);
+        return Tensor::from_vec(y, x.dims(), x.device());
+    }
     x.silu()
 }
 
 /// Exact (erf) GELU, PyTorch's default `F.gelu`.
 pub fn gelu(x: &Tensor) -> Result<Tensor> {
+    let _t = profile::timer(5);
+    if let Some(xs) = cpu_f32(x)? {
+        let mut y = vec![0f32; xs.len()];
+        kernels::gelu_erf(&xs, None, &mut y);
+        return Tensor::from_vec(y, x.dims(), x.device());
+    }
     x.gelu_erf()
+}
+
+/// `hidden * gelu(gate)` (diffusers' GEGLU after its projection), in one pass on the CPU.
+pub fn geglu(hidden: &Tensor, gate: &Tensor) -> Result<Tensor> {
+    let _t = profile::timer(5);
+    if let (Some(h), Some(g)) = (cpu_f32(hidden)?, cpu_f32(gate)?) {
+        if h.len() == g.len() {
+            let mut y = vec![0f32; g.len()];
+            kernels::gelu_erf(&g, Some(&h), &mut y);
+            return Tensor::from_vec(y, gate.dims(), gate.device());
+        }
+    }
+    hidden * gelu(gate)?
 }
 
 /// tanh-approximated GELU (`gelu_pytorch_tanh`, `approximate="tanh"`).
 pub fn gelu_tanh(x: &Tensor) -> Result<Tensor> {
+    let _t = profile::timer(5);
     x.gelu()
 }
 
 /// `x * sigmoid(1.702 x)`, CLIP's "quick_gelu".
 pub fn quick_gelu(x: &Tensor) -> Result<Tensor> {
+    let _t = profile::timer(5);
     x * candle_nn::ops::sigmoid(&(x * 1.702)?)?
 }
 

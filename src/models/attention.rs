@@ -174,8 +174,8 @@ impl FeedForward {
 
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
         let h = self.hidden.forward(x)?;
-        let g = ops::gelu(&self.gate.forward(x)?)?;
-        self.out.forward(&(h * g)?)
+        let g = self.gate.forward(x)?;
+        self.out.forward(&ops::geglu(&h, &g)?)
     }
 }
 

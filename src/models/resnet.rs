@@ -112,7 +112,7 @@ impl ResnetBlock2D {
     }
 
     pub fn forward(&self, input: &Tensor, temb: Option<&Tensor>) -> Result<Tensor> {
-        let h = self.act.forward(&self.norm1.forward(input)?)?;
+        let h = self.norm1.forward_act(input, self.act)?;
         let mut h = self.conv1.forward(&h)?;
         let temb = match (&self.time_emb_proj, temb) {
             (Some(proj), Some(t)) => {
@@ -123,18 +123,19 @@ impl ResnetBlock2D {
             _ => None,
         };
         h = match (self.time_embedding_norm, temb) {
-            (TimeEmbeddingNorm::Default, Some(t)) => self.norm2.forward(&h.broadcast_add(&t)?)?,
-            (TimeEmbeddingNorm::Default, None) => self.norm2.forward(&h)?,
+            (TimeEmbeddingNorm::Default, Some(t)) => self.norm2.forward_act(&h.broadcast_add(&t)?, self.act)?,
+            (TimeEmbeddingNorm::Default, None) => self.norm2.forward_act(&h, self.act)?,
             (TimeEmbeddingNorm::ScaleShift, Some(t)) => {
                 let c = t.dim(1)? / 2;
                 let (scale, shift) = (t.narrow(1, 0, c)?, t.narrow(1, c, c)?);
-                self.norm2.forward(&h)?.broadcast_mul(&(scale + 1.0)?)?.broadcast_add(&shift)?
+                let h = self.norm2.forward(&h)?.broadcast_mul(&(scale + 1.0)?)?.broadcast_add(&shift)?;
+                self.act.forward(&h)?
             }
             (TimeEmbeddingNorm::ScaleShift, None) => {
                 candle_core::bail!("resnet with scale_shift time embedding needs a time embedding")
             }
         };
-        let h = self.conv2.forward(&self.act.forward(&h)?)?;
+        let h = self.conv2.forward(&h)?;
         let x = match &self.conv_shortcut {
             Some(c) => c.forward(input)?,
             None => input.clone(),

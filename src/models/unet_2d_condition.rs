@@ -487,7 +487,7 @@ impl UNet2DConditionModel {
             };
         }
 
-        let x = self.conv_act.forward(&self.conv_norm_out.forward(&x)?)?;
+        let x = self.conv_norm_out.forward_act(&x, self.conv_act)?;
         self.conv_out.forward(&x)
     }
 

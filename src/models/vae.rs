@@ -94,7 +94,7 @@ impl Encoder {
             x = b.forward(&x)?;
         }
         let x = self.mid_block.forward(&x, None)?;
-        let x = self.conv_act.forward(&self.conv_norm_out.forward(&x)?)?;
+        let x = self.conv_norm_out.forward_act(&x, self.conv_act)?;
         self.conv_out.forward(&x)
     }
 }
@@ -145,7 +145,7 @@ impl Decoder {
         for b in &self.up_blocks {
             x = b.forward(&x)?;
         }
-        let x = self.conv_act.forward(&self.conv_norm_out.forward(&x)?)?;
+        let x = self.conv_norm_out.forward_act(&x, self.conv_act)?;
         self.conv_out.forward(&x)
     }
 }

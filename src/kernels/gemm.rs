@@ -1,0 +1,460 @@
+//! Single-precision matrix multiply, `C = A·B` or `C += A·B`, in the BLIS structure: B is
+//! packed into `KC x NR` column panels and A into `MR x KC` row panels sized for the caches, and
+//! a register-blocked micro-kernel (6x16 with AVX2 + FMA: 12 accumulators) does all the
+//! arithmetic. Both operands come through packers, so transposed operands cost nothing extra
+//! and a convolution can hand in its input as an implicit im2col matrix (see `conv.rs`).
+
+use super::{parallel_chunks, SendPtr};
+
+/// Rows of the micro-tile (A panel height).
+pub const MR: usize = 6;
+/// Columns of the micro-tile (B panel width): two AVX registers.
+pub const NR: usize = 16;
+/// Most depth of one packed block: A block `MC x KC` stays in L2, one B panel `KC x NR` in L1.
+const KC: usize = 256;
+
+/// The depth of the blocks `k` is cut into: equal blocks of at most `KC` (no thin last block,
+/// which would load and store C for little arithmetic).
+fn block_depth(k: usize) -> usize {
+    k.div_ceil(k.div_ceil(KC).max(1)).max(1)
+}
+const MC: usize = 144;
+/// Width of one packed B block (lives in L2/L3).
+const NC: usize = 1024;
+
+/// Something that can write blocks of the left operand `A` (`m x k`) as `MR`-row panels.
+pub trait PackA: Sync {
+    /// Write rows `i0..i0+mc`, depth `p0..p0+kc` as `ceil(mc/MR)` panels, each `kc * MR`
+    /// values (`dst[p * MR + r]`), zero-padded past `mc`.
+    fn pack_a(&self, i0: usize, mc: usize, p0: usize, kc: usize, dst: &mut [f32]);
+}
+
+/// Something that can write blocks of the right operand `B` (`k x n`) as `NR`-column panels.
+pub trait PackB: Sync {
+    /// Write depth `p0..p0+kc`, columns `j0..j0+nc` as `ceil(nc/NR)` panels, each `kc * NR`
+    /// values (`dst[p * NR + c]`), zero-padded past `nc`.
+    fn pack_b(&self, p0: usize, kc: usize, j0: usize, nc: usize, dst: &mut [f32]);
+
+    /// The block already packed, if this operand is stored packed (see [`PackedB`]).
+    fn packed(&self, _p0: usize, _kc: usize, _j0: usize) -> Option<&[f32]> {
+        None
+    }
+}
+
+/// A right operand packed once in the driver's layout, for a matrix that several products
+/// share (attention's keys and values across query blocks).
+pub struct PackedB {
+    k: usize,
+    n: usize,
+    data: Vec<f32>,
+}
+
+impl PackedB {
+    pub fn new(k: usize, n: usize, b: &dyn PackB) -> Self {
+        let width = n.div_ceil(NR) * NR;
+        let mut data = vec![0f32; k * width];
+        let kb = block_depth(k);
+        for pc in (0..k).step_by(kb) {
+            let kc = kb.min(k - pc);
+            b.pack_b(pc, kc, 0, n, &mut data[pc * width..]);
+        }
+        Self { k, n, data }
+    }
+
+    pub fn dims(&self) -> (usize, usize) {
+        (self.k, self.n)
+    }
+}
+
+impl PackB for PackedB {
+    fn pack_b(&self, p0: usize, kc: usize, j0: usize, nc: usize, dst: &mut [f32]) {
+        let src = self.packed(p0, kc, j0).expect("aligned block");
+        let len = nc.div_ceil(NR) * NR * kc;
+        dst[..len].copy_from_slice(&src[..len]);
+    }
+
+    fn packed(&self, p0: usize, kc: usize, j0: usize) -> Option<&[f32]> {
+        // Blocks start at multiples of KC and panels at multiples of NR, as the driver asks.
+        debug_assert!(p0 % block_depth(self.k) == 0 && j0 % NR == 0 && kc == block_depth(self.k).min(self.k - p0));
+        let width = self.n.div_ceil(NR) * NR;
+        Some(&self.data[p0 * width + j0 * kc..])
+    }
+}
+
+/// A matrix in memory with arbitrary row and column strides (in elements).
+#[derive(Clone, Copy)]
+pub struct Strided<'a> {
+    pub data: &'a [f32],
+    pub row_stride: usize,
+    pub col_stride: usize,
+}
+
+impl Strided<'_> {
+    #[inline]
+    fn at(&self, r: usize, c: usize) -> f32 {
+        self.data[r * self.row_stride + c * self.col_stride]
+    }
+}
+
+impl PackA for Strided<'_> {
+    fn pack_a(&self, i0: usize, mc: usize, p0: usize, kc: usize, dst: &mut [f32]) {
+        for (panel, out) in dst.chunks_mut(kc * MR).take(mc.div_ceil(MR)).enumerate() {
+            let r0 = i0 + panel * MR;
+            let rows = MR.min(i0 + mc - r0);
+            if self.col_stride == 1 && rows == MR {
+                let rs: [&[f32]; MR] =
+                    std::array::from_fn(|r| &self.data[(r0 + r) * self.row_stride + p0..][..kc]);
+                for (p, o) in out.chunks_exact_mut(MR).enumerate() {
+                    for r in 0..MR {
+                        o[r] = rs[r][p];
+                    }
+                }
+            } else {
+                for p in 0..kc {
+                    for r in 0..MR {
+                        out[p * MR + r] = if r < rows { self.at(r0 + r, p0 + p) } else { 0.0 };
+                    }
+                }
+            }
+        }
+    }
+}
+
+impl PackB for Strided<'_> {
+    fn pack_b(&self, p0: usize, kc: usize, j0: usize, nc: usize, dst: &mut [f32]) {
+        for (panel, out) in dst.chunks_mut(kc * NR).take(nc.div_ceil(NR)).enumerate() {
+            let c0 = j0 + panel * NR;
+            let cols = NR.min(j0 + nc - c0);
+            if self.col_stride == 1 {
+                for p in 0..kc {
+                    let src = &self.data[(p0 + p) * self.row_stride + c0..][..cols];
+                    let o = &mut out[p * NR..p * NR + NR];
+                    o[..cols].copy_from_slice(src);
+                    o[cols..].fill(0.0);
+                }
+            } else {
+                // Transposed operand: read each column contiguously, scatter into the panel.
+                if cols < NR {
+                    out[..kc * NR].fill(0.0);
+                }
+                for c in 0..cols {
+                    let col = &self.data[(c0 + c) * self.col_stride + p0 * self.row_stride..];
+                    if self.row_stride == 1 {
+                        for (p, v) in col[..kc].iter().enumerate() {
+                            out[p * NR + c] = *v;
+                        }
+                    } else {
+                        for p in 0..kc {
+                            out[p * NR + c] = col[p * self.row_stride];
+                        }
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// `C (m x n, row stride ldc) = A·B`, or `C += A·B` when `accumulate`, on up to `threads`
+/// threads. `c` must hold `(m - 1) * ldc + n` values.
+pub fn gemm(
+    m: usize,
+    n: usize,
+    k: usize,
+    a: &dyn PackA,
+    b: &dyn PackB,
+    c: &mut [f32],
+    ldc: usize,
+    accumulate: bool,
+) {
+    if m == 0 || n == 0 {
+        return;
+    }
+    assert!(c.len() >= (m - 1) * ldc + n, "gemm: output too small");
+    if k == 0 {
+        if !accumulate {
+            for i in 0..m {
+                c[i * ldc..i * ldc + n].fill(0.0);
+            }
+        }
+        return;
+    }
+    let cp = SendPtr(c.as_mut_ptr());
+    // Split the larger output dimension into chunks the thread pool shares out; each chunk
+    // is an independent single-threaded GEMM writing its own part of C.
+    let work = 2 * m * n * k;
+    if n >= m {
+        parallel_chunks(n, NR, work, |j0, nc| unsafe {
+            gemm_serial(m, nc, k, 0, j0, a, b, cp.get(), ldc, accumulate)
+        });
+    } else if b.packed(0, block_depth(k).min(k), 0).is_some() || work < 4 * 2 * k * n {
+        parallel_chunks(m, MR, work, |i0, mc| unsafe {
+            gemm_serial(mc, n, k, i0, 0, a, b, cp.get(), ldc, accumulate)
+        });
+    } else {
+        // Every row chunk needs all of B: pack it once for all of them.
+        let packed = PackedB::new(k, n, b);
+        parallel_chunks(m, MR, work, |i0, mc| unsafe {
+            gemm_serial(mc, n, k, i0, 0, a, &packed, cp.get(), ldc, accumulate)
+        });
+    }
+}
+
+/// [`gemm`] on the calling thread only, for callers that already run many products in parallel.
+pub fn gemm_single_thread(m: usize, n: usize, k: usize, a: &dyn PackA, b: &dyn PackB, c: &mut [f32], ldc: usize, accumulate: bool) {
+    if m == 0 || n == 0 {
+        return;
+    }
+    assert!(c.len() >= (m - 1) * ldc + n && k > 0, "gemm: bad shapes");
+    unsafe { gemm_serial(m, n, k, 0, 0, a, b, c.as_mut_ptr(), ldc, accumulate) }
+}
+
+thread_local! {
+    static PACK: std::cell::RefCell<(Vec<f32>, Vec<f32>)> = const { std::cell::RefCell::new((Vec::new(), Vec::new())) };
+}
+
+/// One thread's share: rows `i_base..i_base+m`, columns `j_base..j_base+n` of the product.
+///
+/// # Safety
+/// `c` points at C's element (0, 0); the caller guarantees no other thread writes this block.
+#[allow(clippy::too_many_arguments)]
+unsafe fn gemm_serial(
+    m: usize,
+    n: usize,
+    k: usize,
+    i_base: usize,
+    j_base: usize,
+    a: &dyn PackA,
+    b: &dyn PackB,
+    c: *mut f32,
+    ldc: usize,
+    accumulate: bool,
+) {
+    PACK.with(|bufs| {
+        let (ref mut abuf, ref mut bbuf) = *bufs.borrow_mut();
+        let nc_max = NC.min(n.div_ceil(NR) * NR);
+        let mc_max = MC.min(m.div_ceil(MR) * MR);
+        let kb = block_depth(k);
+        let kc_max = kb;
+        if bbuf.len() < nc_max * kc_max {
+            bbuf.resize(nc_max * kc_max, 0.0);
+        }
+        if abuf.len() < mc_max * kc_max {
+            abuf.resize(mc_max * kc_max, 0.0);
+        }
+        let kernel = micro_kernel();
+        for jc in (0..n).step_by(NC) {
+            let nc = NC.min(n - jc);
+            for pc in (0..k).step_by(kb) {
+                let kc = kb.min(k - pc);
+                let bpacked = match b.packed(pc, kc, j_base + jc) {
+                    Some(p) => p,
+                    None => {
+                        b.pack_b(pc, kc, j_base + jc, nc, bbuf);
+                        &bbuf[..]
+                    }
+                };
+                let acc = accumulate || pc > 0;
+                for ic in (0..m).step_by(MC) {
+                    let mc = MC.min(m - ic);
+                    a.pack_a(i_base + ic, mc, pc, kc, abuf);
+                    for jr in (0..nc).step_by(NR) {
+                        let nr = NR.min(nc - jr);
+                        let bp = bpacked.as_ptr().add(jr * kc);
+                        for ir in (0..mc).step_by(MR) {
+                            let mr = MR.min(mc - ir);
+                            let ap = abuf.as_ptr().add(ir * kc);
+                            let cptr = c.add((i_base + ic + ir) * ldc + j_base + jc + jr);
+                            kernel(kc, ap, bp, cptr, ldc, acc, mr, nr);
+                        }
+                    }
+                }
+            }
+        }
+    })
+}
+
+type Kernel = unsafe fn(usize, *const f32, *const f32, *mut f32, usize, bool, usize, usize);
+
+fn micro_kernel() -> Kernel {
+    #[cfg(target_arch = "x86_64")]
+    {
+        if super::has_avx2_fma() {
+            return x86::kernel_6x16;
+        }
+    }
+    kernel_generic
+}
+
+/// Portable micro-kernel (any CPU without AVX2/FMA).
+unsafe fn kernel_generic(
+    kc: usize,
+    ap: *const f32,
+    bp: *const f32,
+    c: *mut f32,
+    ldc: usize,
+    accumulate: bool,
+    mr: usize,
+    nr: usize,
+) {
+    let mut acc = [[0f32; NR]; MR];
+    for p in 0..kc {
+        let a = std::slice::from_raw_parts(ap.add(p * MR), MR);
+        let b = std::slice::from_raw_parts(bp.add(p * NR), NR);
+        for r in 0..MR {
+            for j in 0..NR {
+                acc[r][j] = a[r].mul_add(b[j], acc[r][j]);
+            }
+        }
+    }
+    store_tile(&acc, c, ldc, accumulate, mr, nr);
+}
+
+#[inline]
+unsafe fn store_tile(acc: &[[f32; NR]; MR], c: *mut f32, ldc: usize, accumulate: bool, mr: usize, nr: usize) {
+    for (r, row) in acc.iter().enumerate().take(mr) {
+        let out = std::slice::from_raw_parts_mut(c.add(r * ldc), nr);
+        if accumulate {
+            for (o, v) in out.iter_mut().zip(row) {
+                *o += v;
+            }
+        } else {
+            out.copy_from_slice(&row[..nr]);
+        }
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+mod x86 {
+    use super::{store_tile, MR, NR};
+    use std::arch::x86_64::*;
+
+    /// 6x16 tile: 12 ymm accumulators, 2 B loads and 1 broadcast per row per depth step.
+    #[target_feature(enable = "avx2,fma")]
+    pub(super) unsafe fn kernel_6x16(
+        kc: usize,
+        mut ap: *const f32,
+        mut bp: *const f32,
+        c: *mut f32,
+        ldc: usize,
+        accumulate: bool,
+        mr: usize,
+        nr: usize,
+    ) {
+        let mut c00 = _mm256_setzero_ps();
+        let mut c01 = _mm256_setzero_ps();
+        let mut c10 = _mm256_setzero_ps();
+        let mut c11 = _mm256_setzero_ps();
+        let mut c20 = _mm256_setzero_ps();
+        let mut c21 = _mm256_setzero_ps();
+        let mut c30 = _mm256_setzero_ps();
+        let mut c31 = _mm256_setzero_ps();
+        let mut c40 = _mm256_setzero_ps();
+        let mut c41 = _mm256_setzero_ps();
+        let mut c50 = _mm256_setzero_ps();
+        let mut c51 = _mm256_setzero_ps();
+        macro_rules! step {
+            () => {{
+                let b0 = _mm256_loadu_ps(bp);
+                let b1 = _mm256_loadu_ps(bp.add(8));
+                let a = _mm256_broadcast_ss(&*ap);
+                c00 = _mm256_fmadd_ps(a, b0, c00);
+                c01 = _mm256_fmadd_ps(a, b1, c01);
+                let a = _mm256_broadcast_ss(&*ap.add(1));
+                c10 = _mm256_fmadd_ps(a, b0, c10);
+                c11 = _mm256_fmadd_ps(a, b1, c11);
+                let a = _mm256_broadcast_ss(&*ap.add(2));
+                c20 = _mm256_fmadd_ps(a, b0, c20);
+                c21 = _mm256_fmadd_ps(a, b1, c21);
+                let a = _mm256_broadcast_ss(&*ap.add(3));
+                c30 = _mm256_fmadd_ps(a, b0, c30);
+                c31 = _mm256_fmadd_ps(a, b1, c31);
+                let a = _mm256_broadcast_ss(&*ap.add(4));
+                c40 = _mm256_fmadd_ps(a, b0, c40);
+                c41 = _mm256_fmadd_ps(a, b1, c41);
+                let a = _mm256_broadcast_ss(&*ap.add(5));
+                c50 = _mm256_fmadd_ps(a, b0, c50);
+                c51 = _mm256_fmadd_ps(a, b1, c51);
+                ap = ap.add(MR);
+                bp = bp.add(NR);
+            }};
+        }
+        let mut p = 0;
+        while p + 4 <= kc {
+            step!();
+            step!();
+            step!();
+            step!();
+            p += 4;
+        }
+        while p < kc {
+            step!();
+            p += 1;
+        }
+        let rows = [[c00, c01], [c10, c11], [c20, c21], [c30, c31], [c40, c41], [c50, c51]];
+        if mr == MR && nr == NR {
+            for (r, [lo, hi]) in rows.iter().enumerate() {
+                let out = c.add(r * ldc);
+                if accumulate {
+                    _mm256_storeu_ps(out, _mm256_add_ps(_mm256_loadu_ps(out), *lo));
+                    _mm256_storeu_ps(out.add(8), _mm256_add_ps(_mm256_loadu_ps(out.add(8)), *hi));
+                } else {
+                    _mm256_storeu_ps(out, *lo);
+                    _mm256_storeu_ps(out.add(8), *hi);
+                }
+            }
+        } else {
+            let mut acc = [[0f32; NR]; MR];
+            for (r, [lo, hi]) in rows.iter().enumerate() {
+                _mm256_storeu_ps(acc[r].as_mut_ptr(), *lo);
+                _mm256_storeu_ps(acc[r].as_mut_ptr().add(8), *hi);
+            }
+            store_tile(&acc, c, ldc, accumulate, mr, nr);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn naive(m: usize, n: usize, k: usize, a: &Strided, b: &Strided) -> Vec<f32> {
+        let mut c = vec![0f32; m * n];
+        for i in 0..m {
+            for j in 0..n {
+                let mut s = 0f64;
+                for p in 0..k {
+                    s += a.at(i, p) as f64 * b.at(p, j) as f64;
+                }
+                c[i * n + j] = s as f32;
+            }
+        }
+        c
+    }
+
+    #[test]
+    fn matches_naive_on_odd_shapes_and_strides() {
+        let mut seed = 1u32;
+        let mut rnd = || {
+            seed = seed.wrapping_mul(1664525).wrapping_add(1013904223);
+            (seed >> 8) as f32 / (1 << 24) as f32 - 0.5
+        };
+        for &(m, n, k) in &[(1, 1, 1), (7, 17, 3), (13, 40, 300), (77, 33, 513), (6, 16, 256), (100, 1030, 20)] {
+            let av: Vec<f32> = (0..m * k).map(|_| rnd()).collect();
+            let bv: Vec<f32> = (0..k * n).map(|_| rnd()).collect();
+            for (ta, tb) in [(false, false), (true, false), (false, true), (true, true)] {
+                let a = if ta { Strided { data: &av, row_stride: 1, col_stride: m } } else { Strided { data: &av, row_stride: k, col_stride: 1 } };
+                let b = if tb { Strided { data: &bv, row_stride: 1, col_stride: k } } else { Strided { data: &bv, row_stride: n, col_stride: 1 } };
+                let want = naive(m, n, k, &a, &b);
+                let mut c = vec![1f32; m * n];
+                gemm(m, n, k, &a, &b, &mut c, n, true);
+                for (x, y) in c.iter().zip(&want) {
+                    assert!((x - 1.0 - y).abs() < 1e-4, "{m}x{n}x{k} {ta} {tb}: {x} vs {y}");
+                }
+                gemm(m, n, k, &a, &b, &mut c, n, false);
+                for (x, y) in c.iter().zip(&want) {
+                    assert!((x - y).abs() < 1e-4);
+                }
+            }
+        }
+    }
+}

@@ -1,0 +1,256 @@
+//! Our own CPU kernels for the hot paths (matrix multiply, convolution, attention, group norm),
+//! on f32 slices. `crate::ops` routes CPU f32 tensors here and everything else to candle, so
+//! model code never sees the difference and the GPU path is untouched.
+
+pub mod attention;
+pub mod conv;
+pub mod gemm;
+pub mod norm;
+
+/// AVX2 + FMA available at run time (checked once).
+#[cfg(target_arch = "x86_64")]
+pub(crate) fn has_avx2_fma() -> bool {
+    use std::sync::OnceLock;
+    static HAS: OnceLock<bool> = OnceLock::new();
+    *HAS.get_or_init(|| is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma"))
+}
+
+/// A raw pointer that may cross threads: each task writes a disjoint part of one buffer.
+#[derive(Clone, Copy)]
+pub(crate) struct SendPtr(pub *mut f32);
+unsafe impl Send for SendPtr {}
+unsafe impl Sync for SendPtr {}
+impl SendPtr {
+    pub(crate) fn get(self) -> *mut f32 {
+        self.0
+    }
+}
+
+/// Below this many FLOPs a task runs on the calling thread: fork/join would cost more.
+const MIN_PARALLEL_WORK: usize = 4_000_000;
+
+/// Run `f(start, len)` over `0..total` cut into pieces (multiples of `align`, except the last)
+/// on rayon's pool: a few pieces per thread so a busy core does not hold everyone up.
+pub(crate) fn parallel_chunks(total: usize, align: usize, work: usize, f: impl Fn(usize, usize) + Sync) {
+    let threads = rayon::current_num_threads();
+    if threads <= 1 || work < MIN_PARALLEL_WORK || total <= align {
+        f(0, total);
+        return;
+    }
+    let pieces = (threads * 4).min(total.div_ceil(align)).max(1);
+    let chunk = total.div_ceil(pieces).div_ceil(align) * align;
+    use rayon::prelude::*;
+    (0..total.div_ceil(chunk)).into_par_iter().for_each(|i| {
+        let start = i * chunk;
+        f(start, chunk.min(total - start));
+    });
+}
+
+/// `x[i] = exp(scale * (x[i] - sub))` in place; returns the sum of the results.
+pub(crate) fn exp_sub_inplace(x: &mut [f32], sub: f32, scale: f32) -> f32 {
+    #[cfg(target_arch = "x86_64")]
+    {
+        if has_avx2_fma() {
+            return unsafe { x86::exp_sub_inplace(x, sub, scale) };
+        }
+    }
+    let mut sum = 0.0;
+    for v in x.iter_mut() {
+        *v = ((*v - sub) * scale).exp();
+        sum += *v;
+    }
+    sum
+}
+
+/// `x[i] = x[i] * sigmoid(x[i])` in place.
+pub(crate) fn silu_inplace(x: &mut [f32]) {
+    #[cfg(target_arch = "x86_64")]
+    {
+        if has_avx2_fma() {
+            return unsafe { x86::silu_inplace(x) };
+        }
+    }
+    for v in x.iter_mut() {
+        *v /= 1.0 + (-*v).exp();
+    }
+}
+
+/// Exact-form GELU, `x * (1 + erf(x / sqrt 2)) / 2`, times `mul` when given (GEGLU's
+/// `hidden * gelu(gate)`), written to `out`. erf is Abramowitz & Stegun 7.1.26 (|error| < 1.5e-7),
+/// the approximation PyTorch's vectorised CPU GELU uses.
+pub(crate) fn gelu_erf(x: &[f32], mul: Option<&[f32]>, out: &mut [f32]) {
+    #[cfg(target_arch = "x86_64")]
+    {
+        if has_avx2_fma() {
+            return unsafe { x86::gelu_erf(x, mul, out) };
+        }
+    }
+    for (i, (o, &v)) in out.iter_mut().zip(x).enumerate() {
+        *o = gelu_scalar(v) * mul.map_or(1.0, |m| m[i]);
+    }
+}
+
+fn gelu_scalar(x: f32) -> f32 {
+    let z = (x * std::f32::consts::FRAC_1_SQRT_2).abs();
+    let t = 1.0 / (0.327_591_1 * z + 1.0);
+    let r = (((1.061_405_4 * t - 1.453_152) * t + 1.421_413_8) * t - 0.284_496_74) * t + 0.254_829_6;
+    let erf = 1.0 - r * t * (-z * z).exp();
+    0.5 * x * (1.0 + erf.copysign(x))
+}
+
+/// Layer normalization of each `width`-long row (two passes: mean, then centred variance).
+pub(crate) fn layer_norm(x: &[f32], width: usize, weight: &[f32], bias: Option<&[f32]>, eps: f32) -> Vec<f32> {
+    let mut y = vec![0f32; x.len()];
+    let rows = x.len() / width.max(1);
+    let yp = SendPtr(y.as_mut_ptr());
+    parallel_chunks(rows, 1, x.len() * 8, |r0, n| {
+        // SAFETY: each chunk writes its own rows.
+        let ys = unsafe { std::slice::from_raw_parts_mut(yp.get().add(r0 * width), n * width) };
+        for (xr, yr) in x[r0 * width..(r0 + n) * width].chunks_exact(width).zip(ys.chunks_exact_mut(width)) {
+            let mean = xr.iter().sum::<f32>() / width as f32;
+            let var = xr.iter().map(|&v| (v - mean) * (v - mean)).sum::<f32>() / width as f32;
+            let rstd = 1.0 / (var + eps).sqrt();
+            for (i, (o, &v)) in yr.iter_mut().zip(xr).enumerate() {
+                *o = (v - mean) * rstd * weight[i] + bias.map_or(0.0, |b| b[i]);
+            }
+        }
+    });
+    y
+}
+
+#[cfg(target_arch = "x86_64")]
+mod x86 {
+    use std::arch::x86_64::*;
+
+    /// exp on 8 lanes: `2^n * p(r)` with `x = n ln2 + r`, |r| <= ln2/2, a degree-6 polynomial
+    /// (Cephes' expf coefficients, ~1 ulp); inputs below -87.3 give 0.
+    #[inline]
+    #[target_feature(enable = "avx2,fma")]
+    pub(super) unsafe fn exp8(x: __m256) -> __m256 {
+        let x = _mm256_min_ps(x, _mm256_set1_ps(88.376_26));
+        let xc = _mm256_max_ps(x, _mm256_set1_ps(-87.336_55));
+        let n = _mm256_round_ps::<{ _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC }>(_mm256_mul_ps(xc, _mm256_set1_ps(std::f32::consts::LOG2_E)));
+        let r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693_359_4), xc);
+        let r = _mm256_fnmadd_ps(n, _mm256_set1_ps(-2.121_944_4e-4), r);
+        let mut p = _mm256_set1_ps(1.987_569_1e-4);
+        p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.398_199_9e-3));
+        p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(8.333_452e-3));
+        p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(4.166_579_6e-2));
+        p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.666_666_5e-1));
+        p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(0.5));
+        let r2 = _mm256_mul_ps(r, r);
+        p = _mm256_fmadd_ps(p, r2, _mm256_add_ps(r, _mm256_set1_ps(1.0)));
+        let pow2n = _mm256_castsi256_ps(_mm256_slli_epi32::<23>(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127))));
+        let y = _mm256_mul_ps(p, pow2n);
+        // Below the smallest normal: 0 (softmax of masked or far-off scores).
+        _mm256_and_ps(y, _mm256_cmp_ps::<_CMP_GE_OQ>(x, _mm256_set1_ps(-87.336_55)))
+    }
+
+    #[target_feature(enable = "avx2,fma")]
+    pub(super) unsafe fn exp_sub_inplace(x: &mut [f32], sub: f32, scale: f32) -> f32 {
+        let (s, b) = (_mm256_set1_ps(scale), _mm256_set1_ps(-sub * scale));
+        let mut acc = _mm256_setzero_ps();
+        let mut chunks = x.chunks_exact_mut(8);
+        for c in &mut chunks {
+            let v = exp8(_mm256_fmadd_ps(_mm256_loadu_ps(c.as_ptr()), s, b));
+            _mm256_storeu_ps(c.as_mut_ptr(), v);
+            acc = _mm256_add_ps(acc, v);
+        }
+        let mut lanes = [0f32; 8];
+        _mm256_storeu_ps(lanes.as_mut_ptr(), acc);
+        let mut sum: f32 = lanes.iter().sum();
+        for v in chunks.into_remainder() {
+            *v = (*v * scale - sub * scale).exp();
+            sum += *v;
+        }
+        sum
+    }
+
+    #[target_feature(enable = "avx2,fma")]
+    pub(super) unsafe fn silu_inplace(x: &mut [f32]) {
+        let one = _mm256_set1_ps(1.0);
+        let zero = _mm256_setzero_ps();
+        let mut chunks = x.chunks_exact_mut(8);
+        for c in &mut chunks {
+            let v = _mm256_loadu_ps(c.as_ptr());
+            let e = exp8(_mm256_sub_ps(zero, v));
+            _mm256_storeu_ps(c.as_mut_ptr(), _mm256_div_ps(v, _mm256_add_ps(one, e)));
+        }
+        for v in chunks.into_remainder() {
+            *v /= 1.0 + (-*v).exp();
+        }
+    }
+
+    #[target_feature(enable = "avx2,fma")]
+    pub(super) unsafe fn gelu_erf(x: &[f32], mul: Option<&[f32]>, out: &mut [f32]) {
+        let n = x.len().min(out.len());
+        let sign = _mm256_set1_ps(-0.0);
+        let one = _mm256_set1_ps(1.0);
+        let half = _mm256_set1_ps(0.5);
+        let mut i = 0;
+        while i + 8 <= n {
+            let v = _mm256_loadu_ps(x.as_ptr().add(i));
+            let u = _mm256_mul_ps(v, _mm256_set1_ps(std::f32::consts::FRAC_1_SQRT_2));
+            let s = _mm256_and_ps(sign, u);
+            let z = _mm256_xor_ps(s, u);
+            let t = _mm256_div_ps(one, _mm256_fmadd_ps(_mm256_set1_ps(0.327_591_1), z, one));
+            let mut r = _mm256_fmadd_ps(_mm256_set1_ps(1.061_405_4), t, _mm256_set1_ps(-1.453_152));
+            r = _mm256_fmadd_ps(r, t, _mm256_set1_ps(1.421_413_8));
+            r = _mm256_fmadd_ps(r, t, _mm256_set1_ps(-0.284_496_74));
+            r = _mm256_fmadd_ps(r, t, _mm256_set1_ps(0.254_829_6));
+            let e = exp8(_mm256_xor_ps(sign, _mm256_mul_ps(z, z)));
+            let erf = _mm256_fnmadd_ps(_mm256_mul_ps(e, t), r, one);
+            let erf = _mm256_xor_ps(s, erf);
+            let mut g = _mm256_mul_ps(_mm256_mul_ps(half, v), _mm256_add_ps(one, erf));
+            if let Some(m) = mul {
+                g = _mm256_mul_ps(g, _mm256_loadu_ps(m.as_ptr().add(i)));
+            }
+            _mm256_storeu_ps(out.as_mut_ptr().add(i), g);
+            i += 8;
+        }
+        for j in i..n {
+            out[j] = super::gelu_scalar(x[j]) * mul.map_or(1.0, |m| m[j]);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn gelu_and_exp_match_libm() {
+        let x: Vec<f32> = (0..2001).map(|i| (i as f32 - 1000.0) / 97.0).collect();
+        let mut y = vec![0f32; x.len()];
+        super::gelu_erf(&x, None, &mut y);
+        for (&v, &g) in x.iter().zip(&y) {
+            if v.abs() > 4.0 {
+                // Beyond the series' reach: gelu(x) -> max(x, 0) within 2e-4.
+                assert!((g - v.max(0.0)).abs() < 2e-4, "gelu({v}) = {g}");
+                continue;
+            }
+            let want = 0.5 * v as f64 * (1.0 + libm_erf(v as f64 / 2f64.sqrt()));
+            assert!((g as f64 - want).abs() < 2e-6 * (1.0 + want.abs()), "gelu({v}) = {g}, want {want}");
+        }
+        let mut e = x.clone();
+        let sum = super::exp_sub_inplace(&mut e, 1.0, 2.0);
+        let want: f64 = x.iter().map(|&v| ((v as f64 - 1.0) * 2.0).exp()).sum();
+        assert!((sum as f64 - want).abs() < 1e-5 * want);
+        for (&v, &g) in x.iter().zip(&e) {
+            let w = ((v as f64 - 1.0) * 2.0).exp();
+            assert!((g as f64 - w).abs() <= 3e-6 * w + 1e-38, "exp: {g} vs {w}");
+        }
+    }
+
+    /// erf by its Maclaurin series in f64 (accurate for |x| < 3).
+    fn libm_erf(x: f64) -> f64 {
+        let (mut term, mut sum, mut n) = (x, x, 0.0);
+        while term.abs() > 1e-17 * sum.abs().max(1e-300) {
+            n += 1.0;
+            term *= -x * x / n;
+            sum += term / (2.0 * n + 1.0);
+            if n > 400.0 {
+                break;
+            }
+        }
+        sum * 2.0 / std::f64::consts::PI.sqrt()
+    }
+}
