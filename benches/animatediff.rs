@@ -10,13 +10,23 @@ use lcm::benchmark::peak_rss_mb;
 use lcm::loaders::weights::random_var_builder;
 use lcm::models::autoencoder_kl::{AutoencoderKL, AutoencoderKLConfig};
 use lcm::models::motion_adapter::{read_motion_config, MotionModules};
-use lcm::models::unet_2d_condition::{UNet2DConditionConfig, UNet2DConditionModel, UNetConditioning};
+use lcm::models::unet_2d_condition::{
+    UNet2DConditionConfig, UNet2DConditionModel, UNetConditioning,
+};
 use std::time::Instant;
 
 fn main() -> anyhow::Result<()> {
-    let args: Vec<usize> = std::env::args().skip(1).filter(|a| !a.starts_with("--")).map(|a| a.parse()).collect::<Result<_, _>>()?;
+    let args: Vec<usize> = std::env::args()
+        .skip(1)
+        .filter(|a| !a.starts_with("--"))
+        .map(|a| a.parse())
+        .collect::<Result<_, _>>()?;
     let latent = args.first().copied().unwrap_or(32);
-    let mut frames: Vec<usize> = args.get(1..).map(|f| f.to_vec()).filter(|f| !f.is_empty()).unwrap_or(vec![8, 16]);
+    let mut frames: Vec<usize> = args
+        .get(1..)
+        .map(|f| f.to_vec())
+        .filter(|f| !f.is_empty())
+        .unwrap_or(vec![8, 16]);
     frames.sort();
     let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/real_configs");
     let dev = Device::Cpu;
@@ -28,7 +38,11 @@ fn main() -> anyhow::Result<()> {
     let unet = unet.with_motion(motion);
     let vcfg: AutoencoderKLConfig = lcm::config::read_config(&root.join("sd15/vae/config.json"))?;
     let vae = AutoencoderKL::new(random_var_builder(3, DType::F32, &dev), &vcfg)?;
-    println!("built SD1.5 UNet + motion adapter + VAE (random weights) in {:.1}s, peak RSS {:.0} MB", t.elapsed().as_secs_f64(), peak_rss_mb());
+    println!(
+        "built SD1.5 UNet + motion adapter + VAE (random weights) in {:.1}s, peak RSS {:.0} MB",
+        t.elapsed().as_secs_f64(),
+        peak_rss_mb()
+    );
     for f in frames {
         let x = Tensor::randn(0f32, 1.0, (1, 4, f, latent, latent), &dev)?;
         let ehs = Tensor::randn(0f32, 1.0, (f, 77, 768), &dev)?;

@@ -16,11 +16,18 @@ fn rate(name: &str, flops: f64, mut f: impl FnMut()) {
         total += s;
         n += 1;
     }
-    println!("{name:<48} {:>8.1} GFLOP/s  (best {:.4} s of {n})", flops / best / 1e9, best);
+    println!(
+        "{name:<48} {:>8.1} GFLOP/s  (best {:.4} s of {n})",
+        flops / best / 1e9,
+        best
+    );
 }
 
 fn main() -> candle_core::Result<()> {
-    let args: Vec<String> = std::env::args().skip(1).filter(|a| !a.starts_with('-')).collect();
+    let args: Vec<String> = std::env::args()
+        .skip(1)
+        .filter(|a| !a.starts_with('-'))
+        .collect();
     let want = |n: &str| args.is_empty() || args.iter().any(|a| n.contains(a.as_str()));
     let dev = Device::Cpu;
     if want("gemm") {
@@ -28,40 +35,80 @@ fn main() -> candle_core::Result<()> {
             let a = Tensor::randn(0f32, 1., (s, s), &dev)?;
             let b = Tensor::randn(0f32, 1., (s, s), &dev)?;
             let fl = 2.0 * (s * s * s) as f64;
-            rate(&format!("gemm {s}^3 lcm::ops::linear"), fl, || { lcm::ops::linear(&a, &b, None).unwrap(); });
-            rate(&format!("gemm {s}^3 candle matmul"), fl, || { a.matmul(&b.t().unwrap()).unwrap(); });
+            rate(&format!("gemm {s}^3 lcm::ops::linear"), fl, || {
+                lcm::ops::linear(&a, &b, None).unwrap();
+            });
+            rate(&format!("gemm {s}^3 candle matmul"), fl, || {
+                a.matmul(&b.t().unwrap()).unwrap();
+            });
         }
     }
     if want("linear") {
-        for &(rows, i, o) in &[(4096usize, 320usize, 320usize), (4096, 320, 2560), (4096, 1280, 320), (1024, 640, 5120), (77, 768, 3072)] {
+        for &(rows, i, o) in &[
+            (4096usize, 320usize, 320usize),
+            (4096, 320, 2560),
+            (4096, 1280, 320),
+            (1024, 640, 5120),
+            (77, 768, 3072),
+        ] {
             let x = Tensor::randn(0f32, 1., (rows, i), &dev)?;
             let w = Tensor::randn(0f32, 1., (o, i), &dev)?;
             let fl = 2.0 * (rows * i * o) as f64;
-            rate(&format!("linear {rows}x{i}->{o} lcm::ops::linear"), fl, || { lcm::ops::linear(&x, &w, None).unwrap(); });
+            rate(
+                &format!("linear {rows}x{i}->{o} lcm::ops::linear"),
+                fl,
+                || {
+                    lcm::ops::linear(&x, &w, None).unwrap();
+                },
+            );
         }
     }
     if want("conv") {
-        for &(c, hw, co) in &[(320usize, 64usize, 320usize), (128, 256, 128), (512, 64, 512), (4, 64, 320)] {
+        for &(c, hw, co) in &[
+            (320usize, 64usize, 320usize),
+            (128, 256, 128),
+            (512, 64, 512),
+            (4, 64, 320),
+        ] {
             let x = Tensor::randn(0f32, 1., (1, c, hw, hw), &dev)?;
             let w = Tensor::randn(0f32, 1., (co, c, 3, 3), &dev)?;
             let fl = 2.0 * (co * c * 9 * hw * hw) as f64;
-            rate(&format!("conv3x3 {c}->{co} {hw}^2 lcm::ops::conv2d"), fl, || { lcm::ops::conv2d(&x, &w, None, 1, 1).unwrap(); });
-            rate(&format!("conv3x3 {c}->{co} {hw}^2 candle"), fl, || { x.conv2d(&w, 1, 1, 1, 1).unwrap(); });
+            rate(
+                &format!("conv3x3 {c}->{co} {hw}^2 lcm::ops::conv2d"),
+                fl,
+                || {
+                    lcm::ops::conv2d(&x, &w, None, 1, 1).unwrap();
+                },
+            );
+            rate(&format!("conv3x3 {c}->{co} {hw}^2 candle"), fl, || {
+                x.conv2d(&w, 1, 1, 1, 1).unwrap();
+            });
         }
     }
     if want("attention") {
         for &(l, heads, d) in &[(4096usize, 8usize, 40usize), (1024, 8, 80)] {
             let q = Tensor::randn(0f32, 1., (1, heads, l, d), &dev)?;
             let fl = 4.0 * (heads * l * l * d) as f64;
-            rate(&format!("attention {heads}x{l}x{d} lcm::ops::attention"), fl, || { lcm::ops::attention(&q, &q, &q, 0.1, false).unwrap(); });
+            rate(
+                &format!("attention {heads}x{l}x{d} lcm::ops::attention"),
+                fl,
+                || {
+                    lcm::ops::attention(&q, &q, &q, 0.1, false).unwrap();
+                },
+            );
         }
     }
     if want("group_norm") {
         let x = Tensor::randn(0f32, 1., (1, 128, 512, 512), &dev)?;
         let w = Tensor::ones(128, candle_core::DType::F32, &dev)?;
         let t = Instant::now();
-        for _ in 0..3 { lcm::ops::group_norm(&x, 32, &w, &w, 1e-6).unwrap(); }
-        println!("group_norm 128x512^2: {:.4} s", t.elapsed().as_secs_f64() / 3.0);
+        for _ in 0..3 {
+            lcm::ops::group_norm(&x, 32, &w, &w, 1e-6).unwrap();
+        }
+        println!(
+            "group_norm 128x512^2: {:.4} s",
+            t.elapsed().as_secs_f64() / 3.0
+        );
     }
     Ok(())
 }

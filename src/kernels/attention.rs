@@ -13,7 +13,18 @@ const QUERY_BLOCK: usize = 48;
 /// `q [heads, lq, d]`, `k [heads, lk, d]`, `v [heads, lk, dv]` (row-major, `heads` = batch x
 /// heads); returns `[heads, lq, dv]`. `causal`: query `i` sees keys `0..=i` only.
 #[allow(clippy::too_many_arguments)]
-pub fn attention(q: &[f32], k: &[f32], v: &[f32], heads: usize, lq: usize, lk: usize, d: usize, dv: usize, scale: f32, causal: bool) -> Vec<f32> {
+pub fn attention(
+    q: &[f32],
+    k: &[f32],
+    v: &[f32],
+    heads: usize,
+    lq: usize,
+    lk: usize,
+    d: usize,
+    dv: usize,
+    scale: f32,
+    causal: bool,
+) -> Vec<f32> {
     let mut out = vec![0f32; heads * lq * dv];
     if lk == 0 || lq == 0 || heads == 0 {
         return out;
@@ -25,8 +36,24 @@ pub fn attention(q: &[f32], k: &[f32], v: &[f32], heads: usize, lq: usize, lk: u
             let kh = &k[h * lk * d..(h + 1) * lk * d];
             let vh = &v[h * lk * dv..(h + 1) * lk * dv];
             (
-                PackedB::new(d, lk, &Strided { data: kh, row_stride: 1, col_stride: d }),
-                PackedB::new(lk, dv, &Strided { data: vh, row_stride: dv, col_stride: 1 }),
+                PackedB::new(
+                    d,
+                    lk,
+                    &Strided {
+                        data: kh,
+                        row_stride: 1,
+                        col_stride: d,
+                    },
+                ),
+                PackedB::new(
+                    lk,
+                    dv,
+                    &Strided {
+                        data: vh,
+                        row_stride: dv,
+                        col_stride: 1,
+                    },
+                ),
             )
         })
         .collect();
@@ -40,7 +67,11 @@ pub fn attention(q: &[f32], k: &[f32], v: &[f32], heads: usize, lq: usize, lk: u
         SCORES.with(|scores| {
             let mut scores = scores.borrow_mut();
             scores.resize(rows * lk, 0.0);
-            let qb = Strided { data: &q[(h * lq + q0) * d..(h * lq + q0 + rows) * d], row_stride: d, col_stride: 1 };
+            let qb = Strided {
+                data: &q[(h * lq + q0) * d..(h * lq + q0 + rows) * d],
+                row_stride: d,
+                col_stride: 1,
+            };
             gemm_single_thread(rows, lk, d, &qb, kt, &mut scores, lk, false);
             let mut sums = [0f32; QUERY_BLOCK];
             for (r, row) in scores.chunks_exact_mut(lk).enumerate() {
@@ -52,8 +83,14 @@ pub fn attention(q: &[f32], k: &[f32], v: &[f32], heads: usize, lq: usize, lk: u
                 masked.fill(0.0);
             }
             // SAFETY: task (h, b) alone writes rows q0..q0+rows of head h.
-            let o = unsafe { std::slice::from_raw_parts_mut(outp.get().add((h * lq + q0) * dv), rows * dv) };
-            let pb = Strided { data: &scores, row_stride: lk, col_stride: 1 };
+            let o = unsafe {
+                std::slice::from_raw_parts_mut(outp.get().add((h * lq + q0) * dv), rows * dv)
+            };
+            let pb = Strided {
+                data: &scores,
+                row_stride: lk,
+                col_stride: 1,
+            };
             gemm_single_thread(rows, dv, lk, &pb, vp, o, dv, false);
             for (row, s) in o.chunks_exact_mut(dv).zip(&sums) {
                 let inv = 1.0 / s;
@@ -79,7 +116,12 @@ mod tests {
             seed = seed.wrapping_mul(1664525).wrapping_add(1013904223);
             (seed >> 8) as f32 / (1 << 24) as f32 * 4.0 - 2.0
         };
-        for &(heads, lq, lk, d, dv, causal) in &[(2, 5, 7, 3, 4, false), (3, 100, 77, 40, 40, false), (2, 77, 77, 64, 64, true), (1, 1, 300, 8, 17, false)] {
+        for &(heads, lq, lk, d, dv, causal) in &[
+            (2, 5, 7, 3, 4, false),
+            (3, 100, 77, 40, 40, false),
+            (2, 77, 77, 64, 64, true),
+            (1, 1, 300, 8, 17, false),
+        ] {
             let q: Vec<f32> = (0..heads * lq * d).map(|_| rnd()).collect();
             let k: Vec<f32> = (0..heads * lk * d).map(|_| rnd()).collect();
             let v: Vec<f32> = (0..heads * lk * dv).map(|_| rnd()).collect();
@@ -89,15 +131,27 @@ mod tests {
                 for i in 0..lq {
                     let n = if causal { i + 1 } else { lk };
                     let s: Vec<f64> = (0..n)
-                        .map(|j| (0..d).map(|t| q[(h * lq + i) * d + t] as f64 * k[(h * lk + j) * d + t] as f64).sum::<f64>() * scale as f64)
+                        .map(|j| {
+                            (0..d)
+                                .map(|t| {
+                                    q[(h * lq + i) * d + t] as f64 * k[(h * lk + j) * d + t] as f64
+                                })
+                                .sum::<f64>()
+                                * scale as f64
+                        })
                         .collect();
                     let m = s.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
                     let e: Vec<f64> = s.iter().map(|x| (x - m).exp()).collect();
                     let z: f64 = e.iter().sum();
                     for c in 0..dv {
-                        let want: f64 = (0..n).map(|j| e[j] / z * v[(h * lk + j) * dv + c] as f64).sum();
+                        let want: f64 = (0..n)
+                            .map(|j| e[j] / z * v[(h * lk + j) * dv + c] as f64)
+                            .sum();
                         let g = got[(h * lq + i) * dv + c] as f64;
-                        assert!((g - want).abs() < 1e-5, "{heads} {lq} {lk} {d}: {g} vs {want}");
+                        assert!(
+                            (g - want).abs() < 1e-5,
+                            "{heads} {lq} {lk} {d}: {g} vs {want}"
+                        );
                     }
                 }
             }

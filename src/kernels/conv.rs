@@ -31,18 +31,37 @@ impl ConvShape {
 /// `y = conv(x, weight) + bias`; `x` is `[batch, c_in, h, w]`, `weight` `[c_out, c_in, kh, kw]`,
 /// the result `[batch, c_out, ho, wo]`.
 pub fn conv2d(x: &[f32], weight: &[f32], bias: Option<&[f32]>, s: &ConvShape) -> Vec<f32> {
+    if super::winograd::applies(s) {
+        return super::winograd::conv2d(x, weight, bias, s);
+    }
+    conv2d_direct(x, weight, bias, s)
+}
+
+/// The direct convolution (implicit-im2col GEMM), for every shape.
+pub fn conv2d_direct(x: &[f32], weight: &[f32], bias: Option<&[f32]>, s: &ConvShape) -> Vec<f32> {
     let (ho, wo) = s.out_hw();
     let (pixels, depth) = (ho * wo, s.c_in * s.kh * s.kw);
     let mut y = vec![0f32; s.batch * s.c_out * pixels];
-    let a = Strided { data: weight, row_stride: depth, col_stride: 1 };
-    for (xb, yb) in x.chunks_exact(s.c_in * s.h * s.w).zip(y.chunks_exact_mut(s.c_out * pixels)) {
+    let a = Strided {
+        data: weight,
+        row_stride: depth,
+        col_stride: 1,
+    };
+    for (xb, yb) in x
+        .chunks_exact(s.c_in * s.h * s.w)
+        .zip(y.chunks_exact_mut(s.c_out * pixels))
+    {
         if let Some(bias) = bias {
             for (row, b) in yb.chunks_exact_mut(pixels).zip(bias) {
                 row.fill(*b);
             }
         }
         if s.kh == 1 && s.kw == 1 && s.stride == 1 && s.padding == 0 {
-            let b = Strided { data: xb, row_stride: pixels, col_stride: 1 };
+            let b = Strided {
+                data: xb,
+                row_stride: pixels,
+                col_stride: 1,
+            };
             gemm(s.c_out, pixels, depth, &a, &b, yb, pixels, bias.is_some());
         } else {
             let b = ImplicitIm2col { x: xb, s, wo };
@@ -72,7 +91,12 @@ struct Run {
 impl PackB for ImplicitIm2col<'_> {
     fn pack_b(&self, p0: usize, kc: usize, j0: usize, nc: usize, dst: &mut [f32]) {
         let s = self.s;
-        let (h, w, stride, pad) = (s.h as isize, s.w as isize, s.stride as isize, s.padding as isize);
+        let (h, w, stride, pad) = (
+            s.h as isize,
+            s.w as isize,
+            s.stride as isize,
+            s.padding as isize,
+        );
         let khw = s.kh * s.kw;
         let panels = nc.div_ceil(NR);
         // The output-row runs of every panel, found once for the whole block.
@@ -112,7 +136,11 @@ impl PackB for ImplicitIm2col<'_> {
                 } else {
                     for (t, v) in d.iter_mut().enumerate() {
                         let ix = ix0 + t as isize * stride;
-                        *v = if ix >= 0 && ix < w { row[ix as usize] } else { 0.0 };
+                        *v = if ix >= 0 && ix < w {
+                            row[ix as usize]
+                        } else {
+                            0.0
+                        };
                     }
                 }
             }
@@ -146,9 +174,16 @@ mod tests {
                                 for kx in 0..s.kw {
                                     let iy = (oy * s.stride + ky) as isize - s.padding as isize;
                                     let ix = (ox * s.stride + kx) as isize - s.padding as isize;
-                                    if iy >= 0 && ix >= 0 && (iy as usize) < s.h && (ix as usize) < s.w {
-                                        acc += x[((b * s.c_in + ci) * s.h + iy as usize) * s.w + ix as usize] as f64
-                                            * wt[((co * s.c_in + ci) * s.kh + ky) * s.kw + kx] as f64;
+                                    if iy >= 0
+                                        && ix >= 0
+                                        && (iy as usize) < s.h
+                                        && (ix as usize) < s.w
+                                    {
+                                        acc += x[((b * s.c_in + ci) * s.h + iy as usize) * s.w
+                                            + ix as usize]
+                                            as f64
+                                            * wt[((co * s.c_in + ci) * s.kh + ky) * s.kw + kx]
+                                                as f64;
                                     }
                                 }
                             }
@@ -177,7 +212,17 @@ mod tests {
             (1, 6, 10, 11, 9, 3, 2, 0),
         ];
         for &(batch, c_in, h, w, c_out, k, stride, padding) in &shapes {
-            let s = ConvShape { batch, c_in, h, w, c_out, kh: k, kw: k, stride, padding };
+            let s = ConvShape {
+                batch,
+                c_in,
+                h,
+                w,
+                c_out,
+                kh: k,
+                kw: k,
+                stride,
+                padding,
+            };
             let x: Vec<f32> = (0..batch * c_in * h * w).map(|_| rnd()).collect();
             let wt: Vec<f32> = (0..c_out * c_in * k * k).map(|_| rnd()).collect();
             let bias: Vec<f32> = (0..c_out).map(|_| rnd()).collect();

@@ -75,7 +75,11 @@ impl PackB for PackedB {
 
     fn packed(&self, p0: usize, kc: usize, j0: usize) -> Option<&[f32]> {
         // Blocks start at multiples of KC and panels at multiples of NR, as the driver asks.
-        debug_assert!(p0 % block_depth(self.k) == 0 && j0 % NR == 0 && kc == block_depth(self.k).min(self.k - p0));
+        debug_assert!(
+            p0 % block_depth(self.k) == 0
+                && j0 % NR == 0
+                && kc == block_depth(self.k).min(self.k - p0)
+        );
         let width = self.n.div_ceil(NR) * NR;
         Some(&self.data[p0 * width + j0 * kc..])
     }
@@ -112,7 +116,11 @@ impl PackA for Strided<'_> {
             } else {
                 for p in 0..kc {
                     for r in 0..MR {
-                        out[p * MR + r] = if r < rows { self.at(r0 + r, p0 + p) } else { 0.0 };
+                        out[p * MR + r] = if r < rows {
+                            self.at(r0 + r, p0 + p)
+                        } else {
+                            0.0
+                        };
                     }
                 }
             }
@@ -200,7 +208,16 @@ pub fn gemm(
 }
 
 /// [`gemm`] on the calling thread only, for callers that already run many products in parallel.
-pub fn gemm_single_thread(m: usize, n: usize, k: usize, a: &dyn PackA, b: &dyn PackB, c: &mut [f32], ldc: usize, accumulate: bool) {
+pub fn gemm_single_thread(
+    m: usize,
+    n: usize,
+    k: usize,
+    a: &dyn PackA,
+    b: &dyn PackB,
+    c: &mut [f32],
+    ldc: usize,
+    accumulate: bool,
+) {
     if m == 0 || n == 0 {
         return;
     }
@@ -310,7 +327,14 @@ unsafe fn kernel_generic(
 }
 
 #[inline]
-unsafe fn store_tile(acc: &[[f32; NR]; MR], c: *mut f32, ldc: usize, accumulate: bool, mr: usize, nr: usize) {
+unsafe fn store_tile(
+    acc: &[[f32; NR]; MR],
+    c: *mut f32,
+    ldc: usize,
+    accumulate: bool,
+    mr: usize,
+    nr: usize,
+) {
     for (r, row) in acc.iter().enumerate().take(mr) {
         let out = std::slice::from_raw_parts_mut(c.add(r * ldc), nr);
         if accumulate {
@@ -390,7 +414,14 @@ mod x86 {
             step!();
             p += 1;
         }
-        let rows = [[c00, c01], [c10, c11], [c20, c21], [c30, c31], [c40, c41], [c50, c51]];
+        let rows = [
+            [c00, c01],
+            [c10, c11],
+            [c20, c21],
+            [c30, c31],
+            [c40, c41],
+            [c50, c51],
+        ];
         if mr == MR && nr == NR {
             for (r, [lo, hi]) in rows.iter().enumerate() {
                 let out = c.add(r * ldc);
@@ -438,17 +469,51 @@ mod tests {
             seed = seed.wrapping_mul(1664525).wrapping_add(1013904223);
             (seed >> 8) as f32 / (1 << 24) as f32 - 0.5
         };
-        for &(m, n, k) in &[(1, 1, 1), (7, 17, 3), (13, 40, 300), (77, 33, 513), (6, 16, 256), (100, 1030, 20)] {
+        for &(m, n, k) in &[
+            (1, 1, 1),
+            (7, 17, 3),
+            (13, 40, 300),
+            (77, 33, 513),
+            (6, 16, 256),
+            (100, 1030, 20),
+        ] {
             let av: Vec<f32> = (0..m * k).map(|_| rnd()).collect();
             let bv: Vec<f32> = (0..k * n).map(|_| rnd()).collect();
             for (ta, tb) in [(false, false), (true, false), (false, true), (true, true)] {
-                let a = if ta { Strided { data: &av, row_stride: 1, col_stride: m } } else { Strided { data: &av, row_stride: k, col_stride: 1 } };
-                let b = if tb { Strided { data: &bv, row_stride: 1, col_stride: k } } else { Strided { data: &bv, row_stride: n, col_stride: 1 } };
+                let a = if ta {
+                    Strided {
+                        data: &av,
+                        row_stride: 1,
+                        col_stride: m,
+                    }
+                } else {
+                    Strided {
+                        data: &av,
+                        row_stride: k,
+                        col_stride: 1,
+                    }
+                };
+                let b = if tb {
+                    Strided {
+                        data: &bv,
+                        row_stride: 1,
+                        col_stride: k,
+                    }
+                } else {
+                    Strided {
+                        data: &bv,
+                        row_stride: n,
+                        col_stride: 1,
+                    }
+                };
                 let want = naive(m, n, k, &a, &b);
                 let mut c = vec![1f32; m * n];
                 gemm(m, n, k, &a, &b, &mut c, n, true);
                 for (x, y) in c.iter().zip(&want) {
-                    assert!((x - 1.0 - y).abs() < 1e-4, "{m}x{n}x{k} {ta} {tb}: {x} vs {y}");
+                    assert!(
+                        (x - 1.0 - y).abs() < 1e-4,
+                        "{m}x{n}x{k} {ta} {tb}: {x} vs {y}"
+                    );
                 }
                 gemm(m, n, k, &a, &b, &mut c, n, false);
                 for (x, y) in c.iter().zip(&want) {

@@ -6,6 +6,7 @@ pub mod attention;
 pub mod conv;
 pub mod gemm;
 pub mod norm;
+pub mod winograd;
 
 /// AVX2 + FMA available at run time (checked once).
 #[cfg(target_arch = "x86_64")]
@@ -31,7 +32,12 @@ const MIN_PARALLEL_WORK: usize = 4_000_000;
 
 /// Run `f(start, len)` over `0..total` cut into pieces (multiples of `align`, except the last)
 /// on rayon's pool: a few pieces per thread so a busy core does not hold everyone up.
-pub(crate) fn parallel_chunks(total: usize, align: usize, work: usize, f: impl Fn(usize, usize) + Sync) {
+pub(crate) fn parallel_chunks(
+    total: usize,
+    align: usize,
+    work: usize,
+    f: impl Fn(usize, usize) + Sync,
+) {
     let threads = rayon::current_num_threads();
     if threads <= 1 || work < MIN_PARALLEL_WORK || total <= align {
         f(0, total);
@@ -93,20 +99,30 @@ pub(crate) fn gelu_erf(x: &[f32], mul: Option<&[f32]>, out: &mut [f32]) {
 fn gelu_scalar(x: f32) -> f32 {
     let z = (x * std::f32::consts::FRAC_1_SQRT_2).abs();
     let t = 1.0 / (0.327_591_1 * z + 1.0);
-    let r = (((1.061_405_4 * t - 1.453_152) * t + 1.421_413_8) * t - 0.284_496_74) * t + 0.254_829_6;
+    let r =
+        (((1.061_405_4 * t - 1.453_152) * t + 1.421_413_8) * t - 0.284_496_74) * t + 0.254_829_6;
     let erf = 1.0 - r * t * (-z * z).exp();
     0.5 * x * (1.0 + erf.copysign(x))
 }
 
 /// Layer normalization of each `width`-long row (two passes: mean, then centred variance).
-pub(crate) fn layer_norm(x: &[f32], width: usize, weight: &[f32], bias: Option<&[f32]>, eps: f32) -> Vec<f32> {
+pub(crate) fn layer_norm(
+    x: &[f32],
+    width: usize,
+    weight: &[f32],
+    bias: Option<&[f32]>,
+    eps: f32,
+) -> Vec<f32> {
     let mut y = vec![0f32; x.len()];
     let rows = x.len() / width.max(1);
     let yp = SendPtr(y.as_mut_ptr());
     parallel_chunks(rows, 1, x.len() * 8, |r0, n| {
         // SAFETY: each chunk writes its own rows.
         let ys = unsafe { std::slice::from_raw_parts_mut(yp.get().add(r0 * width), n * width) };
-        for (xr, yr) in x[r0 * width..(r0 + n) * width].chunks_exact(width).zip(ys.chunks_exact_mut(width)) {
+        for (xr, yr) in x[r0 * width..(r0 + n) * width]
+            .chunks_exact(width)
+            .zip(ys.chunks_exact_mut(width))
+        {
             let mean = xr.iter().sum::<f32>() / width as f32;
             let var = xr.iter().map(|&v| (v - mean) * (v - mean)).sum::<f32>() / width as f32;
             let rstd = 1.0 / (var + eps).sqrt();
@@ -129,7 +145,9 @@ mod x86 {
     pub(super) unsafe fn exp8(x: __m256) -> __m256 {
         let x = _mm256_min_ps(x, _mm256_set1_ps(88.376_26));
         let xc = _mm256_max_ps(x, _mm256_set1_ps(-87.336_55));
-        let n = _mm256_round_ps::<{ _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC }>(_mm256_mul_ps(xc, _mm256_set1_ps(std::f32::consts::LOG2_E)));
+        let n = _mm256_round_ps::<{ _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC }>(
+            _mm256_mul_ps(xc, _mm256_set1_ps(std::f32::consts::LOG2_E)),
+        );
         let r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693_359_4), xc);
         let r = _mm256_fnmadd_ps(n, _mm256_set1_ps(-2.121_944_4e-4), r);
         let mut p = _mm256_set1_ps(1.987_569_1e-4);
@@ -140,10 +158,16 @@ mod x86 {
         p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(0.5));
         let r2 = _mm256_mul_ps(r, r);
         p = _mm256_fmadd_ps(p, r2, _mm256_add_ps(r, _mm256_set1_ps(1.0)));
-        let pow2n = _mm256_castsi256_ps(_mm256_slli_epi32::<23>(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127))));
+        let pow2n = _mm256_castsi256_ps(_mm256_slli_epi32::<23>(_mm256_add_epi32(
+            _mm256_cvtps_epi32(n),
+            _mm256_set1_epi32(127),
+        )));
         let y = _mm256_mul_ps(p, pow2n);
         // Below the smallest normal: 0 (softmax of masked or far-off scores).
-        _mm256_and_ps(y, _mm256_cmp_ps::<_CMP_GE_OQ>(x, _mm256_set1_ps(-87.336_55)))
+        _mm256_and_ps(
+            y,
+            _mm256_cmp_ps::<_CMP_GE_OQ>(x, _mm256_set1_ps(-87.336_55)),
+        )
     }
 
     #[target_feature(enable = "avx2,fma")]
@@ -228,7 +252,10 @@ mod tests {
                 continue;
             }
             let want = 0.5 * v as f64 * (1.0 + libm_erf(v as f64 / 2f64.sqrt()));
-            assert!((g as f64 - want).abs() < 2e-6 * (1.0 + want.abs()), "gelu({v}) = {g}, want {want}");
+            assert!(
+                (g as f64 - want).abs() < 2e-6 * (1.0 + want.abs()),
+                "gelu({v}) = {g}, want {want}"
+            );
         }
         let mut e = x.clone();
         let sum = super::exp_sub_inplace(&mut e, 1.0, 2.0);
