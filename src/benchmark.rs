@@ -376,7 +376,7 @@ const PROMPT: &str = "a photograph of an astronaut riding a horse";
 
 /// Time every stage of the model in `dir` (as [`write_folder`] wrote it for `opts.model`).
 pub fn run(dir: &Path, opts: &BenchOptions) -> Result<BenchReport> {
-    if opts.size == 0 || opts.size % 8 != 0 {
+    if opts.size == 0 || !opts.size.is_multiple_of(8) {
         bail!("the size must be a positive multiple of 8, got {}", opts.size);
     }
     let gemm = gemm_gflops(opts)?;
