@@ -1,12 +1,15 @@
 #!/usr/bin/env python
 """Time diffusers on the folder `lcm bench` wrote, stage by stage, and print lcm / diffusers.
 
-    ./target/release/lcm bench --json > lcm.json          # writes /tmp/lcm-bench-sd15 once
+    ./target/release/lcm bench --json > lcm.json                  # writes /tmp/lcm-bench-sd15 once
     /work/venv/bin/python benches/bench_diffusers.py lcm.json [--dir /tmp/lcm-bench-sd15]
 
-Same model files, size, steps, seed, warm-up and number of runs as the lcm run (read from its
-JSON); PyTorch on the CPU in float32 with the same thread count. Prints a Markdown table (stage,
-lcm s, diffusers s, ratio, lcm GFLOP/s, % of lcm's GEMM rate) and diffusers' peak RSS.
+The model kind (sd15, sdxl, animatediff), folder, size, frames, steps and number of runs come from
+lcm's JSON; the same model files, seed and warm-up; PyTorch on the CPU in float32 with the same
+thread count. sd15: StableDiffusionPipeline; sdxl: StableDiffusionXLPipeline; animatediff:
+AnimateDiffPipeline with the MotionAdapter in DIR/motion_adapter, decoding frame by frame
+(decode_chunk_size=1) as lcm does. LCMScheduler, guidance 1 (no CFG). Prints a Markdown table
+(stage, lcm s, diffusers s, ratio, lcm GFLOP/s, % of lcm's GEMM rate) and both peak RSS.
 """
 
 import argparse
@@ -14,11 +17,11 @@ import json
 import os
 import resource
 import statistics
-import tempfile
 import time
 
 import torch
-from diffusers import LCMScheduler, StableDiffusionPipeline
+
+PROMPT = "a photograph of an astronaut riding a horse"
 
 
 def timed(fn, warmup, runs):
@@ -32,44 +35,120 @@ def timed(fn, warmup, runs):
     return statistics.median(ts), ts
 
 
-def main():
-    ap = argparse.ArgumentParser()
-    ap.add_argument("lcm_json")
-    ap.add_argument("--dir", default=os.path.join(tempfile.gettempdir(), "lcm-bench-sd15"))
-    ap.add_argument("--warmup", type=int, default=1)
-    ap.add_argument("--runs", type=int, default=None)
-    a = ap.parse_args()
-    lcm = json.load(open(a.lcm_json))
-    runs = a.runs or len(lcm["stages"][0]["runs"])
-    torch.set_num_threads(lcm["threads"])
-    torch.set_grad_enabled(False)
-    pipe = StableDiffusionPipeline.from_pretrained(a.dir, dtype=torch.float32, safety_checker=None)
+def lcm_scheduler(pipe):
+    from diffusers import LCMScheduler
+
     pipe.scheduler = LCMScheduler.from_config(pipe.scheduler.config)
     pipe.set_progress_bar_config(disable=True)
-    size, steps = lcm["size"], lcm["steps"]
-    prompt = "a photograph of an astronaut riding a horse"
+    return pipe
+
+
+def sd15_stages(d, size, steps):
+    from diffusers import StableDiffusionPipeline
+
+    pipe = lcm_scheduler(StableDiffusionPipeline.from_pretrained(d, dtype=torch.float32, safety_checker=None))
     lat = size // pipe.vae_scale_factor
-    pe, _ = pipe.encode_prompt(prompt, "cpu", 1, False)
+    pe, _ = pipe.encode_prompt(PROMPT, "cpu", 1, False)
+    pe2 = torch.cat(pipe.encode_prompt(PROMPT, "cpu", 1, True)[::-1])  # [negative, prompt]
     x1 = torch.randn(1, 4, lat, lat)
-    x2, pe2 = torch.cat([x1, x1]), torch.cat([pe, pe])
-    stages = {
-        "text encoding": lambda: pipe.encode_prompt(prompt, "cpu", 1, False),
+    x2 = torch.cat([x1, x1])
+    return {
+        "text encoding": lambda: pipe.encode_prompt(PROMPT, "cpu", 1, False),
         "UNet step, batch 1": lambda: pipe.unet(x1, 999, encoder_hidden_states=pe).sample,
         "UNet step, batch 2 (CFG)": lambda: pipe.unet(x2, 999, encoder_hidden_states=pe2).sample,
         "VAE decode": lambda: pipe.vae.decode(x1).sample,
         f"text-to-image, {steps} LCM steps": lambda: pipe(
-            prompt, num_inference_steps=steps, guidance_scale=1.0, height=size, width=size,
+            PROMPT, num_inference_steps=steps, guidance_scale=1.0, height=size, width=size,
             generator=torch.manual_seed(0), output_type="np"),
     }
-    print(f"torch {torch.__version__}, {lcm['threads']} threads, {size}x{size}, {steps} steps, median of {runs}")
+
+
+def sdxl_stages(d, size, steps):
+    from diffusers import StableDiffusionXLPipeline
+
+    pipe = lcm_scheduler(StableDiffusionXLPipeline.from_pretrained(d, dtype=torch.float32))
+    lat = size // pipe.vae_scale_factor
+    pe, _, pooled, _ = pipe.encode_prompt(PROMPT, device="cpu", num_images_per_prompt=1,
+                                          do_classifier_free_guidance=False)
+    # Batch 2 as under CFG: force_zeros_for_empty_prompt gives zero negative embeddings.
+    pe_c, neg, pooled_c, neg_pooled = pipe.encode_prompt(PROMPT, device="cpu", num_images_per_prompt=1,
+                                                         do_classifier_free_guidance=True)
+    pe2, pooled2 = torch.cat([neg, pe_c]), torch.cat([neg_pooled, pooled_c])
+    ids = torch.tensor([[size, size, 0, 0, size, size]], dtype=torch.float32)
+    cond1 = {"text_embeds": pooled, "time_ids": ids}
+    cond2 = {"text_embeds": pooled2, "time_ids": torch.cat([ids, ids])}
+    x1 = torch.randn(1, 4, lat, lat)
+    x2 = torch.cat([x1, x1])
+    return {
+        "text encoding": lambda: pipe.encode_prompt(PROMPT, device="cpu", num_images_per_prompt=1,
+                                                    do_classifier_free_guidance=False),
+        "UNet step, batch 1": lambda: pipe.unet(x1, 999, encoder_hidden_states=pe, added_cond_kwargs=cond1).sample,
+        "UNet step, batch 2 (CFG)": lambda: pipe.unet(x2, 999, encoder_hidden_states=pe2,
+                                                      added_cond_kwargs=cond2).sample,
+        "VAE decode": lambda: pipe.vae.decode(x1).sample,
+        f"text-to-image, {steps} LCM steps": lambda: pipe(
+            PROMPT, num_inference_steps=steps, guidance_scale=1.0, height=size, width=size,
+            generator=torch.manual_seed(0), output_type="np"),
+    }
+
+
+def animatediff_stages(d, size, steps, frames):
+    from diffusers import AnimateDiffPipeline, MotionAdapter
+
+    adapter = MotionAdapter.from_pretrained(os.path.join(d, "motion_adapter"), dtype=torch.float32)
+    pipe = lcm_scheduler(AnimateDiffPipeline.from_pretrained(d, motion_adapter=adapter, dtype=torch.float32))
+    lat = size // pipe.vae_scale_factor
+    pe, _ = pipe.encode_prompt(PROMPT, "cpu", 1, False)
+    ehs = pe.repeat_interleave(frames, dim=0)  # as AnimateDiffPipeline passes it
+    x = torch.randn(1, 4, frames, lat, lat)
+
+    def decode():
+        for k in range(frames):
+            pipe.vae.decode(x[:, :, k]).sample
+
+    return {
+        f"UNet step, {frames} frames": lambda: pipe.unet(x, 999, encoder_hidden_states=ehs).sample,
+        f"VAE decode, {frames} frames one by one": decode,
+        f"animation, {frames} frames, {steps} LCM steps": lambda: pipe(
+            PROMPT, num_frames=frames, num_inference_steps=steps, guidance_scale=1.0, height=size, width=size,
+            generator=torch.manual_seed(0), output_type="np", decode_chunk_size=1),
+    }
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("lcm_json")
+    ap.add_argument("--dir", default=None, help="model folder (default: the one in lcm's JSON)")
+    ap.add_argument("--warmup", type=int, default=1)
+    ap.add_argument("--runs", type=int, default=None)
+    a = ap.parse_args()
+    lcm = json.load(open(a.lcm_json))
+    kind = lcm.get("kind", "sd15")
+    d = a.dir or lcm.get("dir")
+    runs = a.runs or len(lcm["stages"][0]["runs"])
+    torch.set_num_threads(lcm["threads"])
+    torch.set_grad_enabled(False)
+    size, steps, frames = lcm["size"], lcm["steps"], lcm.get("frames")
+    if kind == "sd15":
+        stages = sd15_stages(d, size, steps)
+    elif kind == "sdxl":
+        stages = sdxl_stages(d, size, steps)
+    elif kind == "animatediff":
+        stages = animatediff_stages(d, size, steps, frames)
+    else:
+        raise SystemExit(f"unknown model kind {kind!r}")
+    clip = f", {frames} frames" if frames else ""
+    print(f"{kind}: torch {torch.__version__}, {lcm['threads']} threads, {size}x{size}{clip}, {steps} steps, "
+          f"median of {runs}")
     print("| stage | lcm s | diffusers s | lcm / diffusers | lcm GFLOP/s | lcm % of GEMM peak |")
     print("|---|---|---|---|---|---|")
     for st in lcm["stages"]:
-        d, _ = timed(stages[st["name"]], a.warmup, runs)
-        print(f"| {st['name']} | {st['seconds']:.3f} | {d:.3f} | {st['seconds'] / d:.2f} | {st['gflops']:.1f} | "
+        d_s, _ = timed(stages[st["name"]], a.warmup, runs)
+        print(f"| {st['name']} | {st['seconds']:.3f} | {d_s:.3f} | {st['seconds'] / d_s:.2f} | {st['gflops']:.1f} | "
               f"{100 * st['gemm_fraction']:.0f}% |")
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    print(f"peak RSS: lcm {lcm['peak_rss_mb']:.0f} MB, diffusers {rss:.0f} MB; lcm FP32 GEMM {lcm['gemm_gflops']:.1f} GFLOP/s")
+    print(f"peak RSS: lcm {lcm['peak_rss_mb']:.0f} MB, diffusers {rss:.0f} MB (weights {lcm['weights_mb']:.0f} MB); "
+          f"lcm FP32 GEMM {lcm['gemm_gflops']:.1f} GFLOP/s")
 
 
 if __name__ == "__main__":

@@ -1,18 +1,21 @@
-//! `lcm bench`: the real SD1.5 architecture with random weights (the same compute as real ones),
-//! written once as a diffusers folder so diffusers can load the very same model
-//! (`benches/bench_diffusers.py`), then timed stage by stage with warm-up and the median of
-//! several runs: text encoding, one UNet step (batch 1, and batch 2 as under CFG), VAE decode and
-//! the whole 4-step LCM text-to-image; with GFLOP/s from the FLOPs the ops count, the machine's
-//! FP32 matrix-multiply rate on the same threads, and peak memory.
+//! `lcm bench`: a real architecture (SD1.5, SDXL, or SD1.5 + the AnimateDiff motion adapter
+//! v1-5-2) with random weights (the same compute as real ones), written once as a diffusers folder
+//! so diffusers can load the very same model (`benches/bench_diffusers.py`), then timed stage by
+//! stage with warm-up and the median of several runs. Images: text encoding, one UNet step (batch
+//! 1, and batch 2 as under CFG), VAE decode and the whole 4-step LCM text-to-image. AnimateDiff:
+//! one UNet step over the clip, the frame-by-frame VAE decode and the whole 4-step animation.
+//! With GFLOP/s from the FLOPs the ops count, the machine's FP32 matrix-multiply rate on the same
+//! threads, and peak memory.
 
 use crate::loaders::weights::recording_random_var_builder;
 use crate::models::autoencoder_kl::{AutoencoderKL, AutoencoderKLConfig};
-use crate::models::clip_text_model::{ClipTextConfig, ClipTextModel};
+use crate::models::clip_text_model::{ClipTextConfig, ClipTextModel, ClipTextModelWithProjection};
+use crate::models::motion_adapter::{MotionAdapterConfig, MotionModules};
 use crate::models::unet_2d_condition::{UNet2DConditionConfig, UNet2DConditionModel, UNetConditioning};
 use crate::pipelines::{conditioning, GenerateRequest, LcmPipeline, LoadOptions, PipelineKind};
-use anyhow::{Context, Result};
-use candle_core::{Device, Tensor};
-use std::path::Path;
+use anyhow::{bail, Context, Result};
+use candle_core::{DType, Device, Tensor};
+use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 const UNET_CONFIG: &str = include_str!("../tests/fixtures/real_configs/sd15/unet/config.json");
@@ -23,6 +26,17 @@ const VOCAB: &str = include_str!("../tests/fixtures/models/tiny-sd/tokenizer/voc
 const MERGES: &str = include_str!("../tests/fixtures/models/tiny-sd/tokenizer/merges.txt");
 const TOKENIZER_CONFIG: &str = include_str!("../tests/fixtures/models/tiny-sd/tokenizer/tokenizer_config.json");
 const SPECIAL_TOKENS: &str = include_str!("../tests/fixtures/models/tiny-sd/tokenizer/special_tokens_map.json");
+const SDXL_UNET_CONFIG: &str = include_str!("../tests/fixtures/real_configs/sdxl/unet/config.json");
+const SDXL_VAE_CONFIG: &str = include_str!("../tests/fixtures/real_configs/sdxl/vae/config.json");
+const SDXL_TEXT_ENCODER_CONFIG: &str = include_str!("../tests/fixtures/real_configs/sdxl/text_encoder/config.json");
+const SDXL_TEXT_ENCODER_2_CONFIG: &str = include_str!("../tests/fixtures/real_configs/sdxl/text_encoder_2/config.json");
+/// SDXL's tokenizers: the same vocabulary and merges as SD1.5's, the second padding with `!`
+/// (the tiny fixture carries the real stabilityai/stable-diffusion-xl-base-1.0 files).
+const SDXL_TOKENIZER_CONFIG: &str = include_str!("../tests/fixtures/models/tiny-sdxl/tokenizer/tokenizer_config.json");
+const SDXL_SPECIAL_TOKENS: &str = include_str!("../tests/fixtures/models/tiny-sdxl/tokenizer/special_tokens_map.json");
+const SDXL_TOKENIZER_2_CONFIG: &str = include_str!("../tests/fixtures/models/tiny-sdxl/tokenizer_2/tokenizer_config.json");
+const SDXL_SPECIAL_TOKENS_2: &str = include_str!("../tests/fixtures/models/tiny-sdxl/tokenizer_2/special_tokens_map.json");
+const MOTION_ADAPTER_CONFIG: &str = include_str!("../tests/fixtures/real_configs/guoyww__animatediff-motion-adapter-v1-5-2/config.json");
 const SCHEDULER_CONFIG: &str = r#"{
   "_class_name": "LCMScheduler",
   "beta_start": 0.00085,
@@ -48,6 +62,88 @@ const MODEL_INDEX: &str = r#"{
   "unet": ["diffusers", "UNet2DConditionModel"],
   "vae": ["diffusers", "AutoencoderKL"]
 }"#;
+const SDXL_MODEL_INDEX: &str = r#"{
+  "_class_name": "StableDiffusionXLPipeline",
+  "_diffusers_version": "0.42.1",
+  "add_watermarker": false,
+  "force_zeros_for_empty_prompt": true,
+  "feature_extractor": [null, null],
+  "image_encoder": [null, null],
+  "scheduler": ["diffusers", "LCMScheduler"],
+  "text_encoder": ["transformers", "CLIPTextModel"],
+  "text_encoder_2": ["transformers", "CLIPTextModelWithProjection"],
+  "tokenizer": ["transformers", "CLIPTokenizer"],
+  "tokenizer_2": ["transformers", "CLIPTokenizer"],
+  "unet": ["diffusers", "UNet2DConditionModel"],
+  "vae": ["diffusers", "AutoencoderKL"]
+}"#;
+
+/// Which architecture `lcm bench` times.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum BenchModel {
+    Sd15,
+    Sdxl,
+    AnimateDiff,
+}
+
+impl std::str::FromStr for BenchModel {
+    type Err = String;
+    fn from_str(s: &str) -> std::result::Result<Self, String> {
+        match s.to_ascii_lowercase().as_str() {
+            "sd15" => Ok(Self::Sd15),
+            "sdxl" => Ok(Self::Sdxl),
+            "animatediff" => Ok(Self::AnimateDiff),
+            _ => Err(format!("unknown model `{s}`: sd15, sdxl or animatediff")),
+        }
+    }
+}
+
+impl BenchModel {
+    /// Image size when `--size` is not given: the model's native one.
+    pub fn default_size(self) -> usize {
+        match self {
+            Self::Sdxl => 1024,
+            Self::Sd15 | Self::AnimateDiff => 512,
+        }
+    }
+
+    /// The folder `lcm bench` writes when `--dir` is not given (AnimateDiff uses the SD1.5
+    /// folder, with the motion adapter in its `motion_adapter/` subfolder).
+    pub fn default_dir(self) -> PathBuf {
+        std::env::temp_dir().join(match self {
+            Self::Sdxl => "lcm-bench-sdxl",
+            Self::Sd15 | Self::AnimateDiff => "lcm-bench-sd15",
+        })
+    }
+
+    fn description(self) -> &'static str {
+        match self {
+            Self::Sd15 => "SD1.5 architecture, random weights",
+            Self::Sdxl => "SDXL architecture, random weights",
+            Self::AnimateDiff => "AnimateDiff (SD1.5 + motion adapter v1-5-2), random weights",
+        }
+    }
+}
+
+/// Whether the random-weight folder `model` needs is complete in `dir` (so [`write_folder`] will
+/// not write anything).
+pub fn folder_complete(model: BenchModel, dir: &Path) -> bool {
+    dir.join("model_index.json").is_file()
+        && (model != BenchModel::AnimateDiff || dir.join("motion_adapter/config.json").is_file())
+}
+
+/// Write the random-weight folder `model` needs (skipping what is there already).
+pub fn write_folder(model: BenchModel, dir: &Path) -> Result<()> {
+    match model {
+        BenchModel::Sd15 => write_sd15_folder(dir),
+        BenchModel::Sdxl => write_sdxl_folder(dir),
+        BenchModel::AnimateDiff => {
+            write_sd15_folder(dir)?;
+            write_motion_adapter_folder(&dir.join("motion_adapter"))
+        }
+    }
+}
 
 fn write(path: &Path, text: &str) -> Result<()> {
     if let Some(d) = path.parent() {
@@ -57,6 +153,9 @@ fn write(path: &Path, text: &str) -> Result<()> {
 }
 
 fn save_weights(record: &crate::loaders::weights::RecordedWeights, path: &Path) -> Result<()> {
+    if let Some(d) = path.parent() {
+        std::fs::create_dir_all(d).with_context(|| format!("cannot create {}", d.display()))?;
+    }
     let map = record.lock().map_err(|_| anyhow::anyhow!("weight record poisoned"))?;
     candle_core::safetensors::save(&map, path).with_context(|| format!("cannot write {}", path.display()))
 }
@@ -70,10 +169,7 @@ pub fn write_sd15_folder(dir: &Path) -> Result<()> {
     write(&dir.join("unet/config.json"), UNET_CONFIG)?;
     write(&dir.join("vae/config.json"), VAE_CONFIG)?;
     write(&dir.join("text_encoder/config.json"), TEXT_ENCODER_CONFIG)?;
-    write(&dir.join("tokenizer/vocab.json"), VOCAB)?;
-    write(&dir.join("tokenizer/merges.txt"), MERGES)?;
-    write(&dir.join("tokenizer/tokenizer_config.json"), TOKENIZER_CONFIG)?;
-    write(&dir.join("tokenizer/special_tokens_map.json"), SPECIAL_TOKENS)?;
+    write_tokenizer(&dir.join("tokenizer"), TOKENIZER_CONFIG, SPECIAL_TOKENS)?;
     write(&dir.join("scheduler/scheduler_config.json"), SCHEDULER_CONFIG)?;
 
     let (vb, rec) = recording_random_var_builder(1, &dev);
@@ -90,10 +186,76 @@ pub fn write_sd15_folder(dir: &Path) -> Result<()> {
     write(&dir.join("model_index.json"), MODEL_INDEX)
 }
 
+fn write_tokenizer(dir: &Path, config: &str, special_tokens: &str) -> Result<()> {
+    write(&dir.join("vocab.json"), VOCAB)?;
+    write(&dir.join("merges.txt"), MERGES)?;
+    write(&dir.join("tokenizer_config.json"), config)?;
+    write(&dir.join("special_tokens_map.json"), special_tokens)
+}
+
+/// Write the random-weight SDXL folder (real stabilityai/stable-diffusion-xl-base-1.0 configs,
+/// LCMScheduler; ~14 GB in f32) unless `dir/model_index.json` exists already.
+pub fn write_sdxl_folder(dir: &Path) -> Result<()> {
+    if dir.join("model_index.json").is_file() {
+        return Ok(());
+    }
+    let dev = Device::Cpu;
+    write(&dir.join("unet/config.json"), SDXL_UNET_CONFIG)?;
+    write(&dir.join("vae/config.json"), SDXL_VAE_CONFIG)?;
+    write(&dir.join("text_encoder/config.json"), SDXL_TEXT_ENCODER_CONFIG)?;
+    write(&dir.join("text_encoder_2/config.json"), SDXL_TEXT_ENCODER_2_CONFIG)?;
+    write_tokenizer(&dir.join("tokenizer"), SDXL_TOKENIZER_CONFIG, SDXL_SPECIAL_TOKENS)?;
+    write_tokenizer(&dir.join("tokenizer_2"), SDXL_TOKENIZER_2_CONFIG, SDXL_SPECIAL_TOKENS_2)?;
+    write(&dir.join("scheduler/scheduler_config.json"), SCHEDULER_CONFIG)?;
+
+    // One component at a time, so only one is ever in memory.
+    let (vb, rec) = recording_random_var_builder(11, &dev);
+    UNet2DConditionModel::new(vb, &serde_json::from_str::<UNet2DConditionConfig>(SDXL_UNET_CONFIG)?)?;
+    save_weights(&rec, &dir.join("unet/diffusion_pytorch_model.safetensors"))?;
+    drop(rec);
+    let (vb, rec) = recording_random_var_builder(12, &dev);
+    AutoencoderKL::new(vb, &serde_json::from_str::<AutoencoderKLConfig>(SDXL_VAE_CONFIG)?)?;
+    save_weights(&rec, &dir.join("vae/diffusion_pytorch_model.safetensors"))?;
+    drop(rec);
+    let (vb, rec) = recording_random_var_builder(13, &dev);
+    ClipTextModel::new(vb, &serde_json::from_str::<ClipTextConfig>(SDXL_TEXT_ENCODER_CONFIG)?)?;
+    save_weights(&rec, &dir.join("text_encoder/model.safetensors"))?;
+    drop(rec);
+    let (vb, rec) = recording_random_var_builder(14, &dev);
+    ClipTextModelWithProjection::new(vb, &serde_json::from_str::<ClipTextConfig>(SDXL_TEXT_ENCODER_2_CONFIG)?)?;
+    save_weights(&rec, &dir.join("text_encoder_2/model.safetensors"))?;
+    drop(rec);
+    write(&dir.join("model_index.json"), SDXL_MODEL_INDEX)
+}
+
+/// Write a random-weight `MotionAdapter` folder (the real guoyww/animatediff-motion-adapter-v1-5-2
+/// config) unless `dir/config.json` exists already.
+pub fn write_motion_adapter_folder(dir: &Path) -> Result<()> {
+    if dir.join("config.json").is_file() {
+        return Ok(());
+    }
+    let dev = Device::Cpu;
+    // The modules take their shapes from the UNet they attach to: SD1.5's, random, not kept.
+    let unet = UNet2DConditionModel::new(
+        crate::loaders::weights::random_var_builder(1, DType::F32, &dev),
+        &serde_json::from_str::<UNet2DConditionConfig>(UNET_CONFIG)?,
+    )?;
+    let config: MotionAdapterConfig = serde_json::from_str(MOTION_ADAPTER_CONFIG)?;
+    let (vb, rec) = recording_random_var_builder(4, &dev);
+    MotionModules::new(vb, &config, &unet)?;
+    drop(unet);
+    save_weights(&rec, &dir.join("diffusion_pytorch_model.safetensors"))?;
+    // Last, so an interrupted write is not mistaken for a finished folder.
+    write(&dir.join("config.json"), MOTION_ADAPTER_CONFIG)
+}
+
 /// The benchmark's settings.
 #[derive(Clone, Debug)]
 pub struct BenchOptions {
+    pub model: BenchModel,
     pub size: usize,
+    /// AnimateDiff: frames per clip.
+    pub frames: usize,
     pub steps: usize,
     pub warmup: usize,
     pub runs: usize,
@@ -113,8 +275,14 @@ pub struct Stage {
 
 #[derive(Clone, Debug, serde::Serialize)]
 pub struct BenchReport {
+    /// `sd15`, `sdxl` or `animatediff` (what `benches/bench_diffusers.py` builds).
+    pub kind: BenchModel,
     pub model: String,
+    /// The model folder (AnimateDiff: the SD1.5 folder; the adapter is in `motion_adapter/`).
+    pub dir: PathBuf,
     pub size: usize,
+    /// AnimateDiff: frames per clip; `null` for images.
+    pub frames: Option<usize>,
     pub steps: usize,
     pub threads: usize,
     pub gemm_gflops: f64,
@@ -177,55 +345,120 @@ fn threads() -> usize {
         .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()))
 }
 
-/// Time every stage of the model in `dir`.
-pub fn run(dir: &Path, opts: &BenchOptions) -> Result<BenchReport> {
-    let gemm = gemm_gflops(opts)?;
-    let weights_mb = ["unet/diffusion_pytorch_model.safetensors", "vae/diffusion_pytorch_model.safetensors", "text_encoder/model.safetensors"]
-        .iter()
-        .map(|f| std::fs::metadata(dir.join(f)).map(|m| m.len() as f64 / 1048576.0).unwrap_or(0.0))
-        .sum();
-    let pipe = LcmPipeline::load(dir.to_str().context("folder path is not UTF-8")?, &LoadOptions::default())?
-        .with_kind(PipelineKind::StableDiffusion);
-    let c = &pipe.components;
-    let dev = Device::Cpu;
-    let prompt = "a photograph of an astronaut riding a horse";
-    let lat = opts.size / pipe.vae_scale_factor();
-    let mut stages = Vec::new();
-    let mut stage = |name: &str, r: (f64, Vec<f64>, u64)| {
+/// Size of the `*.safetensors` files in `dir`'s component folders `components`, MB.
+fn safetensors_mb(dir: &Path, components: &[&str]) -> f64 {
+    let mut total = 0.0;
+    for c in components {
+        let Ok(entries) = std::fs::read_dir(dir.join(c)) else { continue };
+        for e in entries.filter_map(|e| e.ok()) {
+            if e.path().extension().and_then(|x| x.to_str()) == Some("safetensors") {
+                total += e.metadata().map_or(0.0, |m| m.len() as f64 / 1048576.0);
+            }
+        }
+    }
+    total
+}
+
+/// Records stages with their FLOP rates.
+struct Stages {
+    gemm: f64,
+    list: Vec<Stage>,
+}
+
+impl Stages {
+    fn add(&mut self, name: &str, r: (f64, Vec<f64>, u64)) {
         let gflop = r.2 as f64 / 1e9;
-        stages.push(Stage {
+        self.list.push(Stage {
             name: name.into(),
             seconds: r.0,
             runs: r.1,
             gflop,
             gflops: gflop / r.0,
-            gemm_fraction: gflop / r.0 / gemm,
+            gemm_fraction: gflop / r.0 / self.gemm,
         });
-    };
+    }
+}
 
-    let text = conditioning::encode_text(c, prompt, None, false, 1, (opts.size, opts.size), &dev)?;
-    stage("text encoding", time(opts, || {
-        conditioning::encode_text(c, prompt, None, false, 1, (opts.size, opts.size), &dev)?;
+const PROMPT: &str = "a photograph of an astronaut riding a horse";
+
+/// Time every stage of the model in `dir` (as [`write_folder`] wrote it for `opts.model`).
+pub fn run(dir: &Path, opts: &BenchOptions) -> Result<BenchReport> {
+    if opts.size == 0 || !opts.size.is_multiple_of(8) {
+        bail!("the size must be a positive multiple of 8, got {}", opts.size);
+    }
+    let gemm = gemm_gflops(opts)?;
+    let mut stages = Stages { gemm, list: Vec::new() };
+    let dir_str = dir.to_str().context("folder path is not UTF-8")?;
+    let frames = match opts.model {
+        BenchModel::Sd15 | BenchModel::Sdxl => {
+            let pipe = LcmPipeline::load(dir_str, &LoadOptions::default())?;
+            let pipe = match opts.model {
+                BenchModel::Sd15 => pipe.with_kind(PipelineKind::StableDiffusion),
+                _ => pipe,
+            };
+            time_image_stages(&pipe, opts, &mut stages)?;
+            None
+        }
+        BenchModel::AnimateDiff => {
+            let adapter = dir.join("motion_adapter");
+            let load = LoadOptions { motion_adapter: Some(adapter.to_str().context("folder path is not UTF-8")?.into()), ..Default::default() };
+            let pipe = LcmPipeline::load(dir_str, &load)?;
+            time_animation_stages(&pipe, opts, &mut stages)?;
+            Some(opts.frames)
+        }
+    };
+    let mut components = vec!["unet", "vae", "text_encoder", "text_encoder_2"];
+    if opts.model == BenchModel::AnimateDiff {
+        components.push("motion_adapter");
+    }
+    let weights_mb = safetensors_mb(dir, &components);
+    Ok(BenchReport {
+        kind: opts.model,
+        model: opts.model.description().into(),
+        dir: dir.to_path_buf(),
+        size: opts.size,
+        frames,
+        steps: opts.steps,
+        threads: threads(),
+        gemm_gflops: gemm,
+        stages: stages.list,
+        peak_rss_mb: peak_rss_mb(),
+        weights_mb,
+    })
+}
+
+/// SD1.5 / SDXL: text encoding (SDXL: both encoders), one UNet step at batch 1 and 2, VAE decode,
+/// the whole text-to-image.
+fn time_image_stages(pipe: &LcmPipeline, opts: &BenchOptions, stages: &mut Stages) -> Result<()> {
+    let c = &pipe.components;
+    let dev = Device::Cpu;
+    let size = (opts.size, opts.size);
+    let lat = opts.size / pipe.vae_scale_factor();
+    stages.add("text encoding", time(opts, || {
+        conditioning::encode_text(c, PROMPT, None, false, 1, size, &dev)?;
         Ok(())
     })?);
-    let x1 = Tensor::randn(0f32, 1.0, (1, 4, lat, lat), &dev)?;
-    let ehs2 = Tensor::cat(&[&text.prompt_embeds, &text.prompt_embeds], 0)?;
+    let text1 = conditioning::encode_text(c, PROMPT, None, false, 1, size, &dev)?;
+    // Batch 2 as under CFG: [negative, prompt] with their SDXL pooled embeddings and ids.
+    let text2 = conditioning::encode_text(c, PROMPT, None, true, 1, size, &dev)?;
+    let x1 = Tensor::randn(0f32, 1.0, (1, c.vae_config.latent_channels, lat, lat), &dev)?;
     let x2 = Tensor::cat(&[&x1, &x1], 0)?;
-    let cond = UNetConditioning::default();
-    stage("UNet step, batch 1", time(opts, || {
-        c.unet.forward(&x1, 999.0, &text.prompt_embeds, &cond)?.sum_all()?.to_scalar::<f32>()?;
+    let cond1 = UNetConditioning { added_cond: text1.added_cond.clone(), ..Default::default() };
+    let cond2 = UNetConditioning { added_cond: text2.added_cond.clone(), ..Default::default() };
+    stages.add("UNet step, batch 1", time(opts, || {
+        c.unet.forward(&x1, 999.0, &text1.prompt_embeds, &cond1)?.sum_all()?.to_scalar::<f32>()?;
         Ok(())
     })?);
-    stage("UNet step, batch 2 (CFG)", time(opts, || {
-        c.unet.forward(&x2, 999.0, &ehs2, &cond)?.sum_all()?.to_scalar::<f32>()?;
+    stages.add("UNet step, batch 2 (CFG)", time(opts, || {
+        c.unet.forward(&x2, 999.0, &text2.prompt_embeds, &cond2)?.sum_all()?.to_scalar::<f32>()?;
         Ok(())
     })?);
-    stage("VAE decode", time(opts, || {
+    stages.add("VAE decode", time(opts, || {
         c.vae.decode(&x1)?.sum_all()?.to_scalar::<f32>()?;
         Ok(())
     })?);
     let req = GenerateRequest {
-        prompt: prompt.into(),
+        prompt: PROMPT.into(),
         num_inference_steps: opts.steps,
         guidance_scale: Some(1.0),
         width: Some(opts.size),
@@ -233,32 +466,65 @@ pub fn run(dir: &Path, opts: &BenchOptions) -> Result<BenchReport> {
         seed: 0,
         ..Default::default()
     };
-    stage(&format!("text-to-image, {} LCM steps", opts.steps), time(opts, || {
+    stages.add(&format!("text-to-image, {} LCM steps", opts.steps), time(opts, || {
         pipe.generate(&req, |_, _| {})?;
         Ok(())
     })?);
-    Ok(BenchReport {
-        model: "SD1.5 architecture, random weights".into(),
-        size: opts.size,
-        steps: opts.steps,
-        threads: threads(),
-        gemm_gflops: gemm,
-        stages,
-        peak_rss_mb: peak_rss_mb(),
-        weights_mb,
-    })
+    Ok(())
+}
+
+/// AnimateDiff: one UNet step over the whole clip, the frame-by-frame VAE decode, the whole
+/// animation (guidance 1: no CFG, as with LCM-LoRA).
+fn time_animation_stages(pipe: &LcmPipeline, opts: &BenchOptions, stages: &mut Stages) -> Result<()> {
+    let c = &pipe.components;
+    let dev = Device::Cpu;
+    let f = opts.frames;
+    if f == 0 {
+        bail!("--frames must be at least 1");
+    }
+    let lat = opts.size / pipe.vae_scale_factor();
+    let text = conditioning::encode_text(c, PROMPT, None, false, 1, (opts.size, opts.size), &dev)?;
+    let ehs = crate::ops::repeat_interleave(&text.prompt_embeds, f)?;
+    let x = Tensor::randn(0f32, 1.0, (1, c.vae_config.latent_channels, f, lat, lat), &dev)?;
+    let cond = UNetConditioning { num_frames: Some(f), ..Default::default() };
+    stages.add(&format!("UNet step, {f} frames"), time(opts, || {
+        c.unet.forward_frames(&x, 999.0, &ehs, &cond)?.sum_all()?.to_scalar::<f32>()?;
+        Ok(())
+    })?);
+    stages.add(&format!("VAE decode, {f} frames one by one"), time(opts, || {
+        for k in 0..f {
+            c.vae.decode(&x.narrow(2, k, 1)?.squeeze(2)?)?.sum_all()?.to_scalar::<f32>()?;
+        }
+        Ok(())
+    })?);
+    let req = GenerateRequest {
+        prompt: PROMPT.into(),
+        num_inference_steps: opts.steps,
+        guidance_scale: Some(1.0),
+        width: Some(opts.size),
+        height: Some(opts.size),
+        seed: 0,
+        num_frames: Some(f),
+        ..Default::default()
+    };
+    stages.add(&format!("animation, {f} frames, {} LCM steps", opts.steps), time(opts, || {
+        pipe.animate(&req, |_, _| {})?;
+        Ok(())
+    })?);
+    Ok(())
 }
 
 impl BenchReport {
     /// A table for people.
     pub fn table(&self) -> String {
+        let frames = self.frames.map_or(String::new(), |f| format!(", {f} frames"));
         let mut s = format!(
-            "{} at {}x{}, f32, {} threads; FP32 GEMM {:.1} GFLOP/s\n{:<32} {:>9} {:>9} {:>9} {:>8}\n",
+            "{} at {}x{}{frames}, f32, {} threads; FP32 GEMM {:.1} GFLOP/s\n{:<40} {:>9} {:>9} {:>9} {:>8}\n",
             self.model, self.size, self.size, self.threads, self.gemm_gflops, "stage", "seconds", "GFLOP", "GFLOP/s", "% GEMM"
         );
         for st in &self.stages {
             s.push_str(&format!(
-                "{:<32} {:>9.3} {:>9.1} {:>9.1} {:>7.0}%\n",
+                "{:<40} {:>9.3} {:>9.1} {:>9.1} {:>7.0}%\n",
                 st.name,
                 st.seconds,
                 st.gflop,

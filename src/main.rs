@@ -131,14 +131,22 @@ enum Command {
         #[arg(long)]
         beta_schedule: Option<String>,
     },
-    /// Benchmark: the real SD1.5 architecture with random weights, stage by stage (see
-    /// BENCHMARKS.md; benches/bench_diffusers.py times diffusers on the same folder).
+    /// Benchmark: a real architecture (SD1.5, SDXL, AnimateDiff) with random weights, stage by
+    /// stage (see BENCHMARKS.md; benches/bench_diffusers.py times diffusers on the same folder).
     Bench {
-        /// Where the random-weight diffusers folder is written once and reused.
+        /// sd15, sdxl (text-to-image) or animatediff (SD1.5 + motion adapter v1-5-2).
+        #[arg(long, default_value = "sd15")]
+        model: lcm::benchmark::BenchModel,
+        /// Where the random-weight diffusers folder is written once and reused (default
+        /// $TMPDIR/lcm-bench-sd15, or lcm-bench-sdxl; AnimateDiff adds DIR/motion_adapter).
         #[arg(long)]
         dir: Option<PathBuf>,
-        #[arg(long, default_value_t = 512)]
-        size: usize,
+        /// Image size (default: 512, SDXL 1024).
+        #[arg(long)]
+        size: Option<usize>,
+        /// AnimateDiff: frames per clip.
+        #[arg(long, default_value_t = 16)]
+        frames: usize,
         #[arg(long, default_value_t = 4)]
         steps: usize,
         #[arg(long, default_value_t = 1)]
@@ -339,14 +347,19 @@ fn with_progress<T>(f: impl FnOnce(&mut dyn FnMut(usize, usize)) -> Result<T>) -
 
 fn run(cli: Cli) -> Result<()> {
     match cli.command {
-        Command::Bench { dir, size, steps, warmup, runs, json } => {
-            if size == 0 || size % 8 != 0 || steps == 0 || runs == 0 {
-                bail!("--size must be a positive multiple of 8, --steps and --runs at least 1");
+        Command::Bench { model, dir, size, frames, steps, warmup, runs, json } => {
+            let size = size.unwrap_or(model.default_size());
+            if size == 0 || size % 8 != 0 || steps == 0 || runs == 0 || frames == 0 {
+                bail!("--size must be a positive multiple of 8, --steps, --runs and --frames at least 1");
             }
-            let dir = dir.unwrap_or_else(|| std::env::temp_dir().join("lcm-bench-sd15"));
+            let dir = dir.unwrap_or_else(|| model.default_dir());
             eprintln!("model folder: {}", dir.display());
-            lcm::benchmark::write_sd15_folder(&dir)?;
-            let report = lcm::benchmark::run(&dir, &lcm::benchmark::BenchOptions { size, steps, warmup, runs })?;
+            if !lcm::benchmark::folder_complete(model, &dir) {
+                eprintln!("writing random weights once; this run's peak RSS includes that, rerun for a clean figure");
+            }
+            lcm::benchmark::write_folder(model, &dir)?;
+            let opts = lcm::benchmark::BenchOptions { model, size, frames, steps, warmup, runs };
+            let report = lcm::benchmark::run(&dir, &opts)?;
             if json {
                 println!("{}", serde_json::to_string_pretty(&report)?);
             } else {

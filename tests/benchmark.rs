@@ -1,5 +1,6 @@
 //! The benchmark's FLOP accounting: each matrix-multiply-shaped op counts 2 FLOPs per
-//! multiply-add (one test in its own binary: the counter is process-wide).
+//! multiply-add (in its own binary: the counter is process-wide, so the other test here touches
+//! no op).
 use candle_core::{Device, Tensor};
 use lcm::ops;
 
@@ -23,4 +24,16 @@ fn ops_count_flops_as_two_per_multiply_add() {
     ops::attention(&q, &kv, &kv, 0.1, false).unwrap();
     assert_eq!(ops::flops::take(), 4 * 6 * 6 * 10 * 8);
     assert_eq!(ops::flops::take(), 0);
+}
+
+/// `lcm bench --model`: names, and each model's native size (touches no op counter).
+#[test]
+fn bench_models_parse_with_native_sizes() {
+    use lcm::benchmark::BenchModel;
+    let parse = |s: &str| s.parse::<BenchModel>();
+    assert_eq!(parse("sd15").unwrap().default_size(), 512);
+    assert_eq!(parse("SDXL").unwrap().default_size(), 1024);
+    assert_eq!(parse("animatediff").unwrap().default_size(), 512);
+    assert_eq!(parse("animatediff").unwrap().default_dir(), parse("sd15").unwrap().default_dir());
+    assert!(parse("sd2").unwrap_err().contains("sd15, sdxl or animatediff"));
 }

@@ -1,7 +1,6 @@
-//! Finding and memory-mapping the safetensors files of one model component.
+//! Finding and reading the safetensors files of one model component.
 
 use anyhow::{bail, Context, Result};
-use candle_core::safetensors::MmapedSafetensors;
 use candle_core::{DType, Device, Shape, Tensor};
 use candle_nn::var_builder::SimpleBackend;
 use candle_nn::VarBuilder;
@@ -55,7 +54,7 @@ fn file_variant(path: &Path) -> Option<String> {
     Some(ext.to_string())
 }
 
-/// Memory-map the weights of a component folder into a `VarBuilder` (diffusers' names).
+/// The weights of a component folder as a `VarBuilder` (diffusers' names).
 pub fn load_component(
     dir: &Path,
     variant: Option<&str>,
@@ -65,17 +64,20 @@ pub fn load_component(
     Ok(ComponentWeights::open(dir, variant)?.var_builder(None, dtype, device))
 }
 
-/// Memory-map explicit safetensors files; a truncated or non-safetensors file is an error
+/// Explicit safetensors files as a `VarBuilder`; a truncated or non-safetensors file is an error
 /// naming it.
 pub fn load_files(files: &[PathBuf], dtype: DType, device: &Device) -> Result<VarBuilder<'static>> {
     Ok(ComponentWeights::open_files(files)?.var_builder(None, dtype, device))
 }
 
-/// The memory-mapped weights of one component, kept so that the component can be rebuilt
-/// (e.g. with other LoRA weights) without reading anything from disk again.
+/// The weights of one component, kept so that the component can be rebuilt (e.g. with other
+/// LoRA weights): the safetensors headers are parsed once and each tensor is read from its file
+/// with a positioned read when a model asks for it. Nothing stays mapped, so the weights are
+/// resident once (in the model's tensors), not twice (tensors plus mapped file pages); a rebuild
+/// reads the files again, normally from the page cache.
 #[derive(Clone)]
 pub struct ComponentWeights {
-    tensors: Arc<MmapedSafetensors>,
+    tensors: Arc<WeightFiles>,
     names: Arc<Vec<String>>,
 }
 
@@ -85,15 +87,8 @@ impl ComponentWeights {
     }
 
     pub fn open_files(files: &[PathBuf]) -> Result<Self> {
-        for f in files {
-            // Validate each file on its own so the error names the bad one.
-            unsafe { MmapedSafetensors::new(f) }
-                .map_err(|e| anyhow::anyhow!("cannot load weights {}: {}", f.display(), one_line(&e.to_string())))?;
-        }
-        // SAFETY: the files are mapped read-only; like diffusers we assume nobody truncates a
-        // weight file while it is being used.
-        let tensors = unsafe { MmapedSafetensors::multi(files) }?;
-        let mut names: Vec<String> = tensors.tensors().into_iter().map(|(n, _)| n).collect();
+        let tensors = WeightFiles::open(files)?;
+        let mut names: Vec<String> = tensors.index.keys().cloned().collect();
         names.sort();
         Ok(Self { tensors: Arc::new(tensors), names: Arc::new(names) })
     }
@@ -105,7 +100,7 @@ impl ComponentWeights {
 
     /// The shape of a stored tensor.
     pub fn shape(&self, name: &str) -> Option<Vec<usize>> {
-        self.tensors.get(name).ok().map(|v| v.shape().to_vec())
+        self.tensors.index.get(name).map(|t| t.shape.clone())
     }
 
     /// A `VarBuilder` over these weights, with `deltas` (e.g. fused LoRAs) added on load.
@@ -113,6 +108,110 @@ impl ComponentWeights {
         let backend = FusedWeights { base: self.tensors.clone(), deltas: deltas.unwrap_or_default() };
         VarBuilder::from_backend(Box::new(backend), dtype, device.clone())
     }
+}
+
+/// Where one tensor lies in which file.
+struct StoredTensor {
+    file: usize,
+    dtype: DType,
+    shape: Vec<usize>,
+    /// Absolute byte offset of the data in the file.
+    offset: u64,
+    len: usize,
+}
+
+/// Open safetensors files and the index of their tensors (a later file wins on duplicate names,
+/// as with candle's `MmapedSafetensors::multi`).
+struct WeightFiles {
+    files: Vec<(PathBuf, std::fs::File)>,
+    index: HashMap<String, StoredTensor>,
+}
+
+impl WeightFiles {
+    fn open(paths: &[PathBuf]) -> Result<Self> {
+        let mut files = Vec::new();
+        let mut index = HashMap::new();
+        for (i, path) in paths.iter().enumerate() {
+            let bad = |e: &dyn std::fmt::Display| anyhow::anyhow!("cannot load weights {}: {}", path.display(), one_line(&e.to_string()));
+            let file = std::fs::File::open(path).map_err(|e| bad(&e))?;
+            let (header_len, metadata) = {
+                // The header is validated against the whole file (offsets contiguous, sizes
+                // matching shapes, data ending exactly at the end of the file); only the header's
+                // pages are touched, and the mapping is dropped right away.
+                // SAFETY: mapped read-only and only read here; like diffusers we assume nobody
+                // truncates a weight file while it is being used.
+                let map = unsafe { memmap2::Mmap::map(&file) }.map_err(|e| bad(&e))?;
+                safetensors::SafeTensors::read_metadata(&map).map_err(|e| bad(&e))?
+            };
+            for (name, info) in metadata.tensors() {
+                let dtype = candle_dtype(info.dtype).map_err(|e| bad(&format!("{name}: {e}")))?;
+                let (start, end) = info.data_offsets;
+                let stored = StoredTensor { file: i, dtype, shape: info.shape.clone(), offset: (8 + header_len + start) as u64, len: end - start };
+                index.insert(name, stored);
+            }
+            files.push((path.clone(), file));
+        }
+        Ok(Self { files, index })
+    }
+
+    /// Read a tensor in its stored dtype.
+    fn load(&self, name: &str, dev: &Device) -> candle_core::Result<Tensor> {
+        let Some(t) = self.index.get(name) else {
+            return Err(candle_core::Error::CannotFindTensor { path: name.to_string() }.bt());
+        };
+        let (path, file) = &self.files[t.file];
+        let read_err = |e: std::io::Error| candle_core::Error::Msg(format!("cannot read {name} from {}: {e}", path.display()));
+        if t.dtype == DType::F32 {
+            // Straight into the tensor's buffer: one copy from the page cache, none in between.
+            let mut data = vec![0f32; t.len / 4];
+            // SAFETY: any bytes are a valid f32; the byte view covers exactly `data`'s memory.
+            let bytes = unsafe { std::slice::from_raw_parts_mut(data.as_mut_ptr().cast::<u8>(), t.len) };
+            read_exact_at(file, bytes, t.offset).map_err(read_err)?;
+            if cfg!(target_endian = "big") {
+                data.iter_mut().for_each(|v| *v = f32::from_bits(u32::from_le(v.to_bits())));
+            }
+            return Tensor::from_vec(data, t.shape.as_slice(), dev);
+        }
+        let mut bytes = vec![0u8; t.len];
+        read_exact_at(file, &mut bytes, t.offset).map_err(read_err)?;
+        Tensor::from_raw_buffer(&bytes, t.dtype, &t.shape, dev)
+    }
+}
+
+fn candle_dtype(d: safetensors::Dtype) -> Result<DType> {
+    use safetensors::Dtype as S;
+    Ok(match d {
+        S::U8 => DType::U8,
+        S::U32 => DType::U32,
+        S::I16 => DType::I16,
+        S::I32 => DType::I32,
+        S::I64 => DType::I64,
+        S::BF16 => DType::BF16,
+        S::F16 => DType::F16,
+        S::F32 => DType::F32,
+        S::F64 => DType::F64,
+        S::F8_E4M3 => DType::F8E4M3,
+        other => bail!("unsupported tensor dtype {other:?}"),
+    })
+}
+
+#[cfg(unix)]
+fn read_exact_at(file: &std::fs::File, buf: &mut [u8], offset: u64) -> std::io::Result<()> {
+    std::os::unix::fs::FileExt::read_exact_at(file, buf, offset)
+}
+
+#[cfg(windows)]
+fn read_exact_at(file: &std::fs::File, mut buf: &mut [u8], mut offset: u64) -> std::io::Result<()> {
+    while !buf.is_empty() {
+        match std::os::windows::fs::FileExt::seek_read(file, buf, offset)? {
+            0 => return Err(std::io::ErrorKind::UnexpectedEof.into()),
+            n => {
+                buf = &mut buf[n..];
+                offset += n as u64;
+            }
+        }
+    }
+    Ok(())
 }
 
 /// Low-rank updates to add to named weights: `weight += scale * up @ down`, reshaped to the
@@ -156,25 +255,28 @@ impl WeightDeltas {
     }
 }
 
-/// A `SimpleBackend` that reads memory-mapped weights and adds the deltas of fused adapters.
+/// A `SimpleBackend` that reads stored weights and adds the deltas of fused adapters.
 struct FusedWeights {
-    base: Arc<MmapedSafetensors>,
+    base: Arc<WeightFiles>,
     deltas: Arc<WeightDeltas>,
 }
 
 impl SimpleBackend for FusedWeights {
-    fn get(&self, s: Shape, name: &str, h: candle_nn::Init, dtype: DType, dev: &Device) -> candle_core::Result<Tensor> {
-        let w = SimpleBackend::get(self.base.as_ref(), s, name, h, DType::F32, dev)?;
+    fn get(&self, s: Shape, name: &str, _: candle_nn::Init, dtype: DType, dev: &Device) -> candle_core::Result<Tensor> {
+        let w = self.base.load(name, dev)?.to_dtype(DType::F32)?;
+        if w.shape() != &s {
+            Err(candle_core::Error::UnexpectedShape { msg: format!("shape mismatch for {name}"), expected: s, got: w.shape().clone() }.bt())?
+        }
         self.deltas.apply(name, w)?.to_dtype(dtype)
     }
 
     fn get_unchecked(&self, name: &str, dtype: DType, dev: &Device) -> candle_core::Result<Tensor> {
-        let w = self.base.get_unchecked(name, DType::F32, dev)?;
+        let w = self.base.load(name, dev)?.to_dtype(DType::F32)?;
         self.deltas.apply(name, w)?.to_dtype(dtype)
     }
 
     fn contains_tensor(&self, name: &str) -> bool {
-        self.base.get(name).is_ok()
+        self.base.index.contains_key(name)
     }
 }
 

@@ -55,7 +55,7 @@ pub struct StableDiffusionComponents {
     device: Device,
 }
 
-/// A loaded `MotionAdapter`: its config and memory-mapped weights (LoRAs are fused into them
+/// A loaded `MotionAdapter`: its config and weight files (LoRAs are fused into them
 /// like into the UNet's).
 pub struct MotionAdapterWeights {
     pub name: String,
@@ -237,7 +237,8 @@ impl StableDiffusionComponents {
         self.rebuild()
     }
 
-    /// Rebuild the adapted networks from the memory-mapped base weights (nothing is re-read).
+    /// Rebuild the adapted networks from the base weight files (re-read, normally from the page
+    /// cache).
     fn rebuild(&mut self) -> Result<()> {
         self.text_encoder = build_text_encoder(&self.text_encoder_weights, &self.text_encoder_config, &self.adapters, &self.device)?;
         self.unet = build_unet(&self.unet_weights, &self.unet_config, self.motion.as_ref(), &self.adapters, &self.device)?;
