@@ -31,8 +31,8 @@ pub mod profile {
     use std::sync::OnceLock;
     use std::time::Instant;
 
-    pub const KINDS: [&str; 6] = ["linear", "conv2d", "attention", "group_norm", "layer_norm", "activation"];
-    static NANOS: [AtomicU64; 6] = [const { AtomicU64::new(0) }; 6];
+    pub const KINDS: [&str; 7] = ["linear", "conv2d", "attention", "group_norm", "layer_norm", "activation", "upsample"];
+    static NANOS: [AtomicU64; 7] = [const { AtomicU64::new(0) }; 7];
 
     pub fn enabled() -> bool {
         static ON: OnceLock<bool> = OnceLock::new();
@@ -68,6 +68,13 @@ pub fn linear(x: &Tensor, weight: &Tensor, bias: Option<&Tensor>) -> Result<Tens
     let mut out_dims = dims.to_vec();
     *out_dims.last_mut().unwrap() = out_features;
     if let (Some(xs), Some(ws)) = (cpu_f32(x)?, cpu_f32(weight)?) {
+        if rows <= 4 {
+            // A few rows (time embeddings, pooled text): dot products against W's rows beat
+            // packing W for a GEMM.
+            let b = bias.map(cpu_f32).transpose()?.flatten();
+            let y = kernels::gemv_rows(&xs, rows, in_features, &ws, out_features, b.as_deref());
+            return Tensor::from_vec(y, out_dims, x.device());
+        }
         // Our GEMM: y = x · Wᵀ with Wᵀ read through strides, bias written first and accumulated onto.
         let mut y = match bias.map(cpu_f32).transpose()?.flatten() {
             Some(b) => b.as_ref().repeat(rows),
@@ -296,7 +303,12 @@ pub fn quick_gelu(x: &Tensor) -> Result<Tensor> {
 
 /// Nearest-neighbour 2x upsampling (`F.interpolate(scale_factor=2, mode="nearest")`).
 pub fn upsample_nearest2x(x: &Tensor) -> Result<Tensor> {
-    let (_, _, h, w) = x.dims4()?;
+    let _t = profile::timer(6);
+    let (n, c, h, w) = x.dims4()?;
+    if let Some(xs) = cpu_f32(x)? {
+        let y = kernels::upsample_nearest2x(&xs, n * c, h, w);
+        return Tensor::from_vec(y, (n, c, 2 * h, 2 * w), x.device());
+    }
     x.upsample_nearest2d(h * 2, w * 2)
 }
 

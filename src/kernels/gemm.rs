@@ -54,10 +54,12 @@ impl PackedB {
         let width = n.div_ceil(NR) * NR;
         let mut data = vec![0f32; k * width];
         let kb = block_depth(k);
-        for pc in (0..k).step_by(kb) {
-            let kc = kb.min(k - pc);
-            b.pack_b(pc, kc, 0, n, &mut data[pc * width..]);
-        }
+        // Blocks are independent: pack them in parallel when there are several.
+        use rayon::prelude::*;
+        data.par_chunks_mut(kb * width).enumerate().for_each(|(i, block)| {
+            let pc = i * kb;
+            b.pack_b(pc, kb.min(k - pc), 0, n, block);
+        });
         Self { k, n, data }
     }
 
@@ -190,7 +192,9 @@ pub fn gemm(
     // Split the larger output dimension into chunks the thread pool shares out; each chunk
     // is an independent single-threaded GEMM writing its own part of C.
     let work = 2 * m * n * k;
-    if n >= m {
+    // Few rows: split the columns, so each thread packs only its own part of B (a row split
+    // would stream all of B through every thread for little arithmetic per value).
+    if n >= m || m < 4 * MC {
         parallel_chunks(n, NR, work, |j0, nc| unsafe {
             gemm_serial(m, nc, k, 0, j0, a, b, cp.get(), ldc, accumulate)
         });
@@ -319,7 +323,7 @@ unsafe fn kernel_generic(
         let b = std::slice::from_raw_parts(bp.add(p * NR), NR);
         for r in 0..MR {
             for j in 0..NR {
-                acc[r][j] = a[r].mul_add(b[j], acc[r][j]);
+                acc[r][j] += a[r] * b[j];
             }
         }
     }

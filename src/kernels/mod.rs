@@ -52,6 +52,57 @@ pub(crate) fn parallel_chunks(
     });
 }
 
+/// `y[r] = W x[r] + b` for a few rows `x[r]` (`W` is `[out, in]` row-major): one dot product
+/// per output, the outputs shared out among threads.
+pub(crate) fn gemv_rows(x: &[f32], rows: usize, k: usize, w: &[f32], n: usize, bias: Option<&[f32]>) -> Vec<f32> {
+    let mut y = vec![0f32; rows * n];
+    let yp = SendPtr(y.as_mut_ptr());
+    parallel_chunks(n, 16, 2 * rows * n * k, |j0, len| {
+        for r in 0..rows {
+            let xr = &x[r * k..(r + 1) * k];
+            for j in j0..j0 + len {
+                let d = dot(xr, &w[j * k..(j + 1) * k]) + bias.map_or(0.0, |b| b[j]);
+                // SAFETY: chunks own disjoint output columns.
+                unsafe { *yp.get().add(r * n + j) = d };
+            }
+        }
+    });
+    y
+}
+
+fn dot(a: &[f32], b: &[f32]) -> f32 {
+    // Eight independent partial sums so the compiler vectorises without reassociating (plain
+    // multiply-add: `mul_add` without a compile-time FMA target is a libm call).
+    let mut acc = [0f32; 8];
+    let (ca, cb) = (a.chunks_exact(8), b.chunks_exact(8));
+    let tail: f32 = ca.remainder().iter().zip(cb.remainder()).map(|(x, y)| x * y).sum();
+    for (x, y) in ca.zip(cb) {
+        for i in 0..8 {
+            acc[i] += x[i] * y[i];
+        }
+    }
+    acc.iter().sum::<f32>() + tail
+}
+
+/// Nearest-neighbour 2x upsampling of `planes` planes of `h x w`.
+pub(crate) fn upsample_nearest2x(x: &[f32], planes: usize, h: usize, w: usize) -> Vec<f32> {
+    let mut y = vec![0f32; planes * 4 * h * w];
+    let yp = SendPtr(y.as_mut_ptr());
+    parallel_chunks(planes, 1, planes * h * w * 64, |p0, np| {
+        // SAFETY: chunks own disjoint planes.
+        let out = unsafe { std::slice::from_raw_parts_mut(yp.get().add(p0 * 4 * h * w), np * 4 * h * w) };
+        for (src, dst) in x[p0 * h * w..(p0 + np) * h * w].chunks_exact(w).zip(out.chunks_exact_mut(4 * w)) {
+            let (a, b) = dst.split_at_mut(2 * w);
+            for (i, v) in src.iter().enumerate() {
+                a[2 * i] = *v;
+                a[2 * i + 1] = *v;
+            }
+            b.copy_from_slice(a);
+        }
+    });
+    y
+}
+
 /// `x[i] = exp(scale * (x[i] - sub))` in place; returns the sum of the results.
 pub(crate) fn exp_sub_inplace(x: &mut [f32], sub: f32, scale: f32) -> f32 {
     #[cfg(target_arch = "x86_64")]
