@@ -5,6 +5,7 @@ pub mod models;
 pub mod nn;
 pub mod ops;
 pub mod kernels;
+pub mod alloc;
 pub mod random;
 pub mod schedulers;
 pub mod image_io;

@@ -1,6 +1,11 @@
 //! `lcm`: the command-line front end over the `lcm` library.
 
 use anyhow::{bail, Result};
+
+/// Freed large tensors are reused instead of page-faulted in again (see `lcm::alloc`).
+#[global_allocator]
+static ALLOC: lcm::alloc::CachingAllocator = lcm::alloc::CachingAllocator;
+
 use clap::{Parser, Subcommand, ValueEnum};
 use lcm::image_io::{numbered_paths, write_gif, write_png};
 use lcm::image_processor::Image8;

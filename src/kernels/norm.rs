@@ -26,7 +26,7 @@ pub fn group_norm(
         let g = bg % groups;
         let xs = &x[bg * n..(bg + 1) * n];
         let mean = (sum(xs) / n as f64) as f32;
-        let var = (xs.iter().map(|&v| ((v - mean) as f64).powi(2)).sum::<f64>() / n as f64) as f32;
+        let var = (sum_sq_dev(xs, mean) / n as f64) as f32;
         let rstd = 1.0 / (var + eps).sqrt();
         // SAFETY: each (batch, group) task writes its own contiguous range.
         let ys = unsafe { std::slice::from_raw_parts_mut(yp.get().add(bg * n), n) };
@@ -46,6 +46,23 @@ pub fn group_norm(
         }
     });
     y
+}
+
+/// `Σ (x - mean)²`, in f32 lanes within blocks and f64 across them (like [`sum`]).
+fn sum_sq_dev(x: &[f32], mean: f32) -> f64 {
+    x.chunks(1024)
+        .map(|c| {
+            let mut lanes = [0f32; 8];
+            let mut it = c.chunks_exact(8);
+            for v in &mut it {
+                for i in 0..8 {
+                    let d = v[i] - mean;
+                    lanes[i] += d * d;
+                }
+            }
+            lanes.iter().map(|&l| l as f64).sum::<f64>() + it.remainder().iter().map(|&l| ((l - mean) as f64).powi(2)).sum::<f64>()
+        })
+        .sum()
 }
 
 fn sum(x: &[f32]) -> f64 {
