@@ -84,6 +84,20 @@ fn dot(a: &[f32], b: &[f32]) -> f32 {
     acc.iter().sum::<f32>() + tail
 }
 
+/// Elementwise `a + b`, split over threads.
+pub(crate) fn add(a: &[f32], b: &[f32]) -> Vec<f32> {
+    let mut y = vec![0f32; a.len()];
+    let yp = SendPtr(y.as_mut_ptr());
+    parallel_chunks(a.len(), 4096, a.len() * 16, |i0, n| {
+        // SAFETY: chunks own disjoint ranges.
+        let out = unsafe { std::slice::from_raw_parts_mut(yp.get().add(i0), n) };
+        for ((o, x), y) in out.iter_mut().zip(&a[i0..i0 + n]).zip(&b[i0..i0 + n]) {
+            *o = x + y;
+        }
+    });
+    y
+}
+
 /// Nearest-neighbour 2x upsampling of `planes` planes of `h x w`.
 pub(crate) fn upsample_nearest2x(x: &[f32], planes: usize, h: usize, w: usize) -> Vec<f32> {
     let mut y = vec![0f32; planes * 4 * h * w];

@@ -113,7 +113,7 @@ impl Attention {
         let o = ops::attention(&q, &k, &v, self.scale, false)?;
         let o = o.transpose(1, 2)?.reshape((b, n, self.heads * self.dim_head))?;
         let out = self.to_out.forward(&o)?;
-        let out = if self.residual_connection { (out + hidden_states)? } else { out };
+        let out = if self.residual_connection { ops::add(&out, hidden_states)? } else { out };
         if self.rescale_output_factor == 1.0 {
             Ok(out)
         } else {
@@ -136,7 +136,7 @@ impl Attention {
         let o = ops::attention(&q, &k, &v, self.scale, false)?;
         let o = o.transpose(1, 2)?.reshape((b, h * w, self.heads * self.dim_head))?;
         let out = self.to_out.forward(&o)?.transpose(1, 2)?.reshape((b, c, h, w))?;
-        let out = if self.residual_connection { (out + x)? } else { out };
+        let out = if self.residual_connection { ops::add(&out, x)? } else { out };
         if self.rescale_output_factor == 1.0 {
             Ok(out)
         } else {
@@ -225,11 +225,11 @@ impl BasicTransformerBlock {
     pub fn forward(&self, x: &Tensor, encoder_hidden_states: &Tensor) -> Result<Tensor> {
         let n = self.norm1.forward(x)?;
         let ctx1 = self.only_cross_attention.then_some(encoder_hidden_states);
-        let x = (self.attn1.forward(&n, ctx1)? + x)?;
+        let x = ops::add(&self.attn1.forward(&n, ctx1)?, x)?;
         let n = self.norm2.forward(&x)?;
-        let x = (self.attn2.forward(&n, Some(encoder_hidden_states))? + x)?;
+        let x = ops::add(&self.attn2.forward(&n, Some(encoder_hidden_states))?, &x)?;
         let n = self.norm3.forward(&x)?;
-        self.ff.forward(&n)? + x
+        ops::add(&self.ff.forward(&n)?, &x)
     }
 }
 

@@ -140,7 +140,7 @@ impl ResnetBlock2D {
             Some(c) => c.forward(input)?,
             None => input.clone(),
         };
-        let out = (x + h)?;
+        let out = ops::add(&x, &h)?;
         if self.output_scale_factor == 1.0 {
             Ok(out)
         } else {
