@@ -104,3 +104,34 @@ unsafe impl GlobalAlloc for CachingAllocator {
         p
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn reuses_freed_large_blocks_and_zeroes_them() {
+        // An odd size no other test allocates, so the cached block is ours.
+        let layout = Layout::from_size_align(3 * MIN_SIZE + 12, 8).unwrap();
+        let a = CachingAllocator;
+        unsafe {
+            let p = a.alloc(layout);
+            assert!(!p.is_null());
+            std::ptr::write_bytes(p, 0xAB, layout.size());
+            a.dealloc(p, layout);
+            let q = a.alloc_zeroed(layout);
+            assert_eq!(p, q, "a freed block of the same size is handed back");
+            assert!(std::slice::from_raw_parts(q, layout.size()).iter().all(|&b| b == 0));
+            a.dealloc(q, layout);
+            // Small blocks are never cached.
+            let small = Layout::from_size_align(64, 8).unwrap();
+            let s = a.alloc(small);
+            a.dealloc(s, small);
+            assert!(CachingAllocator::take(small).is_null());
+            // Drain ours so the cache holds no test memory.
+            let r = CachingAllocator::take(layout);
+            assert_eq!(r, p);
+            System.dealloc(r, layout);
+        }
+    }
+}
