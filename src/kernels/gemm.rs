@@ -78,8 +78,8 @@ impl PackB for PackedB {
     fn packed(&self, p0: usize, kc: usize, j0: usize) -> Option<&[f32]> {
         // Blocks start at multiples of KC and panels at multiples of NR, as the driver asks.
         debug_assert!(
-            p0 % block_depth(self.k) == 0
-                && j0 % NR == 0
+            p0.is_multiple_of(block_depth(self.k))
+                && j0.is_multiple_of(NR)
                 && kc == block_depth(self.k).min(self.k - p0)
         );
         let width = self.n.div_ceil(NR) * NR;
@@ -166,6 +166,7 @@ impl PackB for Strided<'_> {
 
 /// `C (m x n, row stride ldc) = A·B`, or `C += A·B` when `accumulate`, on up to `threads`
 /// threads. `c` must hold `(m - 1) * ldc + n` values.
+#[allow(clippy::too_many_arguments)]
 pub fn gemm(
     m: usize,
     n: usize,
@@ -212,6 +213,7 @@ pub fn gemm(
 }
 
 /// [`gemm`] on the calling thread only, for callers that already run many products in parallel.
+#[allow(clippy::too_many_arguments)]
 pub fn gemm_single_thread(
     m: usize,
     n: usize,
@@ -307,6 +309,7 @@ fn micro_kernel() -> Kernel {
 }
 
 /// Portable micro-kernel (any CPU without AVX2/FMA).
+#[allow(clippy::too_many_arguments)]
 unsafe fn kernel_generic(
     kc: usize,
     ap: *const f32,
@@ -358,6 +361,7 @@ mod x86 {
 
     /// 6x16 tile: 12 ymm accumulators, 2 B loads and 1 broadcast per row per depth step.
     #[target_feature(enable = "avx2,fma")]
+    #[allow(clippy::too_many_arguments)]
     pub(super) unsafe fn kernel_6x16(
         kc: usize,
         mut ap: *const f32,

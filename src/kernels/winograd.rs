@@ -8,6 +8,9 @@
 //! Work is split by groups of tile rows: each task transforms its input tiles, runs the 36 GEMMs
 //! on one thread with the transformed kernels shared by all tasks, and writes its output rows.
 
+// The transforms index small fixed-size tiles by (row, column); index loops read clearest.
+#![allow(clippy::needless_range_loop)]
+
 use super::conv::ConvShape;
 use super::gemm::{gemm_single_thread, PackedB, Strided};
 use super::SendPtr;
