@@ -165,25 +165,34 @@ pub fn write_sd15_folder(dir: &Path) -> Result<()> {
     if dir.join("model_index.json").is_file() {
         return Ok(());
     }
-    let dev = Device::Cpu;
     write(&dir.join("unet/config.json"), UNET_CONFIG)?;
     write(&dir.join("vae/config.json"), VAE_CONFIG)?;
     write(&dir.join("text_encoder/config.json"), TEXT_ENCODER_CONFIG)?;
     write_tokenizer(&dir.join("tokenizer"), TOKENIZER_CONFIG, SPECIAL_TOKENS)?;
     write(&dir.join("scheduler/scheduler_config.json"), SCHEDULER_CONFIG)?;
 
-    let (vb, rec) = recording_random_var_builder(1, &dev);
-    UNet2DConditionModel::new(vb, &serde_json::from_str::<UNet2DConditionConfig>(UNET_CONFIG)?)?;
-    save_weights(&rec, &dir.join("unet/diffusion_pytorch_model.safetensors"))?;
-    drop(rec);
-    let (vb, rec) = recording_random_var_builder(2, &dev);
-    AutoencoderKL::new(vb, &serde_json::from_str::<AutoencoderKLConfig>(VAE_CONFIG)?)?;
-    save_weights(&rec, &dir.join("vae/diffusion_pytorch_model.safetensors"))?;
-    let (vb, rec) = recording_random_var_builder(3, &dev);
-    ClipTextModel::new(vb, &serde_json::from_str::<ClipTextConfig>(TEXT_ENCODER_CONFIG)?)?;
-    save_weights(&rec, &dir.join("text_encoder/model.safetensors"))?;
+    save_random(dir, "unet/diffusion_pytorch_model.safetensors", 1, |vb| {
+        UNet2DConditionModel::new(vb, &serde_json::from_str::<UNet2DConditionConfig>(UNET_CONFIG)?)?;
+        Ok(())
+    })?;
+    save_random(dir, "vae/diffusion_pytorch_model.safetensors", 2, |vb| {
+        AutoencoderKL::new(vb, &serde_json::from_str::<AutoencoderKLConfig>(VAE_CONFIG)?)?;
+        Ok(())
+    })?;
+    save_random(dir, "text_encoder/model.safetensors", 3, |vb| {
+        ClipTextModel::new(vb, &serde_json::from_str::<ClipTextConfig>(TEXT_ENCODER_CONFIG)?)?;
+        Ok(())
+    })?;
     // Last, so an interrupted write is not mistaken for a finished folder.
     write(&dir.join("model_index.json"), MODEL_INDEX)
+}
+
+/// Build one component on recording random weights and save them to `dir/file`; the weights
+/// are dropped before the next component, so only one is ever in memory.
+fn save_random(dir: &Path, file: &str, seed: u64, build: impl FnOnce(candle_nn::VarBuilder<'static>) -> Result<()>) -> Result<()> {
+    let (vb, rec) = recording_random_var_builder(seed, &Device::Cpu);
+    build(vb)?;
+    save_weights(&rec, &dir.join(file))
 }
 
 fn write_tokenizer(dir: &Path, config: &str, special_tokens: &str) -> Result<()> {
@@ -199,7 +208,6 @@ pub fn write_sdxl_folder(dir: &Path) -> Result<()> {
     if dir.join("model_index.json").is_file() {
         return Ok(());
     }
-    let dev = Device::Cpu;
     write(&dir.join("unet/config.json"), SDXL_UNET_CONFIG)?;
     write(&dir.join("vae/config.json"), SDXL_VAE_CONFIG)?;
     write(&dir.join("text_encoder/config.json"), SDXL_TEXT_ENCODER_CONFIG)?;
@@ -208,23 +216,22 @@ pub fn write_sdxl_folder(dir: &Path) -> Result<()> {
     write_tokenizer(&dir.join("tokenizer_2"), SDXL_TOKENIZER_2_CONFIG, SDXL_SPECIAL_TOKENS_2)?;
     write(&dir.join("scheduler/scheduler_config.json"), SCHEDULER_CONFIG)?;
 
-    // One component at a time, so only one is ever in memory.
-    let (vb, rec) = recording_random_var_builder(11, &dev);
-    UNet2DConditionModel::new(vb, &serde_json::from_str::<UNet2DConditionConfig>(SDXL_UNET_CONFIG)?)?;
-    save_weights(&rec, &dir.join("unet/diffusion_pytorch_model.safetensors"))?;
-    drop(rec);
-    let (vb, rec) = recording_random_var_builder(12, &dev);
-    AutoencoderKL::new(vb, &serde_json::from_str::<AutoencoderKLConfig>(SDXL_VAE_CONFIG)?)?;
-    save_weights(&rec, &dir.join("vae/diffusion_pytorch_model.safetensors"))?;
-    drop(rec);
-    let (vb, rec) = recording_random_var_builder(13, &dev);
-    ClipTextModel::new(vb, &serde_json::from_str::<ClipTextConfig>(SDXL_TEXT_ENCODER_CONFIG)?)?;
-    save_weights(&rec, &dir.join("text_encoder/model.safetensors"))?;
-    drop(rec);
-    let (vb, rec) = recording_random_var_builder(14, &dev);
-    ClipTextModelWithProjection::new(vb, &serde_json::from_str::<ClipTextConfig>(SDXL_TEXT_ENCODER_2_CONFIG)?)?;
-    save_weights(&rec, &dir.join("text_encoder_2/model.safetensors"))?;
-    drop(rec);
+    save_random(dir, "unet/diffusion_pytorch_model.safetensors", 11, |vb| {
+        UNet2DConditionModel::new(vb, &serde_json::from_str::<UNet2DConditionConfig>(SDXL_UNET_CONFIG)?)?;
+        Ok(())
+    })?;
+    save_random(dir, "vae/diffusion_pytorch_model.safetensors", 12, |vb| {
+        AutoencoderKL::new(vb, &serde_json::from_str::<AutoencoderKLConfig>(SDXL_VAE_CONFIG)?)?;
+        Ok(())
+    })?;
+    save_random(dir, "text_encoder/model.safetensors", 13, |vb| {
+        ClipTextModel::new(vb, &serde_json::from_str::<ClipTextConfig>(SDXL_TEXT_ENCODER_CONFIG)?)?;
+        Ok(())
+    })?;
+    save_random(dir, "text_encoder_2/model.safetensors", 14, |vb| {
+        ClipTextModelWithProjection::new(vb, &serde_json::from_str::<ClipTextConfig>(SDXL_TEXT_ENCODER_2_CONFIG)?)?;
+        Ok(())
+    })?;
     write(&dir.join("model_index.json"), SDXL_MODEL_INDEX)
 }
 
@@ -241,10 +248,11 @@ pub fn write_motion_adapter_folder(dir: &Path) -> Result<()> {
         &serde_json::from_str::<UNet2DConditionConfig>(UNET_CONFIG)?,
     )?;
     let config: MotionAdapterConfig = serde_json::from_str(MOTION_ADAPTER_CONFIG)?;
-    let (vb, rec) = recording_random_var_builder(4, &dev);
-    MotionModules::new(vb, &config, &unet)?;
+    save_random(dir, "diffusion_pytorch_model.safetensors", 4, |vb| {
+        MotionModules::new(vb, &config, &unet)?;
+        Ok(())
+    })?;
     drop(unet);
-    save_weights(&rec, &dir.join("diffusion_pytorch_model.safetensors"))?;
     // Last, so an interrupted write is not mistaken for a finished folder.
     write(&dir.join("config.json"), MOTION_ADAPTER_CONFIG)
 }

@@ -68,21 +68,21 @@ pub fn linear(x: &Tensor, weight: &Tensor, bias: Option<&Tensor>) -> Result<Tens
     let mut out_dims = dims.to_vec();
     *out_dims.last_mut().unwrap() = out_features;
     if let (Some(xs), Some(ws)) = (cpu_f32(x)?, cpu_f32(weight)?) {
+        let b = bias.map(cpu_f32).transpose()?.flatten();
         if rows <= 4 {
             // A few rows (time embeddings, pooled text): dot products against W's rows beat
             // packing W for a GEMM.
-            let b = bias.map(cpu_f32).transpose()?.flatten();
             let y = kernels::gemv_rows(&xs, rows, in_features, &ws, out_features, b.as_deref());
             return Tensor::from_vec(y, out_dims, x.device());
         }
         // Our GEMM: y = x · Wᵀ with Wᵀ read through strides, bias written first and accumulated onto.
-        let mut y = match bias.map(cpu_f32).transpose()?.flatten() {
-            Some(b) => b.as_ref().repeat(rows),
+        let mut y = match &b {
+            Some(b) => b.repeat(rows),
             None => vec![0f32; rows * out_features],
         };
         let a = Strided { data: &xs, row_stride: in_features, col_stride: 1 };
-        let b = Strided { data: &ws, row_stride: 1, col_stride: in_features };
-        kernels::gemm::gemm(rows, out_features, in_features, &a, &b, &mut y, out_features, bias.is_some());
+        let wt = Strided { data: &ws, row_stride: 1, col_stride: in_features };
+        kernels::gemm::gemm(rows, out_features, in_features, &a, &wt, &mut y, out_features, b.is_some());
         return Tensor::from_vec(y, out_dims, x.device());
     }
     let y = x.reshape((rows, in_features))?.matmul(&weight.t()?)?;

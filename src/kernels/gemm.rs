@@ -177,16 +177,7 @@ pub fn gemm(
     ldc: usize,
     accumulate: bool,
 ) {
-    if m == 0 || n == 0 {
-        return;
-    }
-    assert!(c.len() >= (m - 1) * ldc + n, "gemm: output too small");
-    if k == 0 {
-        if !accumulate {
-            for i in 0..m {
-                c[i * ldc..i * ldc + n].fill(0.0);
-            }
-        }
+    if trivial(m, n, k, c, ldc, accumulate) {
         return;
     }
     let cp = SendPtr(c.as_mut_ptr());
@@ -224,11 +215,25 @@ pub fn gemm_single_thread(
     ldc: usize,
     accumulate: bool,
 ) {
-    if m == 0 || n == 0 {
+    if trivial(m, n, k, c, ldc, accumulate) {
         return;
     }
-    assert!(c.len() >= (m - 1) * ldc + n && k > 0, "gemm: bad shapes");
     unsafe { gemm_serial(m, n, k, 0, 0, a, b, c.as_mut_ptr(), ldc, accumulate) }
+}
+
+/// Checks C's size and handles the products with nothing to multiply (an empty C, or `k == 0`,
+/// where C becomes zero unless accumulating); true when nothing is left to do.
+fn trivial(m: usize, n: usize, k: usize, c: &mut [f32], ldc: usize, accumulate: bool) -> bool {
+    if m == 0 || n == 0 {
+        return true;
+    }
+    assert!(c.len() >= (m - 1) * ldc + n, "gemm: output too small");
+    if k == 0 && !accumulate {
+        for i in 0..m {
+            c[i * ldc..i * ldc + n].fill(0.0);
+        }
+    }
+    k == 0
 }
 
 thread_local! {
