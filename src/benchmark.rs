@@ -258,6 +258,113 @@ pub fn write_motion_adapter_folder(dir: &Path) -> Result<()> {
 }
 
 /// The benchmark's settings.
+/// One tensor of a key listing (`name [d0,d1,...] DTYPE` lines, as in
+/// `tests/fixtures/single_file/*_keys.txt.gz`).
+#[derive(Clone, Debug, PartialEq)]
+pub struct ListedTensor {
+    pub name: String,
+    pub shape: Vec<usize>,
+    pub dtype: String,
+}
+
+/// Parse a key listing; `#` lines are comments.
+pub fn parse_key_listing(text: &str) -> Result<Vec<ListedTensor>> {
+    let mut out = Vec::new();
+    for line in text.lines().filter(|l| !l.trim().is_empty() && !l.starts_with('#')) {
+        let mut parts = line.split_whitespace();
+        let (Some(name), Some(shape), Some(dtype)) = (parts.next(), parts.next(), parts.next()) else {
+            bail!("key listing line `{line}` is not `name [shape] DTYPE`")
+        };
+        let dims = shape.trim_start_matches('[').trim_end_matches(']');
+        let shape = if dims.is_empty() {
+            Vec::new()
+        } else {
+            dims.split(',').map(|d| d.parse::<usize>()).collect::<std::result::Result<_, _>>().with_context(|| format!("bad shape in `{line}`"))?
+        };
+        out.push(ListedTensor { name: name.to_string(), shape, dtype: dtype.to_string() });
+    }
+    Ok(out)
+}
+
+/// Write a safetensors file holding every tensor of `listing` with deterministic random values
+/// (full-size single-file checkpoints for tests, without committing gigabytes). Float tensors
+/// are stored as `float_dtype` (`F16` halves the disk), matrices and kernels uniform in
+/// ±sqrt(3 / fan_in), 1-D `weight`s 1 ± 0.1, other 1-D tensors ±0.1, scalars 0; `position_ids`
+/// count up as in real files. Written as it is generated: memory stays small.
+pub fn write_random_checkpoint(listing: &[ListedTensor], path: &Path, seed: u64, float_dtype: &str) -> Result<()> {
+    use std::io::Write;
+    let stored = |t: &ListedTensor| if t.dtype.starts_with('F') { float_dtype.to_string() } else { t.dtype.clone() };
+    let size = |dtype: &str| -> Result<usize> {
+        Ok(match dtype {
+            "F16" | "BF16" => 2,
+            "F32" | "I32" => 4,
+            "I64" | "F64" => 8,
+            other => bail!("cannot write dtype {other}"),
+        })
+    };
+    let mut header = serde_json::Map::new();
+    let mut offset = 0usize;
+    for t in listing {
+        let dtype = stored(t);
+        let len = t.shape.iter().product::<usize>() * size(&dtype)?;
+        header.insert(t.name.clone(), serde_json::json!({"dtype": dtype, "shape": t.shape, "data_offsets": [offset, offset + len]}));
+        offset += len;
+    }
+    header.insert("__metadata__".into(), serde_json::json!({"format": "pt"}));
+    let mut head = serde_json::to_vec(&header)?;
+    while head.len() % 8 != 0 {
+        head.push(b' ');
+    }
+    let file = std::fs::File::create(path).with_context(|| format!("cannot create {}", path.display()))?;
+    let mut out = std::io::BufWriter::with_capacity(1 << 22, file);
+    out.write_all(&(head.len() as u64).to_le_bytes())?;
+    out.write_all(&head)?;
+    let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+    let mut uniform = move || {
+        // xorshift64: fast enough for billions of values.
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        (x >> 40) as f32 / (1u64 << 24) as f32 * 2.0 - 1.0
+    };
+    let mut buf: Vec<u8> = Vec::new();
+    for t in listing {
+        let n: usize = t.shape.iter().product();
+        let dtype = stored(t);
+        buf.clear();
+        if !t.dtype.starts_with('F') {
+            let width = size(&dtype)?;
+            for i in 0..n {
+                let v = if t.name.ends_with("position_ids") { (i % t.shape.last().copied().unwrap_or(1)) as u64 } else { 0 };
+                buf.extend_from_slice(&v.to_le_bytes()[..width]);
+            }
+        } else {
+            let value: Box<dyn FnMut() -> f32> = match t.shape.len() {
+                0 => Box::new(|| 0.0),
+                1 if t.name.ends_with("weight") => Box::new(|| 1.0 + 0.1 * uniform()),
+                1 => Box::new(|| 0.1 * uniform()),
+                _ => {
+                    let bound = (3.0 / t.shape[1..].iter().product::<usize>().max(1) as f32).sqrt();
+                    Box::new(move || bound * uniform())
+                }
+            };
+            let mut value = value;
+            for _ in 0..n {
+                let v = value();
+                match dtype.as_str() {
+                    "F16" => buf.extend_from_slice(&half::f16::from_f32(v).to_le_bytes()),
+                    "BF16" => buf.extend_from_slice(&half::bf16::from_f32(v).to_le_bytes()),
+                    "F32" => buf.extend_from_slice(&v.to_le_bytes()),
+                    other => bail!("cannot write floats as {other}"),
+                }
+            }
+        }
+        out.write_all(&buf)?;
+    }
+    out.flush()?;
+    Ok(())
+}
+
 #[derive(Clone, Debug)]
 pub struct BenchOptions {
     pub model: BenchModel,

@@ -6,3 +6,4 @@ pub mod weights;
 
 pub use hub::ModelSource;
 pub use model_index::ModelIndex;
+pub mod single_file;

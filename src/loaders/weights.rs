@@ -103,6 +103,29 @@ impl ComponentWeights {
         self.tensors.index.get(name).map(|t| t.shape.clone())
     }
 
+    /// The same files seen under other names: each `(name, stored_name, view)` makes `name` read
+    /// `stored_name` cut by `view` (single-file checkpoints in the original layouts). Stored
+    /// names that are missing or views that do not fit are an error naming them.
+    pub fn renamed(&self, entries: &[(String, String, WeightView)]) -> Result<Self> {
+        let mut index = HashMap::with_capacity(entries.len());
+        for (name, stored, view) in entries {
+            let Some(t) = self.tensors.index.get(stored) else { bail!("no tensor `{stored}` (for `{name}`)") };
+            let Some(t) = t.view(*view) else {
+                bail!("tensor `{stored}` of shape {:?} cannot be cut as {view:?} for `{name}`", t.shape)
+            };
+            index.insert(name.clone(), t);
+        }
+        let mut names: Vec<String> = index.keys().cloned().collect();
+        names.sort();
+        let tensors = WeightFiles { files: self.tensors.files.clone(), index };
+        Ok(Self { tensors: Arc::new(tensors), names: Arc::new(names) })
+    }
+
+    /// The files these weights are read from.
+    pub fn files(&self) -> Vec<PathBuf> {
+        self.tensors.files.iter().map(|(p, _)| p.clone()).collect()
+    }
+
     /// A `VarBuilder` over these weights, with `deltas` (e.g. fused LoRAs) added on load.
     pub fn var_builder(&self, deltas: Option<Arc<WeightDeltas>>, dtype: DType, device: &Device) -> VarBuilder<'static> {
         let backend = FusedWeights { base: self.tensors.clone(), deltas: deltas.unwrap_or_default() };
@@ -111,6 +134,7 @@ impl ComponentWeights {
 }
 
 /// Where one tensor lies in which file.
+#[derive(Clone)]
 struct StoredTensor {
     file: usize,
     dtype: DType,
@@ -118,12 +142,57 @@ struct StoredTensor {
     /// Absolute byte offset of the data in the file.
     offset: u64,
     len: usize,
+    /// Stored as the transpose of the matrix the model wants (OpenCLIP's `text_projection`).
+    transposed: bool,
+}
+
+impl WeightView {
+    /// The shape of the cut, or `None` when it does not fit `shape`.
+    pub fn apply(self, shape: &[usize]) -> Option<Vec<usize>> {
+        let mut s = shape.to_vec();
+        match self {
+            Self::Whole => {}
+            Self::Rows { index, parts } => {
+                let rows = *s.first()?;
+                if parts == 0 || index >= parts || rows % parts != 0 {
+                    return None;
+                }
+                s[0] = rows / parts;
+            }
+            Self::Transposed => {
+                if s.len() != 2 {
+                    return None;
+                }
+                s.reverse();
+            }
+            Self::Squeezed => {
+                while s.len() > 2 && s.last() == Some(&1) {
+                    s.pop();
+                }
+            }
+        }
+        Some(s)
+    }
+}
+
+/// How a renamed weight is cut from a stored tensor ([`ComponentWeights::renamed`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum WeightView {
+    /// The stored tensor as it is.
+    Whole,
+    /// Part `index` of `parts` equal row blocks (a fused `in_proj` split into q, k, v): a
+    /// contiguous byte range, so reading it costs nothing extra.
+    Rows { index: usize, parts: usize },
+    /// The transposed matrix.
+    Transposed,
+    /// Trailing size-1 dimensions dropped (1x1 convolution kernels used as linear weights).
+    Squeezed,
 }
 
 /// Open safetensors files and the index of their tensors (a later file wins on duplicate names,
 /// as with candle's `MmapedSafetensors::multi`).
 struct WeightFiles {
-    files: Vec<(PathBuf, std::fs::File)>,
+    files: Arc<Vec<(PathBuf, std::fs::File)>>,
     index: HashMap<String, StoredTensor>,
 }
 
@@ -146,12 +215,12 @@ impl WeightFiles {
             for (name, info) in metadata.tensors() {
                 let dtype = candle_dtype(info.dtype).map_err(|e| bad(&format!("{name}: {e}")))?;
                 let (start, end) = info.data_offsets;
-                let stored = StoredTensor { file: i, dtype, shape: info.shape.clone(), offset: (8 + header_len + start) as u64, len: end - start };
+                let stored = StoredTensor { file: i, dtype, shape: info.shape.clone(), offset: (8 + header_len + start) as u64, len: end - start, transposed: false };
                 index.insert(name, stored);
             }
             files.push((path.clone(), file));
         }
-        Ok(Self { files, index })
+        Ok(Self { files: Arc::new(files), index })
     }
 
     /// Read a tensor in its stored dtype.
@@ -170,11 +239,48 @@ impl WeightFiles {
             if cfg!(target_endian = "big") {
                 data.iter_mut().for_each(|v| *v = f32::from_bits(u32::from_le(v.to_bits())));
             }
-            return Tensor::from_vec(data, t.shape.as_slice(), dev);
+            return t.oriented(Tensor::from_vec(data, t.stored_shape(), dev)?);
         }
         let mut bytes = vec![0u8; t.len];
         read_exact_at(file, &mut bytes, t.offset).map_err(read_err)?;
-        Tensor::from_raw_buffer(&bytes, t.dtype, &t.shape, dev)
+        t.oriented(Tensor::from_raw_buffer(&bytes, t.dtype, &t.stored_shape(), dev)?)
+    }
+}
+
+impl StoredTensor {
+    /// The shape of the bytes on disk (`shape` is what the model sees).
+    fn stored_shape(&self) -> Vec<usize> {
+        if self.transposed {
+            self.shape.iter().rev().copied().collect()
+        } else {
+            self.shape.clone()
+        }
+    }
+
+    fn oriented(&self, t: Tensor) -> candle_core::Result<Tensor> {
+        if self.transposed {
+            t.t()?.contiguous()
+        } else {
+            Ok(t)
+        }
+    }
+
+    /// This tensor cut as `view` says; `None` if the view does not fit its shape.
+    fn view(&self, view: WeightView) -> Option<Self> {
+        let mut t = self.clone();
+        t.shape = view.apply(&self.shape)?;
+        match view {
+            WeightView::Rows { index, parts } => {
+                if self.transposed {
+                    return None;
+                }
+                t.len /= parts;
+                t.offset += (index * t.len) as u64;
+            }
+            WeightView::Transposed => t.transposed = !t.transposed,
+            WeightView::Whole | WeightView::Squeezed => {}
+        }
+        Some(t)
     }
 }
 

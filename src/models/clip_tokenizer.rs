@@ -83,8 +83,37 @@ impl ClipTokenizer {
             Some(json) => vocab_merges_from_tokenizer_json(json, &tokenizer_json_path)?,
             None => (read_vocab(&dir.join("vocab.json"))?, read_merges(&dir.join("merges.txt"))?),
         };
+        let special_map = read_json_object_opt(&dir.join("special_tokens_map.json"))?;
+        Self::build(dir, &config, special_map, tokenizer_json.as_ref(), vocab, merges)
+    }
 
-        let specials = resolve_special_tokens(dir, &config, tokenizer_json.as_ref())?;
+    /// The CLIP tokenizer of the Stable Diffusion models with the BPE merges built into this
+    /// binary (single-file checkpoints ship no tokenizer files), configured by a
+    /// `tokenizer_config.json` and `special_tokens_map.json` (SD1.x pads with `<|endoftext|>`,
+    /// SD2.x / SDXL's second tokenizer with `!`).
+    pub fn embedded(tokenizer_config: &str, special_tokens_map: &str) -> Result<Self> {
+        let origin = Path::new("<built-in CLIP tokenizer>");
+        let object = |text: &str| -> Result<Map<String, Value>> {
+            match serde_json::from_str(text) {
+                Ok(Value::Object(m)) => Ok(m),
+                _ => bail!("invalid built-in tokenizer config"),
+            }
+        };
+        let merges = parse_merges(CLIP_BPE_MERGES, origin)?;
+        let vocab = clip_vocab(&merges);
+        Self::build(origin, &object(tokenizer_config)?, Some(object(special_tokens_map)?), None, vocab, merges)
+    }
+
+    fn build(
+        dir: &Path,
+        config: &Map<String, Value>,
+        special_map: Option<Map<String, Value>>,
+        tokenizer_json: Option<&Map<String, Value>>,
+        vocab: Vocab,
+        merges: Vec<(String, String)>,
+    ) -> Result<Self> {
+        let config_path = dir.join("tokenizer_config.json");
+        let specials = resolve_special_tokens(dir, config, special_map, tokenizer_json)?;
 
         let unk = specials.named.get("unk_token").map(|s| s.content().to_string());
         let mut bpe = BPE::builder()
@@ -283,6 +312,7 @@ fn parse_spec(v: &Value, force_special: bool, file: &Path) -> Result<Option<Toke
 fn resolve_special_tokens(
     dir: &Path,
     config: &Map<String, Value>,
+    special_map: Option<Map<String, Value>>,
     tokenizer_json: Option<&Map<String, Value>>,
 ) -> Result<Specials> {
     let config_path = dir.join("tokenizer_config.json");
@@ -329,7 +359,7 @@ fn resolve_special_tokens(
     } else {
         // Legacy layout: special_tokens_map.json overrides tokenizer_config.json ...
         let map_path = dir.join("special_tokens_map.json");
-        if let Some(map) = read_json_object_opt(&map_path)? {
+        if let Some(map) = special_map {
             for key in SPECIAL_ATTRS {
                 if let Some(v) = map.get(key) {
                     if let Some(spec) = parse_spec(v, true, &map_path)? {
@@ -470,6 +500,37 @@ fn vocab_from_value(value: &Value) -> Result<Vocab> {
 fn read_merges(path: &PathBuf) -> Result<Vec<(String, String)>> {
     let text = std::fs::read_to_string(path)
         .map_err(|e| anyhow::anyhow!("cannot read tokenizer merges {}: {e}", path.display()))?;
+    parse_merges(&text, path)
+}
+
+/// The `merges.txt` every Stable Diffusion tokenizer ships (openai/clip-vit-large-patch14's, sha256
+/// 9fd691f7…051a); SD2.x and SDXL use the same file.
+const CLIP_BPE_MERGES: &str = include_str!("clip_bpe_merges.txt");
+
+/// CLIP's vocabulary follows from its merges, as OpenAI's `SimpleTokenizer` builds it: the 256
+/// byte symbols, the same with `</w>`, one token per merge, then the two special tokens. (Equal
+/// to the shipped `vocab.json`, id for id.)
+fn clip_vocab(merges: &[(String, String)]) -> Vocab {
+    let bytes = bytes_to_unicode();
+    let mut tokens: Vec<String> = bytes.iter().map(|c| c.to_string()).collect();
+    tokens.extend(bytes.iter().map(|c| format!("{c}</w>")));
+    tokens.extend(merges.iter().map(|(a, b)| format!("{a}{b}")));
+    tokens.push("<|startoftext|>".into());
+    tokens.push("<|endoftext|>".into());
+    tokens.into_iter().enumerate().map(|(i, t)| (t, i as u32)).collect()
+}
+
+/// GPT-2's byte -> printable character table, in its order (printable bytes first).
+fn bytes_to_unicode() -> Vec<char> {
+    let printable = |b: u32| (0x21..=0x7e).contains(&b) || (0xa1..=0xac).contains(&b) || (0xae..=0xff).contains(&b);
+    let mut chars: Vec<char> = (0..256u32).filter(|b| printable(*b)).filter_map(char::from_u32).collect();
+    // The other bytes map to 256, 257, ... in byte order.
+    let others = (0..256u32).filter(|b| !printable(*b)).count() as u32;
+    chars.extend((256..256 + others).filter_map(char::from_u32));
+    chars
+}
+
+fn parse_merges(text: &str, path: &Path) -> Result<Vec<(String, String)>> {
     let mut merges = Vec::new();
     for (n, line) in text.lines().enumerate() {
         if line.starts_with("#version") {

@@ -1,9 +1,10 @@
 //! Loading the parts of a Stable Diffusion model (tokenizer, text encoder, UNet, VAE,
 //! scheduler config) from a diffusers folder or hub repo, with optional replacements.
 
-use crate::config::read_config;
+use crate::config::{read_config, PerBlock};
 use crate::loaders::lora::{LoraComponent, WeightIndex};
-use crate::loaders::weights::{self, ComponentWeights};
+use crate::loaders::single_file::{self, Component, SingleFile};
+use crate::loaders::weights::ComponentWeights;
 use crate::loaders::{hub, model_index::resolve_component, ModelIndex, ModelSource};
 use crate::pipelines::adapters::{AdapterSet, LoraReport, LoraSpec};
 use crate::models::autoencoder_kl::{AutoencoderKL, AutoencoderKLConfig};
@@ -12,7 +13,7 @@ use crate::models::clip_tokenizer::ClipTokenizer;
 use crate::models::motion_adapter::{read_motion_config, MotionAdapterConfig, MotionModules};
 use crate::models::unet_2d_condition::{UNet2DConditionConfig, UNet2DConditionModel};
 use crate::schedulers::LcmSchedulerConfig;
-use anyhow::{Context, Result};
+use anyhow::{bail, Context, Result};
 use candle_core::{DType, Device};
 use std::path::{Path, PathBuf};
 
@@ -114,41 +115,127 @@ fn pipeline_root(arg: &str, variant: Option<&str>, skip_unet: bool) -> Result<Pa
     }
 }
 
+/// What a model source provides before anything is built: configs, tokenizers and weight
+/// files (with diffusers' names), from a diffusers folder or a single-file checkpoint.
+struct ModelParts {
+    pipeline_class: String,
+    force_zeros_for_empty_prompt: bool,
+    tokenizer: ClipTokenizer,
+    text_encoder: (ClipTextConfig, ComponentWeights),
+    text_encoder_2: Option<(ClipTokenizer, ClipTextConfig, ComponentWeights)>,
+    unet: (UNet2DConditionConfig, ComponentWeights),
+    vae: (AutoencoderKLConfig, ComponentWeights),
+    scheduler: LcmSchedulerConfig,
+}
+
+/// The parts of a diffusers pipeline folder (or hub repo).
+fn folder_parts(model: &str, opts: &LoadOptions) -> Result<ModelParts> {
+    let variant = opts.variant.as_deref();
+    let root = pipeline_root(model, variant, opts.unet.is_some())?;
+    let index = ModelIndex::read(&root)?;
+    let tokenizer = ClipTokenizer::from_dir(index.component_dir("tokenizer", None)?)?;
+    let te_dir = index.component_dir("text_encoder", Some("config.json"))?;
+    let text_encoder = (read_config(&te_dir.join("config.json"))?, ComponentWeights::open(&te_dir, variant)?);
+    let text_encoder_2 = if index.has("text_encoder_2") {
+        let dir = index.component_dir("text_encoder_2", Some("config.json"))?;
+        let config: ClipTextConfig = read_config(&dir.join("config.json"))?;
+        let weights = ComponentWeights::open(&dir, variant)?;
+        let tokenizer = ClipTokenizer::from_dir(index.component_dir("tokenizer_2", None)?)?;
+        Some((tokenizer, config, weights))
+    } else {
+        None
+    };
+    let unet = match &opts.unet {
+        // Replaced below; the pipeline's own UNet is not read (nor downloaded).
+        Some(arg) => component_parts(&resolve_component(arg, "unet", variant)?, variant)?,
+        None => component_parts(&index.component_dir("unet", Some("config.json"))?, variant)?,
+    };
+    let vae = component_parts(&index.component_dir("vae", Some("config.json"))?, variant)?;
+    let sched_dir = index.component_dir("scheduler", Some("scheduler_config.json"))?;
+    Ok(ModelParts {
+        pipeline_class: index.class_name,
+        force_zeros_for_empty_prompt: index.force_zeros_for_empty_prompt,
+        tokenizer,
+        text_encoder,
+        text_encoder_2,
+        unet,
+        vae,
+        scheduler: read_config(&sched_dir.join("scheduler_config.json"))?,
+    })
+}
+
+/// A component folder's config and weights.
+fn component_parts<C: serde::de::DeserializeOwned>(dir: &Path, variant: Option<&str>) -> Result<(C, ComponentWeights)> {
+    Ok((read_config(&dir.join("config.json"))?, ComponentWeights::open(dir, variant)?))
+}
+
+/// The parts of a single-file checkpoint: its weights renamed, with the configs and tokenizers
+/// diffusers' `from_single_file` would fetch for its architecture.
+fn single_file_parts(path: &Path) -> Result<ModelParts> {
+    let file = SingleFile::open(path)?;
+    let configs = file.arch.configs();
+    let unet_config: UNet2DConditionConfig = builtin_config("unet", configs.unet)?;
+    let vae_config: AutoencoderKLConfig = builtin_config("vae", configs.vae)?;
+    // diffusers' converter reads `layers_per_block` as one number.
+    let layers_per_block = match &unet_config.layers_per_block {
+        PerBlock::One(n) => *n,
+        PerBlock::Each(v) => v.first().copied().unwrap_or(0),
+    };
+    let loaded = |what: &str, c: Component, lpb: usize, up: usize| {
+        file.component(c, lpb, up).with_context(|| format!("{}: {what}", path.display()))
+    };
+    let text_encoder_2 = match (configs.text_encoder_2, configs.tokenizer_2) {
+        (Some(config), Some((tok, special))) => Some((
+            ClipTokenizer::embedded(tok, special)?,
+            builtin_config("text_encoder_2", config)?,
+            loaded("text_encoder_2", Component::TextEncoder2, 0, 0)?,
+        )),
+        _ => None,
+    };
+    let index: serde_json::Value = builtin_config("model_index", configs.model_index)?;
+    Ok(ModelParts {
+        pipeline_class: index["_class_name"].as_str().unwrap_or_default().to_string(),
+        force_zeros_for_empty_prompt: index["force_zeros_for_empty_prompt"].as_bool().unwrap_or(true),
+        tokenizer: ClipTokenizer::embedded(configs.tokenizer.0, configs.tokenizer.1)?,
+        text_encoder: (builtin_config("text_encoder", configs.text_encoder)?, loaded("text_encoder", Component::TextEncoder, 0, 0)?),
+        text_encoder_2,
+        unet: (unet_config.clone(), loaded("unet", Component::Unet, layers_per_block, 0)?),
+        vae: (vae_config.clone(), loaded("vae", Component::Vae, 0, vae_config.up_block_types.len())?),
+        scheduler: builtin_config("scheduler", configs.scheduler)?,
+    })
+}
+
+fn builtin_config<T: serde::de::DeserializeOwned>(what: &str, text: &str) -> Result<T> {
+    serde_json::from_str(text).map_err(|e| anyhow::anyhow!("built-in {what} config: {e}"))
+}
+
+/// Whether a model argument names one checkpoint file rather than a folder or hub repo.
+fn is_single_file(model: &str) -> bool {
+    let p = Path::new(model);
+    p.is_file() || (!p.is_dir() && (model.ends_with(".safetensors") || single_file::is_pickle(p)))
+}
+
 impl StableDiffusionComponents {
+    /// Load a pipeline from a diffusers folder, a hub repo id, or a single-file checkpoint
+    /// (`.safetensors` in the original layout).
     pub fn load(model: &str, opts: &LoadOptions, device: &Device) -> Result<Self> {
         let variant = opts.variant.as_deref();
-        let root = pipeline_root(model, variant, opts.unet.is_some())?;
-        let index = ModelIndex::read(&root)?;
-        let dtype = DType::F32;
-
-        let tokenizer_dir = index.component_dir("tokenizer", None)?;
-        let tokenizer = ClipTokenizer::from_dir(&tokenizer_dir)?;
-
-        let te_dir = index.component_dir("text_encoder", Some("config.json"))?;
-        let te_config: ClipTextConfig = read_config(&te_dir.join("config.json"))?;
-        let text_encoder_weights = ComponentWeights::open(&te_dir, variant)?;
-
-        let second = if index.has("text_encoder_2") {
-            let dir = index.component_dir("text_encoder_2", Some("config.json"))?;
-            let config: ClipTextConfig = read_config(&dir.join("config.json"))?;
-            let weights = ComponentWeights::open(&dir, variant)?;
-            let tokenizer = ClipTokenizer::from_dir(&index.component_dir("tokenizer_2", None)?)?;
-            Some((tokenizer, config, weights))
+        let mut parts = if is_single_file(model) {
+            if !Path::new(model).is_file() && !single_file::is_pickle(Path::new(model)) {
+                bail!("checkpoint file {model} does not exist");
+            }
+            single_file_parts(Path::new(model))?
         } else {
-            None
+            folder_parts(model, opts)?
         };
-
-        let unet_dir = match &opts.unet {
-            Some(arg) => resolve_component(arg, "unet", variant)?,
-            None => index.component_dir("unet", Some("config.json"))?,
-        };
-        let unet_config: UNet2DConditionConfig = read_config(&unet_dir.join("config.json"))?;
-        let unet_weights = ComponentWeights::open(&unet_dir, variant)?;
-
-        let vae_dir = index.component_dir("vae", Some("config.json"))?;
-        let vae_config: AutoencoderKLConfig = read_config(&vae_dir.join("config.json"))?;
-        let vae_vb = weights::load_component(&vae_dir, variant, dtype, device)?;
-        let vae = AutoencoderKL::new(vae_vb, &vae_config).context("vae")?;
+        if let (Some(arg), true) = (&opts.unet, is_single_file(model)) {
+            parts.unet = component_parts(&resolve_component(arg, "unet", variant)?, variant)?;
+        }
+        let ModelParts { pipeline_class, force_zeros_for_empty_prompt, tokenizer, text_encoder, text_encoder_2: second, unet, vae, scheduler } = parts;
+        let (te_config, text_encoder_weights) = text_encoder;
+        let (unet_config, unet_weights) = unet;
+        let (vae_config, vae_weights) = vae;
+        let vae = AutoencoderKL::new(vae_weights.var_builder(None, DType::F32, device), &vae_config).context("vae")?;
 
         let motion = match &opts.motion_adapter {
             Some(source) => {
@@ -159,9 +246,6 @@ impl StableDiffusionComponents {
             }
             None => None,
         };
-
-        let sched_dir = index.component_dir("scheduler", Some("scheduler_config.json"))?;
-        let scheduler_config: LcmSchedulerConfig = read_config(&sched_dir.join("scheduler_config.json"))?;
 
         // LoRAs are matched first so the networks are built once, with the updates fused in.
         let mut adapters = AdapterSet::default();
@@ -188,19 +272,19 @@ impl StableDiffusionComponents {
 
         Ok(Self {
             name: display_name(model),
-            pipeline_class: index.class_name,
+            pipeline_class,
             tokenizer,
             text_encoder,
             text_encoder_config: te_config,
             text_encoder_weights,
             text_encoder_2,
-            force_zeros_for_empty_prompt: index.force_zeros_for_empty_prompt,
+            force_zeros_for_empty_prompt,
             unet,
             unet_config,
             unet_weights,
             vae,
             vae_config,
-            scheduler_config,
+            scheduler_config: scheduler,
             adapters,
             lora_reports: reports,
             motion,
