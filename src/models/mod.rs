@@ -1,6 +1,7 @@
 //! Networks, each built from its diffusers / transformers `config.json`.
 pub mod attention;
 pub mod autoencoder_kl;
+pub mod autoencoder_tiny;
 pub mod clip_text_model;
 pub mod clip_tokenizer;
 pub mod controlnet;
