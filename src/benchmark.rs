@@ -558,7 +558,7 @@ fn time_image_stages(pipe: &LcmPipeline, opts: &BenchOptions, stages: &mut Stage
     let text1 = conditioning::encode_text(c, PROMPT, None, false, 1, size, &dev)?;
     // Batch 2 as under CFG: [negative, prompt] with their SDXL pooled embeddings and ids.
     let text2 = conditioning::encode_text(c, PROMPT, None, true, 1, size, &dev)?;
-    let x1 = Tensor::randn(0f32, 1.0, (1, c.vae_config.latent_channels, lat, lat), &dev)?;
+    let x1 = Tensor::randn(0f32, 1.0, (1, c.vae.latent_channels(), lat, lat), &dev)?;
     let x2 = Tensor::cat(&[&x1, &x1], 0)?;
     let cond1 = UNetConditioning { added_cond: text1.added_cond.clone(), ..Default::default() };
     let cond2 = UNetConditioning { added_cond: text2.added_cond.clone(), ..Default::default() };
@@ -602,7 +602,7 @@ fn time_animation_stages(pipe: &LcmPipeline, opts: &BenchOptions, stages: &mut S
     let lat = opts.size / pipe.vae_scale_factor();
     let text = conditioning::encode_text(c, PROMPT, None, false, 1, (opts.size, opts.size), &dev)?;
     let ehs = crate::ops::repeat_interleave(&text.prompt_embeds, f)?;
-    let x = Tensor::randn(0f32, 1.0, (1, c.vae_config.latent_channels, f, lat, lat), &dev)?;
+    let x = Tensor::randn(0f32, 1.0, (1, c.vae.latent_channels(), f, lat, lat), &dev)?;
     let cond = UNetConditioning { num_frames: Some(f), ..Default::default() };
     stages.add(&format!("UNet step, {f} frames"), time(opts, || {
         c.unet.forward_frames(&x, 999.0, &ehs, &cond)?.sum_all()?.to_scalar::<f32>()?;

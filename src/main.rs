@@ -1,6 +1,6 @@
 //! `lcm`: the command-line front end over the `lcm` library.
 
-use anyhow::{bail, Result};
+use anyhow::{bail, Context, Result};
 
 /// Freed large tensors are reused instead of page-faulted in again (see `lcm::alloc`).
 #[global_allocator]
@@ -9,8 +9,10 @@ static ALLOC: lcm::alloc::CachingAllocator = lcm::alloc::CachingAllocator;
 use clap::{Parser, Subcommand, ValueEnum};
 use lcm::image_io::{numbered_paths, write_gif, write_png};
 use lcm::image_processor::Image8;
-use lcm::pipelines::{AdapterInput, ControlNetInput, GenerateRequest, LcmPipeline, LoadOptions, LoraSpec, PipelineKind};
-use std::path::PathBuf;
+use lcm::loaders::model_index::resolve_component;
+use lcm::models::autoencoder::Autoencoder;
+use lcm::pipelines::{AdapterInput, ControlNetInput, GenerateRequest, LcmPipeline, LoadOptions, LoraSpec, PipelineKind, Step};
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
 #[derive(Parser)]
@@ -35,7 +37,8 @@ enum PipelineArg {
 /// Which model to load and what to fuse into it (shared by `generate` and `animate`).
 #[derive(clap::Args)]
 struct ModelArgs {
-    /// Diffusers folder or Hugging Face hub repo id (an existing path is always a path).
+    /// Diffusers folder, Hugging Face hub repo id, or single-file checkpoint (.safetensors in
+    /// the original SD / SDXL layout); an existing path is always a path.
     #[arg(long, default_value = "SimianLuo/LCM_Dreamshaper_v7")]
     model: String,
     /// Weight variant, e.g. fp16 picks *.fp16.safetensors.
@@ -48,6 +51,10 @@ struct ModelArgs {
     /// weight (SOURCE@0.8); repeat for several, like diffusers' set_adapters.
     #[arg(long = "lora", value_name = "SOURCE[@WEIGHT]")]
     loras: Vec<String>,
+    /// Replace the autoencoder (folder or hub id), like diffusers' `vae=`: an AutoencoderKL
+    /// (e.g. madebyollin/sdxl-vae-fp16-fix) or an AutoencoderTiny (madebyollin/taesd, taesdxl).
+    #[arg(long)]
+    vae: Option<String>,
 }
 
 /// Prompt, schedule and seed (shared by `generate` and `animate`).
@@ -109,6 +116,13 @@ enum Command {
         strength: Option<f64>,
         #[command(flatten)]
         control: ControlArgs,
+        /// Write each step's predicted image to DIR/step-NN.png, decoded by a tiny autoencoder.
+        #[arg(long, value_name = "DIR")]
+        preview: Option<PathBuf>,
+        /// The tiny autoencoder for --preview (default madebyollin/taesd, madebyollin/taesdxl for
+        /// SDXL).
+        #[arg(long, value_name = "SOURCE", requires = "preview")]
+        preview_vae: Option<String>,
     },
     /// Text-to-video with an AnimateDiff motion adapter (AnimateDiffPipeline + LCMScheduler).
     Animate {
@@ -326,7 +340,7 @@ fn check_outputs(paths: &[PathBuf], overwrite: bool) -> Result<()> {
 
 fn load_pipeline(m: &ModelArgs, motion_adapter: Option<String>) -> Result<LcmPipeline> {
     let loras = m.loras.iter().map(|l| LoraSpec::parse(l)).collect::<Result<Vec<_>>>()?;
-    let opts = LoadOptions { variant: m.variant.clone(), unet: m.unet.clone(), loras, motion_adapter };
+    let opts = LoadOptions { variant: m.variant.clone(), unet: m.unet.clone(), loras, motion_adapter, vae: m.vae.clone() };
     let pipe = LcmPipeline::load(&m.model, &opts)?;
     for warning in pipe.components.lora_reports.iter().filter_map(|r| r.warning()) {
         eprintln!("warning: {warning}");
@@ -348,6 +362,56 @@ fn with_progress<T>(f: impl FnOnce(&mut dyn FnMut(usize, usize)) -> Result<T>) -
     });
     bar.finish_and_clear();
     out
+}
+
+/// `--preview DIR`: every step's predicted clean image (`denoised`) through a tiny autoencoder.
+struct Previews {
+    dir: PathBuf,
+    vae: Autoencoder,
+    num_images: usize,
+    overwrite: bool,
+}
+
+impl Previews {
+    fn load(dir: &Path, source: Option<&str>, pipe: &LcmPipeline, num_images: usize, overwrite: bool) -> Result<Self> {
+        let source = source.unwrap_or(if pipe.kind == PipelineKind::StableDiffusionXL { "madebyollin/taesdxl" } else { "madebyollin/taesd" });
+        let vae = Autoencoder::load(&resolve_component(source, "vae", None)?, None, &candle_core::Device::Cpu)
+            .map_err(|e| anyhow::anyhow!("--preview-vae {source}: {e:#}"))?;
+        if vae.latent_channels() != pipe.components.vae.latent_channels() {
+            bail!("--preview-vae {source} has {} latent channels, the model {}", vae.latent_channels(), pipe.components.vae.latent_channels());
+        }
+        Ok(Self { dir: dir.to_path_buf(), vae, num_images, overwrite })
+    }
+
+    /// `DIR/step-NN.png` (several images: `step-NN-1.png`, ...).
+    fn paths(&self, step: usize) -> Vec<PathBuf> {
+        numbered_paths(&self.dir.join(format!("step-{:02}.png", step + 1)), self.num_images)
+    }
+
+    /// Refuse to start when earlier previews would be overwritten without --overwrite.
+    fn check(dir: &Path, overwrite: bool) -> Result<()> {
+        if dir.exists() && !dir.is_dir() {
+            bail!("--preview {} is not a folder", dir.display());
+        }
+        if !overwrite && dir.is_dir() {
+            let taken = std::fs::read_dir(dir)?.filter_map(|e| e.ok()).map(|e| e.path()).find(|p| {
+                p.file_name().and_then(|n| n.to_str()).is_some_and(|n| n.starts_with("step-") && n.ends_with(".png"))
+            });
+            if let Some(p) = taken {
+                bail!("{} already exists; pass --overwrite to replace previews", p.display());
+            }
+        }
+        Ok(())
+    }
+
+    fn write(&self, pipe: &LcmPipeline, step: &Step) -> Result<()> {
+        std::fs::create_dir_all(&self.dir).with_context(|| format!("cannot create {}", self.dir.display()))?;
+        let images = pipe.decode_latents(&self.vae, step.denoised, step.num_frames)?;
+        for (img, path) in images.iter().zip(self.paths(step.index)) {
+            write_png(&path, img, None, self.overwrite)?;
+        }
+        Ok(())
+    }
 }
 
 fn run(cli: Cli) -> Result<()> {
@@ -373,7 +437,7 @@ fn run(cli: Cli) -> Result<()> {
             Ok(())
         }
         Command::Canny { input, output, low, high, overwrite } => canny_command(&input, &output, low, high, overwrite),
-        Command::Generate { model, sampling, num_images, output, pipeline, image, mask_image, strength, control } => {
+        Command::Generate { model, sampling, num_images, output, pipeline, image, mask_image, strength, control, preview, preview_vae } => {
             if mask_image.is_some() && image.is_none() {
                 bail!("--mask-image needs --image (the picture to inpaint)");
             }
@@ -394,6 +458,9 @@ fn run(cli: Cli) -> Result<()> {
             }
             let paths = numbered_paths(&output, num_images);
             check_outputs(&paths, sampling.overwrite)?;
+            if let Some(dir) = &preview {
+                Previews::check(dir, sampling.overwrite)?;
+            }
             let mut pipe = load_pipeline(&model, None)?;
             pipe = match pipeline {
                 PipelineArg::Auto => pipe,
@@ -418,7 +485,19 @@ fn run(cli: Cli) -> Result<()> {
                 adapter_conditioning_factor: control.adapter_conditioning_factor,
                 ..sampling.request()?
             };
-            let images = with_progress(|on_step| pipe.generate(&req, on_step))?;
+            let previews = match &preview {
+                Some(dir) => Some(Previews::load(dir, preview_vae.as_deref(), &pipe, num_images, sampling.overwrite)?),
+                None => None,
+            };
+            let images = with_progress(|on_step| {
+                pipe.generate_with_callback(&req, |step| {
+                    on_step(step.index + 1, step.total);
+                    match &previews {
+                        Some(p) => p.write(&pipe, step),
+                        None => Ok(()),
+                    }
+                })
+            })?;
             for (i, (img, path)) in images.iter().zip(&paths).enumerate() {
                 write_png(path, img, Some(&pipe.parameters_text(&req, i)), sampling.overwrite)?;
                 eprintln!("wrote {} (seed {})", path.display(), req.seed);

@@ -1,5 +1,6 @@
 //! Networks, each built from its diffusers / transformers `config.json`.
 pub mod attention;
+pub mod autoencoder;
 pub mod autoencoder_kl;
 pub mod autoencoder_tiny;
 pub mod clip_text_model;

@@ -7,6 +7,7 @@ use crate::loaders::single_file::{self, Component, SingleFile};
 use crate::loaders::weights::ComponentWeights;
 use crate::loaders::{hub, model_index::resolve_component, ModelIndex, ModelSource};
 use crate::pipelines::adapters::{AdapterSet, LoraReport, LoraSpec};
+use crate::models::autoencoder::Autoencoder;
 use crate::models::autoencoder_kl::{AutoencoderKL, AutoencoderKLConfig};
 use crate::models::clip_text_model::{ClipTextConfig, ClipTextModel, ClipTextModelWithProjection};
 use crate::models::clip_tokenizer::ClipTokenizer;
@@ -29,6 +30,9 @@ pub struct LoadOptions {
     /// AnimateDiff `MotionAdapter` (folder or hub id): the UNet becomes `UNetMotionModel`.
     /// Loaded before the LoRAs, so motion LoRAs find its weights.
     pub motion_adapter: Option<String>,
+    /// Replace the autoencoder (folder or hub id), as `pipeline(vae=...)`: an `AutoencoderKL`
+    /// (e.g. an fp16-fix SDXL VAE) or an `AutoencoderTiny` (TAESD / TAESDXL).
+    pub vae: Option<String>,
 }
 
 /// Every network a Stable Diffusion pipeline needs, loaded.
@@ -39,8 +43,8 @@ pub struct StableDiffusionComponents {
     pub text_encoder: ClipTextModel,
     pub unet: UNet2DConditionModel,
     pub unet_config: UNet2DConditionConfig,
-    pub vae: AutoencoderKL,
-    pub vae_config: AutoencoderKLConfig,
+    /// The model's autoencoder, or the `vae` replacing it (`LoadOptions::vae`).
+    pub vae: Autoencoder,
     pub scheduler_config: LcmSchedulerConfig,
     pub text_encoder_config: ClipTextConfig,
     /// SDXL: the second text encoder; `None` for SD1.x / SD2.x.
@@ -235,7 +239,12 @@ impl StableDiffusionComponents {
         let (te_config, text_encoder_weights) = text_encoder;
         let (unet_config, unet_weights) = unet;
         let (vae_config, vae_weights) = vae;
-        let vae = AutoencoderKL::new(vae_weights.var_builder(None, DType::F32, device), &vae_config).context("vae")?;
+        let vae = match &opts.vae {
+            // A replacement autoencoder has its own files; the model's variant need not exist there.
+            Some(arg) => Autoencoder::load(&resolve_component(arg, "vae", None)?, None, device)
+                .with_context(|| format!("--vae {arg}"))?,
+            None => Autoencoder::Kl(AutoencoderKL::new(vae_weights.var_builder(None, DType::F32, device), &vae_config).context("vae")?),
+        };
 
         let motion = match &opts.motion_adapter {
             Some(source) => {
@@ -283,7 +292,6 @@ impl StableDiffusionComponents {
             unet_config,
             unet_weights,
             vae,
-            vae_config,
             scheduler_config: scheduler,
             adapters,
             lora_reports: reports,

@@ -17,6 +17,7 @@ pub use control::{AdapterInput, ControlNetInput, Named};
 
 use crate::image_io::{postprocess, RgbImage};
 use crate::image_processor::{default_size, Image8};
+use crate::models::autoencoder::Autoencoder;
 use crate::models::controlnet::ControlNetModel;
 use crate::models::t2i_adapter::T2IAdapter;
 use crate::models::unet_2d_condition::UNetConditioning;
@@ -71,6 +72,20 @@ impl PipelineKind {
             Self::AnimateDiff => "AnimateDiffPipeline",
         }
     }
+}
+
+/// One finished denoising step, as `callback_on_step_end` sees it.
+pub struct Step<'a> {
+    /// 0-based step number, of `total`.
+    pub index: usize,
+    pub total: usize,
+    pub timestep: i64,
+    /// The latents the next step starts from.
+    pub latents: &'a Tensor,
+    /// The scheduler's prediction of the clean latents at this step (LCM's `denoised`).
+    pub denoised: &'a Tensor,
+    /// AnimateDiff: frames per video (latents are `[n, c, frames, h, w]`).
+    pub num_frames: Option<usize>,
 }
 
 /// What to generate. Field names follow diffusers' pipeline arguments.
@@ -392,7 +407,7 @@ impl LcmPipeline {
             }
             _ => {}
         }
-        let (unet_in, latent) = (self.components.unet_config.in_channels, self.components.vae_config.latent_channels);
+        let (unet_in, latent) = (self.components.unet_config.in_channels, self.components.vae.latent_channels());
         let inpaint_unet = unet_in == 2 * latent + 1;
         match req.task() {
             Task::Inpainting if unet_in == latent || inpaint_unet => {}
@@ -424,6 +439,21 @@ impl LcmPipeline {
     /// Generate `num_images_per_prompt` images (AnimateDiff: that many videos, their frames in
     /// order, video after video); `on_step(done, total)` is called after each denoising step.
     pub fn generate(&self, req: &GenerateRequest, mut on_step: impl FnMut(usize, usize)) -> Result<Vec<RgbImage>> {
+        self.generate_with_callback(req, |step| {
+            on_step(step.index + 1, step.total);
+            Ok(())
+        })
+    }
+
+    /// [`generate`](Self::generate) with diffusers' `callback_on_step_end`: `on_step` sees each
+    /// step's latents and predicted clean latents (`denoised`), e.g. to write previews with
+    /// [`decode_latents`](Self::decode_latents) through a tiny autoencoder; an error stops the
+    /// generation.
+    pub fn generate_with_callback(
+        &self,
+        req: &GenerateRequest,
+        mut on_step: impl FnMut(&Step) -> Result<()>,
+    ) -> Result<Vec<RgbImage>> {
         let (width, height) = self.check(req)?;
         let c = &self.components;
         let n = req.num_images_per_prompt;
@@ -470,7 +500,7 @@ impl LcmPipeline {
 
         let f = self.vae_scale_factor();
         let mut generator = TorchGenerator::manual_seed(req.seed);
-        let latent_channels = c.vae_config.latent_channels;
+        let latent_channels = c.vae.latent_channels();
         let mut inpaint = None;
         let mut latents = match (&req.image, &req.mask_image) {
             (None, _) => {
@@ -544,31 +574,38 @@ impl LcmPipeline {
                 };
                 latents = ((mask.ones_like()? - mask)?.broadcast_mul(&proper)? + mask.broadcast_mul(&latents)?)?;
             }
-            on_step(i + 1, timesteps.len());
+            on_step(&Step { index: i, total: timesteps.len(), timestep: t, latents: &latents, denoised: &denoised, num_frames: frames })?;
         }
 
         // LatentConsistencyModel pipelines decode `denoised`; the Stable Diffusion ones decode
         // the (possibly blended) `prev_sample`, which is `denoised` after the last LCM step.
         let final_latents = if lcm_semantics { &denoised } else { &latents };
-        let scale = Tensor::new(c.vae.scaling_factor() as f32, &self.device)?;
-        let z = final_latents.broadcast_div(&scale)?;
-        let z = match c.vae.shift_factor() {
+        self.decode_latents(&c.vae, final_latents, frames)
+    }
+
+    /// Scaled latents (`[n, c, h, w]`, or `[n, c, frames, h, w]` with `num_frames`) -> images
+    /// through `vae`: the pipeline's own autoencoder for results, a tiny one for previews.
+    pub fn decode_latents(&self, vae: &Autoencoder, latents: &Tensor, num_frames: Option<usize>) -> Result<Vec<RgbImage>> {
+        let scale = Tensor::new(vae.scaling_factor() as f32, latents.device())?;
+        let z = latents.broadcast_div(&scale)?;
+        let z = match vae.shift_factor() {
             Some(s) => (z + s)?,
             None => z,
         };
-        match frames {
+        match num_frames {
             // Frame by frame, so memory does not grow with the clip length.
             Some(nf) => {
+                let n = z.dim(0)?;
                 let mut out = Vec::with_capacity(n * nf);
                 for v in 0..n {
                     for k in 0..nf {
                         let frame = z.narrow(0, v, 1)?.narrow(2, k, 1)?.squeeze(2)?;
-                        out.extend(postprocess(&c.vae.decode(&frame)?)?);
+                        out.extend(postprocess(&vae.decode(&frame)?)?);
                     }
                 }
                 Ok(out)
             }
-            None => postprocess(&c.vae.decode(&z)?),
+            None => postprocess(&vae.decode(&z)?),
         }
     }
 

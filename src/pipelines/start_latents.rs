@@ -4,7 +4,7 @@
 
 use crate::ops::tile_batch;
 use crate::image_processor::{preprocess_image, preprocess_mask, Image8};
-use crate::models::autoencoder_kl::AutoencoderKL;
+use crate::models::autoencoder::Autoencoder;
 use crate::random::TorchGenerator;
 use crate::schedulers::LcmScheduler;
 use anyhow::Result;
@@ -21,11 +21,8 @@ pub struct InpaintState {
     pub noise: Tensor,
 }
 
-/// `retrieve_latents(vae.encode(x), generator)` times the scaling factor (one random draw).
-fn encode_sample(vae: &AutoencoderKL, x: &Tensor, generator: &mut TorchGenerator) -> Result<Tensor> {
-    let dist = vae.encode(x)?;
-    let noise = generator.randn_tensor(dist.mean.shape().clone())?;
-    Ok((dist.sample(&noise)? * vae.scaling_factor())?)
+fn encode_sample(vae: &Autoencoder, x: &Tensor, generator: &mut TorchGenerator) -> Result<Tensor> {
+    vae.encode_scaled(x, generator)
 }
 
 /// `F.interpolate(mask, size)` with the default nearest mode.
@@ -50,7 +47,7 @@ fn nearest_resize(mask: &Tensor, h: usize, w: usize) -> Result<Tensor> {
 
 /// Image-to-image: `add_noise(encode(image) * scaling, noise, first timestep)`.
 pub fn image_to_image(
-    vae: &AutoencoderKL,
+    vae: &Autoencoder,
     scheduler: &LcmScheduler,
     image: &Image8,
     (width, height): (usize, usize),
@@ -69,7 +66,7 @@ pub fn image_to_image(
 /// `prepare_mask_latents`).
 #[allow(clippy::too_many_arguments)]
 pub fn inpaint(
-    vae: &AutoencoderKL,
+    vae: &Autoencoder,
     scheduler: &LcmScheduler,
     image: &Image8,
     mask_image: &Image8,

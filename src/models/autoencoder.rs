@@ -1,0 +1,98 @@
+//! The autoencoder a pipeline decodes (and encodes) with: diffusers' pipelines take any
+//! `AutoencoderKL` or `AutoencoderTiny` as `vae=` and use only what both have.
+
+use crate::config::read_config;
+use crate::loaders::weights::ComponentWeights;
+use crate::models::autoencoder_kl::{AutoencoderKL, AutoencoderKLConfig};
+use crate::models::autoencoder_tiny::{AutoencoderTiny, AutoencoderTinyConfig};
+use crate::random::TorchGenerator;
+use anyhow::{bail, Context, Result};
+use candle_core::{DType, Device, Tensor};
+use std::path::Path;
+
+pub enum Autoencoder {
+    Kl(AutoencoderKL),
+    /// TAESD / TAESDXL: a distilled decoder, far faster on CPU.
+    Tiny(AutoencoderTiny),
+}
+
+impl Autoencoder {
+    /// An autoencoder folder (`config.json` + weights), by its config's `_class_name`.
+    pub fn load(dir: &Path, variant: Option<&str>, device: &Device) -> Result<Self> {
+        let config_path = dir.join("config.json");
+        let raw: serde_json::Value = read_config(&config_path)?;
+        let class = raw.get("_class_name").and_then(|c| c.as_str()).unwrap_or("AutoencoderKL");
+        let vb = ComponentWeights::open(dir, variant)?.var_builder(None, DType::F32, device);
+        let what = || format!("autoencoder {}", dir.display());
+        Ok(match class {
+            "AutoencoderKL" => {
+                let config: AutoencoderKLConfig = read_config(&config_path)?;
+                Self::Kl(AutoencoderKL::new(vb, &config).with_context(what)?)
+            }
+            "AutoencoderTiny" => {
+                let config: AutoencoderTinyConfig = read_config(&config_path)?;
+                Self::Tiny(AutoencoderTiny::new(vb, &config).with_context(what)?)
+            }
+            other => bail!("{} holds a `{other}`, not an AutoencoderKL or AutoencoderTiny", dir.display()),
+        })
+    }
+
+    pub fn is_tiny(&self) -> bool {
+        matches!(self, Self::Tiny(_))
+    }
+
+    pub fn latent_channels(&self) -> usize {
+        match self {
+            Self::Kl(v) => v.config.latent_channels,
+            Self::Tiny(v) => v.config.latent_channels,
+        }
+    }
+
+    /// Latents are multiplied by this before denoising and divided by it before decoding.
+    pub fn scaling_factor(&self) -> f64 {
+        match self {
+            Self::Kl(v) => v.scaling_factor(),
+            Self::Tiny(v) => v.scaling_factor(),
+        }
+    }
+
+    /// Added after unscaling; the Stable Diffusion pipelines never shift a tiny autoencoder's
+    /// latents.
+    pub fn shift_factor(&self) -> Option<f64> {
+        match self {
+            Self::Kl(v) => v.shift_factor(),
+            Self::Tiny(_) => None,
+        }
+    }
+
+    /// Pixels per latent pixel, as the pipelines compute it.
+    pub fn vae_scale_factor(&self) -> usize {
+        match self {
+            Self::Kl(v) => v.vae_scale_factor(),
+            Self::Tiny(v) => v.vae_scale_factor(),
+        }
+    }
+
+    /// Unscaled latents -> image in `[-1, 1]`.
+    pub fn decode(&self, z: &Tensor) -> Result<Tensor> {
+        Ok(match self {
+            Self::Kl(v) => v.decode(z)?,
+            Self::Tiny(v) => v.decode(z)?,
+        })
+    }
+
+    /// diffusers' `retrieve_latents(vae.encode(x), generator) * scaling_factor`: a sample of
+    /// the KL posterior (one random draw from `generator`), or the tiny encoder's latents (no
+    /// draw).
+    pub fn encode_scaled(&self, x: &Tensor, generator: &mut TorchGenerator) -> Result<Tensor> {
+        let latents = match self {
+            Self::Kl(v) => {
+                let dist = v.encode(x)?;
+                let noise = generator.randn_tensor(dist.mean.shape().clone())?;
+                dist.sample(&noise)?
+            }
+            Self::Tiny(v) => v.encode(x)?,
+        };
+        Ok((latents * self.scaling_factor())?)
+    }
+}
