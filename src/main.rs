@@ -124,6 +124,15 @@ enum Command {
         #[arg(long, value_name = "SOURCE", requires = "preview")]
         preview_vae: Option<String>,
     },
+    /// Fetch a model (pipeline repo, LoRA, VAE, ControlNet, ...) from the Hugging Face hub into
+    /// the standard cache ahead of time, as diffusers' from_pretrained would.
+    Download {
+        /// Hub repo id, e.g. SimianLuo/LCM_Dreamshaper_v7.
+        repo: String,
+        /// Weight variant, e.g. fp16.
+        #[arg(long)]
+        variant: Option<String>,
+    },
     /// Text-to-video with an AnimateDiff motion adapter (AnimateDiffPipeline + LCMScheduler).
     Animate {
         #[command(flatten)]
@@ -434,6 +443,11 @@ fn run(cli: Cli) -> Result<()> {
             } else {
                 print!("{}", report.table());
             }
+            Ok(())
+        }
+        Command::Download { repo, variant } => {
+            let dir = lcm::loaders::hub::download(&repo, variant.as_deref())?;
+            eprintln!("downloaded {repo} to {}", dir.display());
             Ok(())
         }
         Command::Canny { input, output, low, high, overwrite } => canny_command(&input, &output, low, high, overwrite),

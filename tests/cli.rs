@@ -657,3 +657,18 @@ fn bench_rejects_bad_settings() {
         assert!(!dir.exists());
     }
 }
+
+/// `lcm download`: fails cleanly where the hub cannot be reached, offline, or for a local path.
+#[test]
+fn download_fails_cleanly_without_the_hub() {
+    let tmp = tempfile::tempdir().unwrap();
+    let cache = tmp.path().to_str().unwrap();
+    // Nothing listens on port 9 of this machine: the request is refused at once.
+    let o = lcm(&["download", "SimianLuo/LCM_Dreamshaper_v7"], &[("HF_HUB_OFFLINE", "0"), ("HF_ENDPOINT", "http://127.0.0.1:9"), ("HF_HOME", cache)]);
+    assert_clean_error(&o, "cannot download `SimianLuo/LCM_Dreamshaper_v7` from the Hugging Face hub");
+    let o = lcm(&["download", "SimianLuo/LCM_Dreamshaper_v7"], &[("HF_HOME", cache)]);
+    assert_clean_error(&o, "HF_HUB_OFFLINE is set");
+    let model = common::fixtures().join("models/tiny-lcm");
+    let o = lcm(&["download", model.to_str().unwrap()], &[]);
+    assert_clean_error(&o, "local path");
+}

@@ -1,6 +1,6 @@
 //! Resolving a model argument: an existing local path, or a Hugging Face hub repo id looked up
 //! in (and, when the network allows, downloaded into) the standard Hugging Face cache, the same
-//! cache diffusers uses (`HF_HOME`, `HF_HUB_CACHE`, `HF_HUB_OFFLINE`, `HF_TOKEN`).
+//! cache diffusers uses (`HF_HOME`, `HF_HUB_CACHE`, `HF_HUB_OFFLINE`, `HF_TOKEN`, `HF_ENDPOINT`).
 
 use anyhow::{bail, Result};
 use hf_hub::{api::sync::ApiBuilder, Cache, Repo, RepoType};
@@ -71,6 +71,63 @@ fn wanted(file: &str, folders: &[&str], variant: Option<&str>) -> bool {
     false
 }
 
+/// The components of a diffusers pipeline repo that a download fetches.
+pub const PIPELINE_FOLDERS: &[&str] =
+    &["unet", "vae", "text_encoder", "tokenizer", "text_encoder_2", "tokenizer_2", "scheduler"];
+
+/// A hub client on `cache`, with `HF_TOKEN` (or the cached token) and a progress bar per file
+/// when stderr is a terminal.
+fn api(cache: &Cache) -> std::result::Result<hf_hub::api::sync::Api, String> {
+    use std::io::IsTerminal;
+    let token = std::env::var("HF_TOKEN").ok().filter(|t| !t.is_empty()).or_else(|| cache.token());
+    let mut builder = ApiBuilder::from_cache(cache.clone())
+        .with_token(token)
+        .with_progress(std::io::stderr().is_terminal())
+        .with_retries(0);
+    // A mirror, as huggingface_hub's HF_ENDPOINT.
+    if let Some(endpoint) = std::env::var("HF_ENDPOINT").ok().map(|e| e.trim_end_matches('/').to_string()).filter(|e| !e.is_empty()) {
+        builder = builder.with_endpoint(endpoint);
+    }
+    builder.build().map_err(|e| e.to_string())
+}
+
+/// `lcm download REPO`: fetch a model into the Hugging Face cache ahead of time, as diffusers'
+/// `from_pretrained` would (a pipeline repo: the component folders, `variant` weights; any other
+/// repo, e.g. a LoRA, VAE or ControlNet: its top-level files). Returns the snapshot folder.
+pub fn download(repo_id: &str, variant: Option<&str>) -> Result<PathBuf> {
+    if let ModelSource::Local(p) = ModelSource::parse(repo_id)? {
+        bail!("{} is a local path; there is nothing to download", p.display());
+    }
+    if offline() {
+        bail!("HF_HUB_OFFLINE is set; unset it to download `{repo_id}`");
+    }
+    let cache = cache();
+    let result = api(&cache).and_then(|api| {
+        let repo = api.model(repo_id.to_string());
+        let info = repo.info().map_err(|e| e.to_string())?;
+        let pipeline = info.siblings.iter().any(|s| s.rfilename == "model_index.json");
+        let folders: &[&str] = if pipeline { PIPELINE_FOLDERS } else { &[] };
+        let files: Vec<&str> = info.siblings.iter().map(|s| s.rfilename.as_str()).filter(|f| wanted(f, folders, variant)).collect();
+        if !files.iter().any(|f| f.ends_with(".safetensors")) {
+            return Err(format!("`{repo_id}` has no {}.safetensors weights to download", variant.map(|v| format!("{v} ")).unwrap_or_default()));
+        }
+        let mut dir = None;
+        for f in files {
+            let path = repo.get(f).map_err(|e| format!("{f}: {e}"))?;
+            if !f.contains('/') {
+                dir = path.parent().map(Path::to_path_buf);
+            }
+        }
+        dir.ok_or_else(|| format!("`{repo_id}` has no top-level files"))
+    });
+    result.map_err(|e| {
+        anyhow::anyhow!(
+            "cannot download `{repo_id}` from the Hugging Face hub ({}); check the network, the repo id and HF_TOKEN for gated repos",
+            super::weights::one_line(&e)
+        )
+    })
+}
+
 /// Resolve a hub repo to a local snapshot folder holding the wanted files (`folders` are
 /// component subfolders such as `unet`; an empty list means files at the repo root).
 /// `marker` is the file that must be there (`model_index.json`, `config.json`, a LoRA file).
@@ -88,13 +145,7 @@ pub fn snapshot(repo_id: &str, folders: &[&str], variant: Option<&str>, marker: 
             None => bail!("`{repo_id}` is not in the Hugging Face cache and HF_HUB_OFFLINE is set; {hint}"),
         };
     }
-    let token = std::env::var("HF_TOKEN").ok().filter(|t| !t.is_empty()).or_else(|| cache.token());
-    let api = ApiBuilder::from_cache(cache.clone())
-        .with_token(token)
-        .with_progress(false)
-        .with_retries(0)
-        .build();
-    let fetched = api.map_err(|e| e.to_string()).and_then(|api| {
+    let fetched = api(&cache).and_then(|api| {
         let repo = api.model(repo_id.to_string());
         let info = repo.info().map_err(|e| e.to_string())?;
         let mut dir = None;

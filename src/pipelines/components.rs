@@ -96,8 +96,6 @@ impl WeightIndex for UnetIndex<'_> {
     }
 }
 
-const PIPELINE_FOLDERS: &[&str] =
-    &["unet", "vae", "text_encoder", "tokenizer", "text_encoder_2", "tokenizer_2", "scheduler"];
 
 /// SDXL's second text encoder (`CLIPTextModelWithProjection`) with its tokenizer.
 pub struct SecondTextEncoder {
@@ -113,7 +111,7 @@ fn pipeline_root(arg: &str, variant: Option<&str>, skip_unet: bool) -> Result<Pa
         ModelSource::Local(p) => Ok(p),
         ModelSource::Hub(id) => {
             let folders: Vec<&str> =
-                PIPELINE_FOLDERS.iter().copied().filter(|f| !(skip_unet && *f == "unet")).collect();
+                hub::PIPELINE_FOLDERS.iter().copied().filter(|f| !(skip_unet && *f == "unet")).collect();
             hub::snapshot(&id, &folders, variant, "model_index.json")
         }
     }
