@@ -7,7 +7,8 @@
 //! With GFLOP/s from the FLOPs the ops count, the machine's FP32 matrix-multiply rate on the same
 //! threads, and peak memory.
 
-use crate::loaders::weights::recording_random_var_builder;
+use crate::loaders::weights::{random_var_builder, recording_random_var_builder};
+use crate::models::autoencoder_tiny::{AutoencoderTiny, AutoencoderTinyConfig};
 use crate::models::autoencoder_kl::{AutoencoderKL, AutoencoderKLConfig};
 use crate::models::clip_text_model::{ClipTextConfig, ClipTextModel, ClipTextModelWithProjection};
 use crate::models::motion_adapter::{MotionAdapterConfig, MotionModules};
@@ -28,6 +29,8 @@ const TOKENIZER_CONFIG: &str = include_str!("../tests/fixtures/models/tiny-sd/to
 const SPECIAL_TOKENS: &str = include_str!("../tests/fixtures/models/tiny-sd/tokenizer/special_tokens_map.json");
 const SDXL_UNET_CONFIG: &str = include_str!("../tests/fixtures/real_configs/sdxl/unet/config.json");
 const SDXL_VAE_CONFIG: &str = include_str!("../tests/fixtures/real_configs/sdxl/vae/config.json");
+const TAESD_CONFIG: &str = include_str!("../tests/fixtures/vaes/real_configs/taesd/config.json");
+const TAESDXL_CONFIG: &str = include_str!("../tests/fixtures/vaes/real_configs/taesdxl/config.json");
 const SDXL_TEXT_ENCODER_CONFIG: &str = include_str!("../tests/fixtures/real_configs/sdxl/text_encoder/config.json");
 const SDXL_TEXT_ENCODER_2_CONFIG: &str = include_str!("../tests/fixtures/real_configs/sdxl/text_encoder_2/config.json");
 /// SDXL's tokenizers: the same vocabulary and merges as SD1.5's, the second padding with `!`
@@ -572,6 +575,14 @@ fn time_image_stages(pipe: &LcmPipeline, opts: &BenchOptions, stages: &mut Stage
     })?);
     stages.add("VAE decode", time(opts, || {
         c.vae.decode(&x1)?.sum_all()?.to_scalar::<f32>()?;
+        Ok(())
+    })?);
+    // The tiny autoencoder `--vae madebyollin/taesd(xl)` / `--preview` decode with (real config,
+    // random weights: the speed does not depend on them).
+    let tiny_config = if opts.model == BenchModel::Sdxl { TAESDXL_CONFIG } else { TAESD_CONFIG };
+    let tiny = AutoencoderTiny::new(random_var_builder(5, DType::F32, &dev), &serde_json::from_str::<AutoencoderTinyConfig>(tiny_config)?)?;
+    stages.add("tiny VAE decode (TAESD)", time(opts, || {
+        tiny.decode(&x1)?.sum_all()?.to_scalar::<f32>()?;
         Ok(())
     })?);
     let req = GenerateRequest {
