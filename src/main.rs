@@ -41,6 +41,10 @@ struct ModelArgs {
     /// Weight variant, e.g. fp16 picks *.fp16.safetensors.
     #[arg(long)]
     variant: Option<String>,
+    /// Precision the weights are kept in: f32, f16 or bf16 (any stored files are converted).
+    /// On the CPU the computation stays f32; f16 / bf16 halve the weights' memory.
+    #[arg(long, default_value = "f32")]
+    dtype: lcm::loaders::weights::WeightDType,
     /// Replace the model's UNet (folder or hub id), e.g. an LCM-distilled UNet.
     #[arg(long)]
     unet: Option<String>,
@@ -158,6 +162,9 @@ enum Command {
         warmup: usize,
         #[arg(long, default_value_t = 3)]
         runs: usize,
+        /// Precision the weights are kept in: f32, f16 or bf16.
+        #[arg(long, default_value = "f32")]
+        dtype: lcm::loaders::weights::WeightDType,
         /// Print JSON (for benches/bench_diffusers.py) instead of a table.
         #[arg(long)]
         json: bool,
@@ -326,7 +333,7 @@ fn check_outputs(paths: &[PathBuf], overwrite: bool) -> Result<()> {
 
 fn load_pipeline(m: &ModelArgs, motion_adapter: Option<String>) -> Result<LcmPipeline> {
     let loras = m.loras.iter().map(|l| LoraSpec::parse(l)).collect::<Result<Vec<_>>>()?;
-    let opts = LoadOptions { variant: m.variant.clone(), unet: m.unet.clone(), loras, motion_adapter };
+    let opts = LoadOptions { variant: m.variant.clone(), unet: m.unet.clone(), loras, motion_adapter, dtype: m.dtype };
     let pipe = LcmPipeline::load(&m.model, &opts)?;
     for warning in pipe.components.lora_reports.iter().filter_map(|r| r.warning()) {
         eprintln!("warning: {warning}");
@@ -352,7 +359,7 @@ fn with_progress<T>(f: impl FnOnce(&mut dyn FnMut(usize, usize)) -> Result<T>) -
 
 fn run(cli: Cli) -> Result<()> {
     match cli.command {
-        Command::Bench { model, dir, size, frames, steps, warmup, runs, json } => {
+        Command::Bench { model, dir, size, frames, steps, warmup, runs, dtype, json } => {
             let size = size.unwrap_or(model.default_size());
             if size == 0 || size % 8 != 0 || steps == 0 || runs == 0 || frames == 0 {
                 bail!("--size must be a positive multiple of 8, --steps, --runs and --frames at least 1");
@@ -363,7 +370,7 @@ fn run(cli: Cli) -> Result<()> {
                 eprintln!("writing random weights once; this run's peak RSS includes that, rerun for a clean figure");
             }
             lcm::benchmark::write_folder(model, &dir)?;
-            let opts = lcm::benchmark::BenchOptions { model, size, frames, steps, warmup, runs };
+            let opts = lcm::benchmark::BenchOptions { model, size, frames, steps, warmup, runs, dtype };
             let report = lcm::benchmark::run(&dir, &opts)?;
             if json {
                 println!("{}", serde_json::to_string_pretty(&report)?);
