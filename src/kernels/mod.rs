@@ -154,25 +154,35 @@ pub(crate) fn gemv_rows<W: Elem>(x: &[f32], rows: usize, k: usize, w: &[W], n: u
     y
 }
 
-/// `a · b` with `b` in any element type (f32: [`dot`] itself).
+/// `a · b` with `b` in any element type: half-precision values are widened a block at a time
+/// into the same eight partial sums, so the result is bit for bit [`dot`] of the widened values.
 fn dot_any<W: Elem>(a: &[f32], b: &[W]) -> f32 {
     if let Some(b) = W::as_f32(b) {
         return dot(a, b);
     }
-    const BLOCK: usize = 256;
+    const BLOCK: usize = 256; // a multiple of 8: blocks keep the lanes' order
     let mut buf = [0f32; BLOCK];
-    let mut sum = 0.0;
+    let mut acc = [0f32; 8];
+    let mut tail = 0.0;
     for (ac, bc) in a.chunks(BLOCK).zip(b.chunks(BLOCK)) {
         W::widen(bc, &mut buf);
-        sum += dot(ac, &buf[..bc.len()]);
+        tail = dot_lanes(ac, &buf[..bc.len()], &mut acc);
     }
-    sum
+    acc.iter().sum::<f32>() + tail
 }
 
 fn dot(a: &[f32], b: &[f32]) -> f32 {
+    let mut acc = [0f32; 8];
+    let tail = dot_lanes(a, b, &mut acc);
+    acc.iter().sum::<f32>() + tail
+}
+
+/// Adds `a · b` into eight partial sums, except the last `len % 8` products, whose sum it
+/// returns.
+#[inline(always)]
+fn dot_lanes(a: &[f32], b: &[f32], acc: &mut [f32; 8]) -> f32 {
     // Eight independent partial sums so the compiler vectorises without reassociating (plain
     // multiply-add: `mul_add` without a compile-time FMA target is a libm call).
-    let mut acc = [0f32; 8];
     let (ca, cb) = (a.chunks_exact(8), b.chunks_exact(8));
     let tail: f32 = ca.remainder().iter().zip(cb.remainder()).map(|(x, y)| x * y).sum();
     for (x, y) in ca.zip(cb) {
@@ -180,7 +190,7 @@ fn dot(a: &[f32], b: &[f32]) -> f32 {
             acc[i] += x[i] * y[i];
         }
     }
-    acc.iter().sum::<f32>() + tail
+    tail
 }
 
 /// Elementwise `a + b`, split over threads.
