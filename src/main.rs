@@ -44,7 +44,7 @@ struct ModelArgs {
     /// Precision the weights are kept in: f32, f16 or bf16 (any stored files are converted).
     /// On the CPU the computation stays f32; f16 / bf16 halve the weights' memory.
     #[arg(long, default_value = "f32")]
-    dtype: lcm::loaders::weights::WeightDType,
+    dtype: String,
     /// Replace the model's UNet (folder or hub id), e.g. an LCM-distilled UNet.
     #[arg(long)]
     unet: Option<String>,
@@ -164,7 +164,7 @@ enum Command {
         runs: usize,
         /// Precision the weights are kept in: f32, f16 or bf16.
         #[arg(long, default_value = "f32")]
-        dtype: lcm::loaders::weights::WeightDType,
+        dtype: String,
         /// Print JSON (for benches/bench_diffusers.py) instead of a table.
         #[arg(long)]
         json: bool,
@@ -331,9 +331,15 @@ fn check_outputs(paths: &[PathBuf], overwrite: bool) -> Result<()> {
     Ok(())
 }
 
+/// `--dtype`, checked before anything is loaded (an unknown name is a one-line error).
+fn parse_dtype(s: &str) -> Result<lcm::loaders::weights::WeightDType> {
+    s.parse().map_err(anyhow::Error::msg)
+}
+
 fn load_pipeline(m: &ModelArgs, motion_adapter: Option<String>) -> Result<LcmPipeline> {
+    let dtype = parse_dtype(&m.dtype)?;
     let loras = m.loras.iter().map(|l| LoraSpec::parse(l)).collect::<Result<Vec<_>>>()?;
-    let opts = LoadOptions { variant: m.variant.clone(), unet: m.unet.clone(), loras, motion_adapter, dtype: m.dtype };
+    let opts = LoadOptions { variant: m.variant.clone(), unet: m.unet.clone(), loras, motion_adapter, dtype };
     let pipe = LcmPipeline::load(&m.model, &opts)?;
     for warning in pipe.components.lora_reports.iter().filter_map(|r| r.warning()) {
         eprintln!("warning: {warning}");
@@ -360,6 +366,7 @@ fn with_progress<T>(f: impl FnOnce(&mut dyn FnMut(usize, usize)) -> Result<T>) -
 fn run(cli: Cli) -> Result<()> {
     match cli.command {
         Command::Bench { model, dir, size, frames, steps, warmup, runs, dtype, json } => {
+            let dtype = parse_dtype(&dtype)?;
             let size = size.unwrap_or(model.default_size());
             if size == 0 || size % 8 != 0 || steps == 0 || runs == 0 || frames == 0 {
                 bail!("--size must be a positive multiple of 8, --steps, --runs and --frames at least 1");

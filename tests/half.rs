@@ -198,3 +198,60 @@ fn dtype_names_parse() {
     assert_eq!(e, "unknown dtype `f64`: f32, f16 or bf16");
     assert_eq!(WeightDType::default(), WeightDType::F32);
 }
+
+/// LoRAs fused into half-precision weights (added in f32, then stored as f16): close to the
+/// f32 fusion's image for each LoRA fixture case.
+#[test]
+fn loras_fuse_into_half_weights() {
+    let listing = common::reference_json("lora_pipelines.json");
+    let model = common::fixtures().join("models/tiny-sd");
+    let mut worst = 0;
+    for case in listing["cases"].as_array().unwrap().iter().take(4) {
+        let loras = common::lora_specs(case, case["fuse_lora_scale"].as_f64().unwrap_or(1.0));
+        let request = GenerateRequest {
+            prompt: case["prompt"].as_str().unwrap().into(),
+            num_inference_steps: case["num_inference_steps"].as_u64().unwrap() as usize,
+            guidance_scale: case["guidance_scale"].as_f64(),
+            width: case["width"].as_u64().map(|v| v as usize),
+            height: case["height"].as_u64().map(|v| v as usize),
+            seed: case["seed"].as_u64().unwrap(),
+            ..Default::default()
+        };
+        let run = |dtype| {
+            let opts = LoadOptions { loras: loras.clone(), dtype, ..Default::default() };
+            let pipe = LcmPipeline::load(model.to_str().unwrap(), &opts).unwrap().with_kind(lcm::pipelines::PipelineKind::StableDiffusion);
+            assert_eq!(pipe.components.unet.dtype(), dtype.dtype());
+            vec![pipe.generate(&request, |_, _| {}).unwrap().iter().flat_map(|i| i.pixels.iter().copied()).collect::<Vec<u8>>()]
+        };
+        let d = max_diff(&run(WeightDType::F16), &run(WeightDType::F32));
+        assert!(d <= F16_TOL, "{}: f16 weights with LoRA {d}/255", case["name"]);
+        worst = worst.max(d);
+    }
+    eprintln!("LoRA cases, f16 vs f32 weights: worst {worst}/255");
+}
+
+/// `--dtype` on the command line: f16 generates an image close to the default's; an unknown
+/// name is a one-line error before anything loads.
+#[test]
+fn cli_dtype_flag() {
+    let tmp = tempfile::tempdir().unwrap();
+    let model = tiny_lcm();
+    let run = |out: &str, dtype: &str| {
+        let out = tmp.path().join(out);
+        let args = ["generate", "--model", model.to_str().unwrap(), "--prompt", "a photo of a cat", "--seed", "0", "--width", "32", "--height", "32", "--dtype", dtype, "--output", out.to_str().unwrap()];
+        let o = std::process::Command::new(env!("CARGO_BIN_EXE_lcm")).args(args).output().unwrap();
+        (o, out)
+    };
+    let (o, f32_png) = run("f32.png", "f32");
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let (o, f16_png) = run("f16.png", "fp16");
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let a = lcm::image_io::read_png(&f32_png).unwrap().pixels;
+    let b = lcm::image_io::read_png(&f16_png).unwrap().pixels;
+    assert!(max_diff(&[a], &[b]) <= F16_TOL);
+    let (o, _) = run("bad.png", "f64");
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert_eq!(o.status.code(), Some(1), "{err}");
+    let lines: Vec<&str> = err.lines().filter(|l| !l.trim().is_empty()).collect();
+    assert_eq!(lines, ["error: unknown dtype `f64`: f32, f16 or bf16"]);
+}
