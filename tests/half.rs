@@ -85,10 +85,13 @@ fn built_models_keep_weights_in_half_precision() {
     assert_eq!(pipe.components.unet.dtype(), DType::F32);
 }
 
-/// Records every tensor a model takes from the real weight loader: name, shape, dtype.
+/// Name, shape and dtype of each tensor handed out.
+type Seen = Arc<Mutex<Vec<(String, Vec<usize>, DType)>>>;
+
+/// Records every tensor a model takes from the real weight loader.
 struct Tally {
     inner: VarBuilder<'static>,
-    seen: Arc<Mutex<Vec<(String, Vec<usize>, DType)>>>,
+    seen: Seen,
 }
 
 impl SimpleBackend for Tally {
@@ -116,7 +119,7 @@ fn unet_parameter_bytes_halve() {
     let cfg: UNet2DConditionConfig = serde_json::from_str(&std::fs::read_to_string(dir.join("config.json")).unwrap()).unwrap();
     let weights = ComponentWeights::open(&dir, None).unwrap();
     let build = |weights_dtype: DType| {
-        let seen = Arc::new(Mutex::new(Vec::new()));
+        let seen: Seen = Default::default();
         let p = Precision { compute: DType::F32, weights: weights_dtype };
         let tally = Tally { inner: weights.var_builder(None, p, &Device::Cpu), seen: seen.clone() };
         UNet2DConditionModel::new(VarBuilder::from_backend(Box::new(tally), DType::F32, Device::Cpu), &cfg).unwrap();
