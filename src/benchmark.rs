@@ -377,6 +377,8 @@ pub struct BenchOptions {
     pub steps: usize,
     pub warmup: usize,
     pub runs: usize,
+    /// Precision the weights are kept in (`--dtype`).
+    pub dtype: crate::loaders::weights::WeightDType,
 }
 
 /// One timed stage.
@@ -402,6 +404,8 @@ pub struct BenchReport {
     /// AnimateDiff: frames per clip; `null` for images.
     pub frames: Option<usize>,
     pub steps: usize,
+    /// Precision of the weights (`f32`, `f16`, `bf16`); the computation is f32.
+    pub dtype: String,
     pub threads: usize,
     pub gemm_gflops: f64,
     pub stages: Vec<Stage>,
@@ -511,7 +515,7 @@ pub fn run(dir: &Path, opts: &BenchOptions) -> Result<BenchReport> {
     let dir_str = dir.to_str().context("folder path is not UTF-8")?;
     let frames = match opts.model {
         BenchModel::Sd15 | BenchModel::Sdxl => {
-            let pipe = LcmPipeline::load(dir_str, &LoadOptions::default())?;
+            let pipe = LcmPipeline::load(dir_str, &LoadOptions { dtype: opts.dtype, ..Default::default() })?;
             let pipe = match opts.model {
                 BenchModel::Sd15 => pipe.with_kind(PipelineKind::StableDiffusion),
                 _ => pipe,
@@ -521,7 +525,7 @@ pub fn run(dir: &Path, opts: &BenchOptions) -> Result<BenchReport> {
         }
         BenchModel::AnimateDiff => {
             let adapter = dir.join("motion_adapter");
-            let load = LoadOptions { motion_adapter: Some(adapter.to_str().context("folder path is not UTF-8")?.into()), ..Default::default() };
+            let load = LoadOptions { motion_adapter: Some(adapter.to_str().context("folder path is not UTF-8")?.into()), dtype: opts.dtype, ..Default::default() };
             let pipe = LcmPipeline::load(dir_str, &load)?;
             time_animation_stages(&pipe, opts, &mut stages)?;
             Some(opts.frames)
@@ -539,6 +543,7 @@ pub fn run(dir: &Path, opts: &BenchOptions) -> Result<BenchReport> {
         size: opts.size,
         frames,
         steps: opts.steps,
+        dtype: opts.dtype.to_string(),
         threads: threads(),
         gemm_gflops: gemm,
         stages: stages.list,
@@ -647,8 +652,8 @@ impl BenchReport {
     pub fn table(&self) -> String {
         let frames = self.frames.map_or(String::new(), |f| format!(", {f} frames"));
         let mut s = format!(
-            "{} at {}x{}{frames}, f32, {} threads; FP32 GEMM {:.1} GFLOP/s\n{:<40} {:>9} {:>9} {:>9} {:>8}\n",
-            self.model, self.size, self.size, self.threads, self.gemm_gflops, "stage", "seconds", "GFLOP", "GFLOP/s", "% GEMM"
+            "{} at {}x{}{frames}, {} weights (f32 compute), {} threads; FP32 GEMM {:.1} GFLOP/s\n{:<40} {:>9} {:>9} {:>9} {:>8}\n",
+            self.model, self.size, self.size, self.dtype, self.threads, self.gemm_gflops, "stage", "seconds", "GFLOP", "GFLOP/s", "% GEMM"
         );
         for st in &self.stages {
             s.push_str(&format!(

@@ -44,6 +44,10 @@ struct ModelArgs {
     /// Weight variant, e.g. fp16 picks *.fp16.safetensors.
     #[arg(long)]
     variant: Option<String>,
+    /// Precision the weights are kept in: f32, f16 or bf16 (any stored files are converted).
+    /// On the CPU the computation stays f32; f16 / bf16 halve the weights' memory.
+    #[arg(long, default_value = "f32")]
+    dtype: String,
     /// Replace the model's UNet (folder or hub id), e.g. an LCM-distilled UNet.
     #[arg(long)]
     unet: Option<String>,
@@ -181,6 +185,9 @@ enum Command {
         warmup: usize,
         #[arg(long, default_value_t = 3)]
         runs: usize,
+        /// Precision the weights are kept in: f32, f16 or bf16.
+        #[arg(long, default_value = "f32")]
+        dtype: String,
         /// Print JSON (for benches/bench_diffusers.py) instead of a table.
         #[arg(long)]
         json: bool,
@@ -347,9 +354,15 @@ fn check_outputs(paths: &[PathBuf], overwrite: bool) -> Result<()> {
     Ok(())
 }
 
+/// `--dtype`, checked before anything is loaded (an unknown name is a one-line error).
+fn parse_dtype(s: &str) -> Result<lcm::loaders::weights::WeightDType> {
+    s.parse().map_err(anyhow::Error::msg)
+}
+
 fn load_pipeline(m: &ModelArgs, motion_adapter: Option<String>) -> Result<LcmPipeline> {
+    let dtype = parse_dtype(&m.dtype)?;
     let loras = m.loras.iter().map(|l| LoraSpec::parse(l)).collect::<Result<Vec<_>>>()?;
-    let opts = LoadOptions { variant: m.variant.clone(), unet: m.unet.clone(), loras, motion_adapter, vae: m.vae.clone() };
+    let opts = LoadOptions { variant: m.variant.clone(), unet: m.unet.clone(), loras, motion_adapter, dtype, vae: m.vae.clone() };
     let pipe = LcmPipeline::load(&m.model, &opts)?;
     for warning in pipe.components.lora_reports.iter().filter_map(|r| r.warning()) {
         eprintln!("warning: {warning}");
@@ -384,7 +397,7 @@ struct Previews {
 impl Previews {
     fn load(dir: &Path, source: Option<&str>, pipe: &LcmPipeline, num_images: usize, overwrite: bool) -> Result<Self> {
         let source = source.unwrap_or(if pipe.kind == PipelineKind::StableDiffusionXL { "madebyollin/taesdxl" } else { "madebyollin/taesd" });
-        let vae = Autoencoder::load(&resolve_component(source, "vae", None)?, None, &candle_core::Device::Cpu)
+        let vae = Autoencoder::load(&resolve_component(source, "vae", None)?, None, candle_core::DType::F32, &candle_core::Device::Cpu)
             .map_err(|e| anyhow::anyhow!("--preview-vae {source}: {e:#}"))?;
         if vae.latent_channels() != pipe.components.vae.latent_channels() {
             bail!("--preview-vae {source} has {} latent channels, the model {}", vae.latent_channels(), pipe.components.vae.latent_channels());
@@ -425,7 +438,8 @@ impl Previews {
 
 fn run(cli: Cli) -> Result<()> {
     match cli.command {
-        Command::Bench { model, dir, size, frames, steps, warmup, runs, json } => {
+        Command::Bench { model, dir, size, frames, steps, warmup, runs, dtype, json } => {
+            let dtype = parse_dtype(&dtype)?;
             let size = size.unwrap_or(model.default_size());
             if size == 0 || size % 8 != 0 || steps == 0 || runs == 0 || frames == 0 {
                 bail!("--size must be a positive multiple of 8, --steps, --runs and --frames at least 1");
@@ -436,7 +450,7 @@ fn run(cli: Cli) -> Result<()> {
                 eprintln!("writing random weights once; this run's peak RSS includes that, rerun for a clean figure");
             }
             lcm::benchmark::write_folder(model, &dir)?;
-            let opts = lcm::benchmark::BenchOptions { model, size, frames, steps, warmup, runs };
+            let opts = lcm::benchmark::BenchOptions { model, size, frames, steps, warmup, runs, dtype };
             let report = lcm::benchmark::run(&dir, &opts)?;
             if json {
                 println!("{}", serde_json::to_string_pretty(&report)?);

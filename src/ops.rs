@@ -67,36 +67,90 @@ pub fn linear(x: &Tensor, weight: &Tensor, bias: Option<&Tensor>) -> Result<Tens
     flops::add(2 * rows * in_features * out_features);
     let mut out_dims = dims.to_vec();
     *out_dims.last_mut().unwrap() = out_features;
-    if let (Some(xs), Some(ws)) = (cpu_f32(x)?, cpu_f32(weight)?) {
-        let b = bias.map(cpu_f32).transpose()?.flatten();
-        if rows <= 4 {
-            // A few rows (time embeddings, pooled text): dot products against W's rows beat
-            // packing W for a GEMM.
-            let y = kernels::gemv_rows(&xs, rows, in_features, &ws, out_features, b.as_deref());
-            return Tensor::from_vec(y, out_dims, x.device());
-        }
-        // Our GEMM: y = x · Wᵀ with Wᵀ read through strides, bias written first and accumulated onto.
-        let mut y = match &b {
-            Some(b) => b.repeat(rows),
-            None => vec![0f32; rows * out_features],
-        };
-        let a = Strided { data: &xs, row_stride: in_features, col_stride: 1 };
-        let wt = Strided { data: &ws, row_stride: 1, col_stride: in_features };
-        kernels::gemm::gemm(rows, out_features, in_features, &a, &wt, &mut y, out_features, b.is_some());
+    if let (Some(xs), Some(ws)) = (cpu_f32(x)?, cpu_weight(weight)?) {
+        let b = bias_f32(bias)?;
+        let b = b.as_deref();
+        let y = with_weight!(ws, w => {
+            if rows <= 4 {
+                // A few rows (time embeddings, pooled text): dot products against W's rows
+                // beat packing W for a GEMM.
+                kernels::gemv_rows(&xs, rows, in_features, &w, out_features, b)
+            } else {
+                // Our GEMM: y = x · Wᵀ with Wᵀ read through strides (half-precision W widened
+                // as it is packed), bias written first and accumulated onto.
+                let mut y = match b {
+                    Some(b) => b.repeat(rows),
+                    None => vec![0f32; rows * out_features],
+                };
+                let a = Strided { data: &xs, row_stride: in_features, col_stride: 1 };
+                let wt = Strided { data: &w, row_stride: 1, col_stride: in_features };
+                kernels::gemm::gemm(rows, out_features, in_features, &a, &wt, &mut y, out_features, b.is_some());
+                y
+            }
+        });
         return Tensor::from_vec(y, out_dims, x.device());
     }
-    let y = x.reshape((rows, in_features))?.matmul(&weight.t()?)?;
+    let y = x.reshape((rows, in_features))?.matmul(&like(weight, x)?.t()?)?;
     let y = match bias {
-        Some(b) => y.broadcast_add(b)?,
+        Some(b) => y.broadcast_add(&like(b, x)?)?,
         None => y,
     };
     y.reshape(out_dims)
 }
 
+/// `t` in `x`'s dtype (weights kept in another precision than the activations, on candle's
+/// paths).
+fn like(t: &Tensor, x: &Tensor) -> Result<Tensor> {
+    t.to_dtype(x.dtype())
+}
+
+/// A CPU bias as f32 values (converted when held in another dtype).
+fn bias_f32(bias: Option<&Tensor>) -> Result<Option<CpuSlice>> {
+    match bias {
+        Some(b) => cpu_f32(&b.to_dtype(DType::F32)?),
+        None => Ok(None),
+    }
+}
+
+/// A weight's values on the CPU in the precision they are kept in, for our kernels (which
+/// widen f16 / bf16 to f32 as they pack); `None` for other devices and dtypes.
+enum CpuWeight {
+    F32(CpuSlice<f32>),
+    F16(CpuSlice<half::f16>),
+    BF16(CpuSlice<half::bf16>),
+}
+
+/// `$body` with `$w` bound to the weight's values in their own element type.
+macro_rules! with_weight {
+    ($weight:expr, $w:ident => $body:expr) => {
+        match $weight {
+            CpuWeight::F32($w) => $body,
+            CpuWeight::F16($w) => $body,
+            CpuWeight::BF16($w) => $body,
+        }
+    };
+}
+use with_weight;
+
+fn cpu_weight(t: &Tensor) -> Result<Option<CpuWeight>> {
+    Ok(match t.dtype() {
+        DType::F32 => cpu_slice(t)?.map(CpuWeight::F32),
+        DType::F16 => cpu_slice(t)?.map(CpuWeight::F16),
+        DType::BF16 => cpu_slice(t)?.map(CpuWeight::BF16),
+        _ => None,
+    })
+}
+
 /// The values of a CPU f32 tensor in row-major order, or `None` for other devices and dtypes,
 /// which stay on candle's kernels.
 fn cpu_f32(t: &Tensor) -> Result<Option<CpuSlice>> {
-    if !t.device().is_cpu() || t.dtype() != DType::F32 {
+    cpu_slice::<f32>(t)
+}
+
+/// The values of a CPU tensor of element type `T` in row-major order, or `None` for other
+/// devices and dtypes.
+fn cpu_slice<T: candle_core::WithDType>(t: &Tensor) -> Result<Option<CpuSlice<T>>> {
+    if !t.device().is_cpu() || t.dtype() != T::DTYPE {
         return Ok(None);
     }
     let tensor = t.contiguous()?;
@@ -104,24 +158,27 @@ fn cpu_f32(t: &Tensor) -> Result<Option<CpuSlice>> {
         let (storage, layout) = tensor.storage_and_layout();
         let (start, end) = layout.contiguous_offsets().expect("contiguous tensor");
         match &*storage {
-            candle_core::Storage::Cpu(candle_core::CpuStorage::F32(v)) => (v[start..end].as_ptr(), end - start),
+            candle_core::Storage::Cpu(cpu) => match T::cpu_storage_as_slice(cpu) {
+                Ok(v) => (v[start..end].as_ptr(), end - start),
+                Err(_) => return Ok(None),
+            },
             _ => return Ok(None),
         }
     };
     Ok(Some(CpuSlice { _tensor: tensor, ptr, len }))
 }
 
-/// A borrowed view of a CPU tensor's f32 values; holding the tensor keeps its storage alive,
+/// A borrowed view of a CPU tensor's values; holding the tensor keeps its storage alive,
 /// and candle never mutates a tensor's storage in place behind our back.
-struct CpuSlice {
+struct CpuSlice<T = f32> {
     _tensor: Tensor,
-    ptr: *const f32,
+    ptr: *const T,
     len: usize,
 }
 
-impl std::ops::Deref for CpuSlice {
-    type Target = [f32];
-    fn deref(&self) -> &[f32] {
+impl<T> std::ops::Deref for CpuSlice<T> {
+    type Target = [T];
+    fn deref(&self) -> &[T] {
         // SAFETY: ptr/len come from the live storage of `_tensor`, which this struct owns.
         unsafe { std::slice::from_raw_parts(self.ptr, self.len) }
     }
@@ -138,14 +195,15 @@ pub fn conv2d(
     let _t = profile::timer(1);
     let (batch, c_in, h, w) = x.dims4()?;
     let (c_out, _, kh, kw) = weight.dims4()?;
-    if let (Some(xs), Some(ws)) = (cpu_f32(x)?, cpu_f32(weight)?) {
+    if let (Some(xs), Some(ws)) = (cpu_f32(x)?, cpu_weight(weight)?) {
         let shape = kernels::conv::ConvShape { batch, c_in, h, w, c_out, kh, kw, stride, padding };
         let (ho, wo) = shape.out_hw();
         flops::add(2 * batch * c_out * ho * wo * c_in * kh * kw);
-        let b = bias.map(cpu_f32).transpose()?.flatten();
-        let y = kernels::conv::conv2d(&xs, &ws, b.as_deref(), &shape);
+        let b = bias_f32(bias)?;
+        let y = with_weight!(ws, w => kernels::conv::conv2d(&xs, &w, b.as_deref(), &shape));
         return Tensor::from_vec(y, (batch, c_out, ho, wo), x.device());
     }
+    let weight = &like(weight, x)?;
     let (c, w) = (c_in, w);
     let y = if x.stride()[1..] == [w * c, c, 1] && weight.dim(2)? > 1 {
         // candle <= 0.9.2 CPU conv2d (huggingface/candle#3404): when C == H == W the NCHW
@@ -159,7 +217,7 @@ pub fn conv2d(
     let (_, ci, kh, kw) = weight.dims4()?;
     flops::add(2 * n * co * ho * wo * ci * kh * kw);
     match bias {
-        Some(b) => y.broadcast_add(&b.reshape((1, b.dim(0)?, 1, 1))?),
+        Some(b) => y.broadcast_add(&like(b, &y)?.reshape((1, b.dim(0)?, 1, 1))?),
         None => Ok(y),
     }
 }
@@ -195,8 +253,8 @@ fn group_norm_act(x: &Tensor, num_groups: usize, weight: &Tensor, bias: &Tensor,
     let y = xn
         .to_dtype(dtype)?
         .reshape(shape)?
-        .broadcast_mul(&weight.reshape(wshape.clone())?)?
-        .broadcast_add(&bias.reshape(wshape)?)?;
+        .broadcast_mul(&like(weight, x)?.reshape(wshape.clone())?)?
+        .broadcast_add(&like(bias, x)?.reshape(wshape)?)?;
     if silu {
         y.silu()
     } else {
@@ -219,9 +277,9 @@ pub fn layer_norm(x: &Tensor, weight: &Tensor, bias: Option<&Tensor>, eps: f64) 
     let xc = x.broadcast_sub(&mean)?;
     let var = (xc.sqr()?.sum_keepdim(D::Minus1)? / n)?;
     let y = xc.broadcast_div(&(var + eps)?.sqrt()?)?.to_dtype(dtype)?;
-    let y = y.broadcast_mul(weight)?;
+    let y = y.broadcast_mul(&like(weight, &y)?)?;
     match bias {
-        Some(b) => y.broadcast_add(b),
+        Some(b) => y.broadcast_add(&like(b, &y)?),
         None => Ok(y),
     }
 }

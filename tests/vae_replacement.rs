@@ -52,7 +52,7 @@ fn replaced_autoencoders_match_diffusers() {
 #[test]
 fn previews_match_diffusers_callback() {
     let pipe = load(None);
-    let tiny = Autoencoder::load(&fixture("vaes/taesd-tiny"), None, &candle_core::Device::Cpu).unwrap();
+    let tiny = Autoencoder::load(&fixture("vaes/taesd-tiny"), None, candle_core::DType::F32, &candle_core::Device::Cpu).unwrap();
     assert!(tiny.is_tiny());
     let mut previews = Vec::new();
     let image = pipe

@@ -4,6 +4,7 @@
 //! copying contiguous runs of input rows into the packed panels.
 
 use super::gemm::{gemm, PackB, Strided, NR};
+use super::Elem;
 
 /// Shape of one convolution.
 #[derive(Clone, Copy, Debug)]
@@ -29,8 +30,8 @@ impl ConvShape {
 }
 
 /// `y = conv(x, weight) + bias`; `x` is `[batch, c_in, h, w]`, `weight` `[c_out, c_in, kh, kw]`,
-/// the result `[batch, c_out, ho, wo]`.
-pub fn conv2d(x: &[f32], weight: &[f32], bias: Option<&[f32]>, s: &ConvShape) -> Vec<f32> {
+/// the result `[batch, c_out, ho, wo]`. The weight may be half precision (widened as packed).
+pub fn conv2d<W: Elem>(x: &[f32], weight: &[W], bias: Option<&[f32]>, s: &ConvShape) -> Vec<f32> {
     if super::winograd::applies(s) {
         return super::winograd::conv2d(x, weight, bias, s);
     }
@@ -38,7 +39,7 @@ pub fn conv2d(x: &[f32], weight: &[f32], bias: Option<&[f32]>, s: &ConvShape) ->
 }
 
 /// The direct convolution (implicit-im2col GEMM), for every shape.
-pub fn conv2d_direct(x: &[f32], weight: &[f32], bias: Option<&[f32]>, s: &ConvShape) -> Vec<f32> {
+pub fn conv2d_direct<W: Elem>(x: &[f32], weight: &[W], bias: Option<&[f32]>, s: &ConvShape) -> Vec<f32> {
     let (ho, wo) = s.out_hw();
     let (pixels, depth) = (ho * wo, s.c_in * s.kh * s.kw);
     let mut y = vec![0f32; s.batch * s.c_out * pixels];
@@ -231,6 +232,16 @@ mod tests {
             assert_eq!(got.len(), want.len());
             for (g, e) in got.iter().zip(&want) {
                 assert!((g - e).abs() < 1e-4, "{s:?}: {g} vs {e}");
+            }
+            // Half-precision kernels: the same against the reference on their widened values.
+            let wh: Vec<half::f16> = wt.iter().map(|v| half::f16::from_f32(*v)).collect();
+            let wb: Vec<half::bf16> = wt.iter().map(|v| half::bf16::from_f32(*v)).collect();
+            let want_h = naive(&x, &wh.iter().map(|v| v.to_f32()).collect::<Vec<_>>(), &bias, &s);
+            let want_b = naive(&x, &wb.iter().map(|v| v.to_f32()).collect::<Vec<_>>(), &bias, &s);
+            for (got, want) in [(conv2d(&x, &wh, Some(&bias), &s), want_h), (conv2d(&x, &wb, Some(&bias), &s), want_b)] {
+                for (g, e) in got.iter().zip(&want) {
+                    assert!((g - e).abs() < 1e-4, "half {s:?}: {g} vs {e}");
+                }
             }
         }
     }

@@ -4,7 +4,7 @@
 //! arithmetic. Both operands come through packers, so transposed operands cost nothing extra
 //! and a convolution can hand in its input as an implicit im2col matrix (see `conv.rs`).
 
-use super::{parallel_chunks, SendPtr};
+use super::{parallel_chunks, Elem, SendPtr};
 
 /// Rows of the micro-tile (A panel height).
 pub const MR: usize = 6;
@@ -87,23 +87,120 @@ impl PackB for PackedB {
     }
 }
 
-/// A matrix in memory with arbitrary row and column strides (in elements).
+/// A matrix in memory with arbitrary row and column strides (in elements). Its values may be
+/// half precision (weights kept in f16 / bf16): the packers widen them to f32 as they copy.
 #[derive(Clone, Copy)]
-pub struct Strided<'a> {
-    pub data: &'a [f32],
+pub struct Strided<'a, T = f32> {
+    pub data: &'a [T],
     pub row_stride: usize,
     pub col_stride: usize,
 }
 
-impl Strided<'_> {
+impl<T: Elem> Strided<'_, T> {
     #[inline]
     fn at(&self, r: usize, c: usize) -> f32 {
-        self.data[r * self.row_stride + c * self.col_stride]
+        self.data[r * self.row_stride + c * self.col_stride].to_f32()
+    }
+
+    /// The same matrix over f32 values, when the values are f32.
+    #[inline]
+    fn as_f32(&self) -> Option<Strided<'_, f32>> {
+        T::as_f32(self.data).map(|data| Strided { data, row_stride: self.row_stride, col_stride: self.col_stride })
     }
 }
 
-impl PackA for Strided<'_> {
+impl<T: Elem> PackA for Strided<'_, T> {
     fn pack_a(&self, i0: usize, mc: usize, p0: usize, kc: usize, dst: &mut [f32]) {
+        match self.as_f32() {
+            Some(f) => f.pack_a_f32(i0, mc, p0, kc, dst),
+            None => self.pack_a_widen(i0, mc, p0, kc, dst),
+        }
+    }
+}
+
+impl<T: Elem> PackB for Strided<'_, T> {
+    fn pack_b(&self, p0: usize, kc: usize, j0: usize, nc: usize, dst: &mut [f32]) {
+        match self.as_f32() {
+            Some(f) => f.pack_b_f32(p0, kc, j0, nc, dst),
+            None => self.pack_b_widen(p0, kc, j0, nc, dst),
+        }
+    }
+}
+
+/// Depth widened at a time by the half-precision packers (one stack buffer per row / column).
+const WIDEN: usize = 256;
+
+impl<T: Elem> Strided<'_, T> {
+    /// [`PackA::pack_a`] for half-precision values: each row's run of `kc` values is widened
+    /// into a buffer (contiguous rows: vector conversion), then interleaved into the panel.
+    fn pack_a_widen(&self, i0: usize, mc: usize, p0: usize, kc: usize, dst: &mut [f32]) {
+        let mut buf = [[0f32; WIDEN]; MR];
+        for (panel, out) in dst.chunks_mut(kc * MR).take(mc.div_ceil(MR)).enumerate() {
+            let r0 = i0 + panel * MR;
+            let rows = MR.min(i0 + mc - r0);
+            for q0 in (0..kc).step_by(WIDEN) {
+                let qn = WIDEN.min(kc - q0);
+                for (r, b) in buf.iter_mut().enumerate() {
+                    let b = &mut b[..qn];
+                    if r >= rows {
+                        b.fill(0.0);
+                    } else if self.col_stride == 1 {
+                        T::widen(&self.data[(r0 + r) * self.row_stride + p0 + q0..][..qn], b);
+                    } else {
+                        for (q, v) in b.iter_mut().enumerate() {
+                            *v = self.at(r0 + r, p0 + q0 + q);
+                        }
+                    }
+                }
+                for (q, o) in out[q0 * MR..(q0 + qn) * MR].chunks_exact_mut(MR).enumerate() {
+                    for r in 0..MR {
+                        o[r] = buf[r][q];
+                    }
+                }
+            }
+        }
+    }
+
+    /// [`PackB::pack_b`] for half-precision values: rows widened straight into the panel, or
+    /// (transposed operand, e.g. a linear layer's `Wᵀ`) each column widened into a buffer and
+    /// scattered.
+    fn pack_b_widen(&self, p0: usize, kc: usize, j0: usize, nc: usize, dst: &mut [f32]) {
+        let mut buf = [0f32; WIDEN];
+        for (panel, out) in dst.chunks_mut(kc * NR).take(nc.div_ceil(NR)).enumerate() {
+            let c0 = j0 + panel * NR;
+            let cols = NR.min(j0 + nc - c0);
+            if self.col_stride == 1 {
+                for p in 0..kc {
+                    let o = &mut out[p * NR..p * NR + NR];
+                    T::widen(&self.data[(p0 + p) * self.row_stride + c0..][..cols], &mut o[..cols]);
+                    o[cols..].fill(0.0);
+                }
+                continue;
+            }
+            if cols < NR {
+                out[..kc * NR].fill(0.0);
+            }
+            for c in 0..cols {
+                for q0 in (0..kc).step_by(WIDEN) {
+                    let qn = WIDEN.min(kc - q0);
+                    if self.row_stride == 1 {
+                        T::widen(&self.data[(c0 + c) * self.col_stride + p0 + q0..][..qn], &mut buf[..qn]);
+                    } else {
+                        for (q, v) in buf[..qn].iter_mut().enumerate() {
+                            *v = self.at(p0 + q0 + q, c0 + c);
+                        }
+                    }
+                    for (q, v) in buf[..qn].iter().enumerate() {
+                        out[(q0 + q) * NR + c] = *v;
+                    }
+                }
+            }
+        }
+    }
+}
+
+impl Strided<'_, f32> {
+    fn pack_a_f32(&self, i0: usize, mc: usize, p0: usize, kc: usize, dst: &mut [f32]) {
         for (panel, out) in dst.chunks_mut(kc * MR).take(mc.div_ceil(MR)).enumerate() {
             let r0 = i0 + panel * MR;
             let rows = MR.min(i0 + mc - r0);
@@ -128,10 +225,8 @@ impl PackA for Strided<'_> {
             }
         }
     }
-}
 
-impl PackB for Strided<'_> {
-    fn pack_b(&self, p0: usize, kc: usize, j0: usize, nc: usize, dst: &mut [f32]) {
+    fn pack_b_f32(&self, p0: usize, kc: usize, j0: usize, nc: usize, dst: &mut [f32]) {
         for (panel, out) in dst.chunks_mut(kc * NR).take(nc.div_ceil(NR)).enumerate() {
             let c0 = j0 + panel * NR;
             let cols = NR.min(j0 + nc - c0);
@@ -473,6 +568,61 @@ mod tests {
             }
         }
         c
+    }
+
+    /// Half-precision operands (weights kept in f16 / bf16) in every layout: the packed panels
+    /// equal the f32 packers' on the widened values exactly, and products match an f64
+    /// reference computed from the half values.
+    #[test]
+    fn half_precision_packers_widen_exactly() {
+        fn check<T: Elem>(from: fn(f32) -> T, name: &str) {
+            let mut seed = 5u32;
+            let mut rnd = || {
+                seed = seed.wrapping_mul(1664525).wrapping_add(1013904223);
+                (seed >> 8) as f32 / (1 << 24) as f32 - 0.5
+            };
+            // k = 600: depth blocks of 300 (> WIDEN), so the widening buffers wrap.
+            for &(m, n, k) in &[(1, 1, 1), (7, 17, 3), (13, 40, 300), (77, 33, 600), (6, 16, 256), (100, 1030, 20)] {
+                let ah: Vec<T> = (0..m * k).map(|_| from(rnd())).collect();
+                let bh: Vec<T> = (0..k * n).map(|_| from(rnd())).collect();
+                let aw: Vec<f32> = ah.iter().map(|v| v.to_f32()).collect();
+                let bw: Vec<f32> = bh.iter().map(|v| v.to_f32()).collect();
+                for (ta, tb) in [(false, false), (true, false), (false, true), (true, true)] {
+                    let (ars, acs) = if ta { (1, m) } else { (k, 1) };
+                    let (brs, bcs) = if tb { (1, k) } else { (n, 1) };
+                    let a = Strided { data: &ah[..], row_stride: ars, col_stride: acs };
+                    let b = Strided { data: &bh[..], row_stride: brs, col_stride: bcs };
+                    let af = Strided { data: &aw[..], row_stride: ars, col_stride: acs };
+                    let bf = Strided { data: &bw[..], row_stride: brs, col_stride: bcs };
+                    // Packers, on an interior block and on the whole matrix.
+                    for (i0, mc, p0, kc) in [(0, m, 0, k), (m / 3, m - m / 3, k / 4, k - k / 4)] {
+                        let len = mc.div_ceil(MR) * MR * kc;
+                        let (mut x, mut y) = (vec![f32::NAN; len], vec![f32::NAN; len]);
+                        a.pack_a(i0, mc, p0, kc, &mut x);
+                        af.pack_a(i0, mc, p0, kc, &mut y);
+                        assert!(x.iter().zip(&y).all(|(p, q)| p.to_bits() == q.to_bits()), "{name} pack_a {m}x{k} {ta}");
+                    }
+                    for (p0, kc, j0, nc) in [(0, k, 0, n), (k / 4, k - k / 4, n / 3, n - n / 3)] {
+                        let len = nc.div_ceil(NR) * NR * kc;
+                        let (mut x, mut y) = (vec![f32::NAN; len], vec![f32::NAN; len]);
+                        b.pack_b(p0, kc, j0, nc, &mut x);
+                        bf.pack_b(p0, kc, j0, nc, &mut y);
+                        assert!(x.iter().zip(&y).all(|(p, q)| p.to_bits() == q.to_bits()), "{name} pack_b {k}x{n} {tb}");
+                    }
+                    // Products against f64 on the half values (both operands half, or one).
+                    let want = naive(m, n, k, &af, &bf);
+                    let mut c = vec![0f32; m * n];
+                    gemm(m, n, k, &a, &b, &mut c, n, false);
+                    let mut c2 = vec![0f32; m * n];
+                    gemm(m, n, k, &af, &b, &mut c2, n, false);
+                    for ((x, y), w) in c.iter().zip(&c2).zip(&want) {
+                        assert!((x - w).abs() < 1e-4 && (y - w).abs() < 1e-4, "{name} {m}x{n}x{k} {ta} {tb}: {x} {y} vs {w}");
+                    }
+                }
+            }
+        }
+        check(half::f16::from_f32, "f16");
+        check(half::bf16::from_f32, "bf16");
     }
 
     #[test]

@@ -16,6 +16,89 @@ pub(crate) fn has_avx2_fma() -> bool {
     *HAS.get_or_init(|| is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma"))
 }
 
+/// Whether the CPU converts half floats in hardware (F16C), checked once.
+#[cfg(target_arch = "x86_64")]
+pub(crate) fn has_f16c() -> bool {
+    use std::sync::OnceLock;
+    static HAS: OnceLock<bool> = OnceLock::new();
+    *HAS.get_or_init(|| has_avx2_fma() && is_x86_feature_detected!("f16c"))
+}
+
+/// An element type our kernels read weights in: f32 itself, or half precision (`f16`, `bf16`)
+/// widened to f32 as the packers copy it (so no f32 copy of a half-precision weight is ever
+/// made; activations and accumulation stay f32).
+pub trait Elem: Copy + Send + Sync + 'static {
+    fn to_f32(self) -> f32;
+    /// `dst[i] = src[i]` widened to f32, for `min(src.len(), dst.len())` values.
+    fn widen(src: &[Self], dst: &mut [f32]);
+    /// The values themselves when they are f32, so f32 operands keep their plain copy paths.
+    fn as_f32(_s: &[Self]) -> Option<&[f32]> {
+        None
+    }
+}
+
+impl Elem for f32 {
+    #[inline(always)]
+    fn to_f32(self) -> f32 {
+        self
+    }
+    fn widen(src: &[f32], dst: &mut [f32]) {
+        let n = src.len().min(dst.len());
+        dst[..n].copy_from_slice(&src[..n]);
+    }
+    #[inline(always)]
+    fn as_f32(s: &[f32]) -> Option<&[f32]> {
+        Some(s)
+    }
+}
+
+impl Elem for half::f16 {
+    #[inline(always)]
+    fn to_f32(self) -> f32 {
+        half::f16::to_f32(self)
+    }
+    fn widen(src: &[half::f16], dst: &mut [f32]) {
+        let n = src.len().min(dst.len());
+        #[cfg(target_arch = "x86_64")]
+        {
+            if has_f16c() {
+                // SAFETY: F16C checked; both slices hold `n` values.
+                return unsafe { x86::widen_f16(src.as_ptr().cast(), &mut dst[..n]) };
+            }
+        }
+        for (d, s) in dst[..n].iter_mut().zip(src) {
+            *d = s.to_f32();
+        }
+    }
+}
+
+impl Elem for half::bf16 {
+    #[inline(always)]
+    fn to_f32(self) -> f32 {
+        f32::from_bits((self.to_bits() as u32) << 16)
+    }
+    fn widen(src: &[half::bf16], dst: &mut [f32]) {
+        // bf16 is the top half of an f32: a shift, which this loop vectorises to.
+        #[inline(always)]
+        fn body(src: &[half::bf16], dst: &mut [f32]) {
+            for (d, s) in dst.iter_mut().zip(src) {
+                *d = f32::from_bits((s.to_bits() as u32) << 16);
+            }
+        }
+        #[cfg(target_arch = "x86_64")]
+        {
+            #[target_feature(enable = "avx2")]
+            unsafe fn fast(src: &[half::bf16], dst: &mut [f32]) {
+                body(src, dst)
+            }
+            if has_avx2_fma() {
+                return unsafe { fast(src, dst) };
+            }
+        }
+        body(src, dst)
+    }
+}
+
 /// A raw pointer that may cross threads: each task writes a disjoint part of one buffer.
 #[derive(Clone, Copy)]
 pub(crate) struct SendPtr(pub *mut f32);
@@ -53,15 +136,16 @@ pub(crate) fn parallel_chunks(
 }
 
 /// `y[r] = W x[r] + b` for a few rows `x[r]` (`W` is `[out, in]` row-major): one dot product
-/// per output, the outputs shared out among threads.
-pub(crate) fn gemv_rows(x: &[f32], rows: usize, k: usize, w: &[f32], n: usize, bias: Option<&[f32]>) -> Vec<f32> {
+/// per output, the outputs shared out among threads. Half-precision `W` rows are widened a
+/// block at a time.
+pub(crate) fn gemv_rows<W: Elem>(x: &[f32], rows: usize, k: usize, w: &[W], n: usize, bias: Option<&[f32]>) -> Vec<f32> {
     let mut y = vec![0f32; rows * n];
     let yp = SendPtr(y.as_mut_ptr());
     parallel_chunks(n, 16, 2 * rows * n * k, |j0, len| {
         for r in 0..rows {
             let xr = &x[r * k..(r + 1) * k];
             for j in j0..j0 + len {
-                let d = dot(xr, &w[j * k..(j + 1) * k]) + bias.map_or(0.0, |b| b[j]);
+                let d = dot_any(xr, &w[j * k..(j + 1) * k]) + bias.map_or(0.0, |b| b[j]);
                 // SAFETY: chunks own disjoint output columns.
                 unsafe { *yp.get().add(r * n + j) = d };
             }
@@ -70,10 +154,35 @@ pub(crate) fn gemv_rows(x: &[f32], rows: usize, k: usize, w: &[f32], n: usize, b
     y
 }
 
+/// `a · b` with `b` in any element type: half-precision values are widened a block at a time
+/// into the same eight partial sums, so the result is bit for bit [`dot`] of the widened values.
+fn dot_any<W: Elem>(a: &[f32], b: &[W]) -> f32 {
+    if let Some(b) = W::as_f32(b) {
+        return dot(a, b);
+    }
+    const BLOCK: usize = 256; // a multiple of 8: blocks keep the lanes' order
+    let mut buf = [0f32; BLOCK];
+    let mut acc = [0f32; 8];
+    let mut tail = 0.0;
+    for (ac, bc) in a.chunks(BLOCK).zip(b.chunks(BLOCK)) {
+        W::widen(bc, &mut buf);
+        tail = dot_lanes(ac, &buf[..bc.len()], &mut acc);
+    }
+    acc.iter().sum::<f32>() + tail
+}
+
 fn dot(a: &[f32], b: &[f32]) -> f32 {
+    let mut acc = [0f32; 8];
+    let tail = dot_lanes(a, b, &mut acc);
+    acc.iter().sum::<f32>() + tail
+}
+
+/// Adds `a · b` into eight partial sums, except the last `len % 8` products, whose sum it
+/// returns.
+#[inline(always)]
+fn dot_lanes(a: &[f32], b: &[f32], acc: &mut [f32; 8]) -> f32 {
     // Eight independent partial sums so the compiler vectorises without reassociating (plain
     // multiply-add: `mul_add` without a compile-time FMA target is a libm call).
-    let mut acc = [0f32; 8];
     let (ca, cb) = (a.chunks_exact(8), b.chunks_exact(8));
     let tail: f32 = ca.remainder().iter().zip(cb.remainder()).map(|(x, y)| x * y).sum();
     for (x, y) in ca.zip(cb) {
@@ -81,7 +190,7 @@ fn dot(a: &[f32], b: &[f32]) -> f32 {
             acc[i] += x[i] * y[i];
         }
     }
-    acc.iter().sum::<f32>() + tail
+    tail
 }
 
 /// Elementwise `a + b`, split over threads.
@@ -203,6 +312,25 @@ pub(crate) fn layer_norm(
 mod x86 {
     use std::arch::x86_64::*;
 
+    /// IEEE half -> f32, 8 at a time with F16C's `vcvtph2ps`; `src` holds `dst.len()` values.
+    #[target_feature(enable = "avx2,f16c")]
+    pub(super) unsafe fn widen_f16(src: *const u16, dst: &mut [f32]) {
+        let n = dst.len();
+        let mut i = 0;
+        while i + 8 <= n {
+            let h = _mm_loadu_si128(src.add(i).cast());
+            _mm256_storeu_ps(dst.as_mut_ptr().add(i), _mm256_cvtph_ps(h));
+            i += 8;
+        }
+        if i < n {
+            let mut tail = [0u16; 8];
+            std::ptr::copy_nonoverlapping(src.add(i), tail.as_mut_ptr(), n - i);
+            let mut out = [0f32; 8];
+            _mm256_storeu_ps(out.as_mut_ptr(), _mm256_cvtph_ps(_mm_loadu_si128(tail.as_ptr().cast())));
+            dst[i..].copy_from_slice(&out[..n - i]);
+        }
+    }
+
     /// exp on 8 lanes: `2^n * p(r)` with `x = n ln2 + r`, |r| <= ln2/2, a degree-6 polynomial
     /// (Cephes' expf coefficients, ~1 ulp); inputs below -87.3 give 0.
     #[inline]
@@ -305,6 +433,52 @@ mod x86 {
 
 #[cfg(test)]
 mod tests {
+    use super::Elem;
+
+    /// Half floats widen exactly (F16C and the portable path agree with `half`, subnormals,
+    /// infinities and odd tails included), and few-row linears over half weights match f64.
+    #[test]
+    fn half_weights_widen_and_gemv() {
+        let all: Vec<half::f16> = (0..=u16::MAX).map(half::f16::from_bits).collect();
+        let mut got = vec![0f32; all.len()];
+        for len in [all.len(), 13, 7] {
+            half::f16::widen(&all[..len], &mut got[..len]);
+            for (h, g) in all[..len].iter().zip(&got) {
+                let want = h.to_f32();
+                assert!(g.to_bits() == want.to_bits() || (g.is_nan() && want.is_nan()), "{h:?}: {g} vs {want}");
+            }
+        }
+        let allb: Vec<half::bf16> = (0..=u16::MAX).map(half::bf16::from_bits).collect();
+        half::bf16::widen(&allb, &mut got);
+        for (h, g) in allb.iter().zip(&got) {
+            let want = h.to_f32();
+            assert!(g.to_bits() == want.to_bits() || (g.is_nan() && want.is_nan()));
+        }
+
+        let mut seed = 3u32;
+        let mut rnd = || {
+            seed = seed.wrapping_mul(1664525).wrapping_add(1013904223);
+            (seed >> 8) as f32 / (1 << 24) as f32 - 0.5
+        };
+        let (rows, k, n) = (3, 700, 37);
+        let x: Vec<f32> = (0..rows * k).map(|_| rnd()).collect();
+        let w: Vec<f32> = (0..n * k).map(|_| rnd()).collect();
+        let bias: Vec<f32> = (0..n).map(|_| rnd()).collect();
+        let wh: Vec<half::f16> = w.iter().map(|v| half::f16::from_f32(*v)).collect();
+        let wb: Vec<half::bf16> = w.iter().map(|v| half::bf16::from_f32(*v)).collect();
+        let check = |y: Vec<f32>, wv: Vec<f32>| {
+            for r in 0..rows {
+                for j in 0..n {
+                    let want: f64 = bias[j] as f64
+                        + (0..k).map(|p| x[r * k + p] as f64 * wv[j * k + p] as f64).sum::<f64>();
+                    assert!((y[r * n + j] as f64 - want).abs() < 1e-4, "{} vs {want}", y[r * n + j]);
+                }
+            }
+        };
+        check(super::gemv_rows(&x, rows, k, &wh, n, Some(&bias)), wh.iter().map(|v| v.to_f32()).collect());
+        check(super::gemv_rows(&x, rows, k, &wb, n, Some(&bias)), wb.iter().map(|v| v.to_f32()).collect());
+    }
+
     #[test]
     fn gelu_and_exp_match_libm() {
         let x: Vec<f32> = (0..2001).map(|i| (i as f32 - 1000.0) / 97.0).collect();

@@ -13,7 +13,7 @@
 
 use super::conv::ConvShape;
 use super::gemm::{gemm_single_thread, PackedB, Strided};
-use super::SendPtr;
+use super::{Elem, SendPtr};
 use rayon::prelude::*;
 
 /// Output tile size and input tile size (`T + 3 - 1`).
@@ -34,7 +34,8 @@ pub fn applies(s: &ConvShape) -> bool {
 }
 
 /// `G g Gᵀ` for one 3x3 kernel: the 6x6 transformed kernel.
-fn transform_kernel(g: &[f32]) -> [[f32; A]; A] {
+fn transform_kernel<W: Elem>(g: &[W]) -> [[f32; A]; A] {
+    let g: [f32; 9] = std::array::from_fn(|i| g[i].to_f32());
     // G (6x3) rows.
     const G: [[f32; 3]; A] = [
         [1.0 / 4.0, 0.0, 0.0],
@@ -90,7 +91,9 @@ fn at<const L: usize>(x: &[[f32; L]; A]) -> [[f32; L]; T] {
     y
 }
 
-pub fn conv2d(x: &[f32], weight: &[f32], bias: Option<&[f32]>, s: &ConvShape) -> Vec<f32> {
+/// The kernels may be half precision: they are widened as they are transformed (per call, into
+/// the f32 transform domain, which the GEMMs read).
+pub fn conv2d<W: Elem>(x: &[f32], weight: &[W], bias: Option<&[f32]>, s: &ConvShape) -> Vec<f32> {
     let (ci, co, h, w) = (s.c_in, s.c_out, s.h, s.w);
     let (ty, tx) = (h.div_ceil(T), w.div_ceil(T));
     // Kernels in the transform domain, as the 36 right operands `[c_in x c_out]`.
@@ -360,6 +363,24 @@ mod tests {
             }
             let rel = (num / den).sqrt();
             assert!(rel < 1e-5, "{batch} {ci} {co} {h} {w}: rel L2 {rel}");
+            // Half-precision kernels, widened in the kernel transform: as the direct
+            // convolution of the widened kernels.
+            let wh: Vec<half::f16> = wt.iter().map(|v| half::f16::from_f32(*v)).collect();
+            let wb: Vec<half::bf16> = wt.iter().map(|v| half::bf16::from_f32(*v)).collect();
+            let cases = [
+                (conv2d(&x, &wh, Some(&bias), &s), wh.iter().map(|v| v.to_f32()).collect::<Vec<_>>()),
+                (conv2d(&x, &wb, Some(&bias), &s), wb.iter().map(|v| v.to_f32()).collect::<Vec<_>>()),
+            ];
+            for (got, widened) in cases {
+                let want = super::super::conv::conv2d_direct(&x, &widened, Some(&bias), &s);
+                let (mut num, mut den) = (0f64, 0f64);
+                for (g, e) in got.iter().zip(&want) {
+                    num += ((g - e) as f64).powi(2);
+                    den += (*e as f64).powi(2);
+                }
+                let rel = (num / den).sqrt();
+                assert!(rel < 1e-5, "half {batch} {ci} {co} {h} {w}: rel L2 {rel}");
+            }
         }
     }
 }

@@ -54,20 +54,89 @@ fn file_variant(path: &Path) -> Option<String> {
     Some(ext.to_string())
 }
 
+/// The precision weights are kept in (`--dtype`): whatever the files store, the weights are
+/// converted to it when loaded.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub enum WeightDType {
+    #[default]
+    F32,
+    F16,
+    BF16,
+}
+
+impl std::str::FromStr for WeightDType {
+    type Err = String;
+    fn from_str(s: &str) -> std::result::Result<Self, String> {
+        match s.to_ascii_lowercase().as_str() {
+            "f32" | "fp32" | "float32" => Ok(Self::F32),
+            "f16" | "fp16" | "float16" | "half" => Ok(Self::F16),
+            "bf16" | "bfloat16" => Ok(Self::BF16),
+            _ => Err(format!("unknown dtype `{s}`: f32, f16 or bf16")),
+        }
+    }
+}
+
+impl std::fmt::Display for WeightDType {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Self::F32 => "f32",
+            Self::F16 => "f16",
+            Self::BF16 => "bf16",
+        })
+    }
+}
+
+impl WeightDType {
+    pub fn dtype(self) -> DType {
+        match self {
+            Self::F32 => DType::F32,
+            Self::F16 => DType::F16,
+            Self::BF16 => DType::BF16,
+        }
+    }
+
+    /// How a model is built on `device` with weights in this dtype: on the CPU the activations
+    /// stay f32 (our kernels widen half-precision weights as they pack them); elsewhere
+    /// everything is in this dtype.
+    pub fn precision(self, device: &Device) -> Precision {
+        if device.is_cpu() {
+            Precision { compute: DType::F32, weights: self.dtype() }
+        } else {
+            Precision::from(self.dtype())
+        }
+    }
+}
+
+/// The dtypes a model is built in: `weights` for matrices and kernels (every tensor of rank 2
+/// or more: linear and convolution weights, embedding tables), `compute` for the activations
+/// and the small 1-D parameters (norm scales, biases), which is the `VarBuilder`'s dtype. A
+/// plain `DType` is both.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Precision {
+    pub compute: DType,
+    pub weights: DType,
+}
+
+impl From<DType> for Precision {
+    fn from(dtype: DType) -> Self {
+        Self { compute: dtype, weights: dtype }
+    }
+}
+
 /// The weights of a component folder as a `VarBuilder` (diffusers' names).
 pub fn load_component(
     dir: &Path,
     variant: Option<&str>,
-    dtype: DType,
+    precision: impl Into<Precision>,
     device: &Device,
 ) -> Result<VarBuilder<'static>> {
-    Ok(ComponentWeights::open(dir, variant)?.var_builder(None, dtype, device))
+    Ok(ComponentWeights::open(dir, variant)?.var_builder(None, precision, device))
 }
 
 /// Explicit safetensors files as a `VarBuilder`; a truncated or non-safetensors file is an error
 /// naming it.
-pub fn load_files(files: &[PathBuf], dtype: DType, device: &Device) -> Result<VarBuilder<'static>> {
-    Ok(ComponentWeights::open_files(files)?.var_builder(None, dtype, device))
+pub fn load_files(files: &[PathBuf], precision: impl Into<Precision>, device: &Device) -> Result<VarBuilder<'static>> {
+    Ok(ComponentWeights::open_files(files)?.var_builder(None, precision, device))
 }
 
 /// The weights of one component, kept so that the component can be rebuilt (e.g. with other
@@ -126,10 +195,12 @@ impl ComponentWeights {
         self.tensors.files.iter().map(|(p, _)| p.clone()).collect()
     }
 
-    /// A `VarBuilder` over these weights, with `deltas` (e.g. fused LoRAs) added on load.
-    pub fn var_builder(&self, deltas: Option<Arc<WeightDeltas>>, dtype: DType, device: &Device) -> VarBuilder<'static> {
-        let backend = FusedWeights { base: self.tensors.clone(), deltas: deltas.unwrap_or_default() };
-        VarBuilder::from_backend(Box::new(backend), dtype, device.clone())
+    /// A `VarBuilder` over these weights, with `deltas` (e.g. fused LoRAs) added on load (in
+    /// f32, then stored in the weights' dtype).
+    pub fn var_builder(&self, deltas: Option<Arc<WeightDeltas>>, precision: impl Into<Precision>, device: &Device) -> VarBuilder<'static> {
+        let p = precision.into();
+        let backend = FusedWeights { base: self.tensors.clone(), deltas: deltas.unwrap_or_default(), precision: p };
+        VarBuilder::from_backend(Box::new(backend), p.compute, device.clone())
     }
 }
 
@@ -341,9 +412,9 @@ impl WeightDeltas {
         self.by_weight.is_empty()
     }
 
-    fn apply(&self, name: &str, weight: Tensor) -> candle_core::Result<Tensor> {
-        let Some(deltas) = self.by_weight.get(name) else { return Ok(weight) };
-        let dtype = weight.dtype();
+    /// `weight` plus its deltas, computed in f32, in `dtype`.
+    fn apply(&self, name: &str, weight: Tensor, dtype: DType) -> candle_core::Result<Tensor> {
+        let Some(deltas) = self.by_weight.get(name) else { return weight.to_dtype(dtype) };
         let mut w = weight.to_dtype(DType::F32)?;
         for d in deltas {
             let delta = d.up.matmul(&d.down)?;
@@ -361,24 +432,39 @@ impl WeightDeltas {
     }
 }
 
-/// A `SimpleBackend` that reads stored weights and adds the deltas of fused adapters.
+/// A `SimpleBackend` that reads stored weights and adds the deltas of fused adapters; tensors of
+/// rank 2 or more come in `precision.weights`, the others in the dtype asked for.
 struct FusedWeights {
     base: Arc<WeightFiles>,
     deltas: Arc<WeightDeltas>,
+    precision: Precision,
+}
+
+impl FusedWeights {
+    /// The dtype a tensor of this shape is kept in, when the model asks for `asked`.
+    fn dtype_for(&self, shape: &Shape, asked: DType) -> DType {
+        if shape.rank() >= 2 && asked == self.precision.compute {
+            self.precision.weights
+        } else {
+            asked
+        }
+    }
 }
 
 impl SimpleBackend for FusedWeights {
     fn get(&self, s: Shape, name: &str, _: candle_nn::Init, dtype: DType, dev: &Device) -> candle_core::Result<Tensor> {
-        let w = self.base.load(name, dev)?.to_dtype(DType::F32)?;
+        let w = self.base.load(name, dev)?;
         if w.shape() != &s {
             Err(candle_core::Error::UnexpectedShape { msg: format!("shape mismatch for {name}"), expected: s, got: w.shape().clone() }.bt())?
         }
-        self.deltas.apply(name, w)?.to_dtype(dtype)
+        let dtype = self.dtype_for(w.shape(), dtype);
+        self.deltas.apply(name, w, dtype)
     }
 
     fn get_unchecked(&self, name: &str, dtype: DType, dev: &Device) -> candle_core::Result<Tensor> {
-        let w = self.base.load(name, dev)?.to_dtype(DType::F32)?;
-        self.deltas.apply(name, w)?.to_dtype(dtype)
+        let w = self.base.load(name, dev)?;
+        let dtype = self.dtype_for(w.shape(), dtype);
+        self.deltas.apply(name, w, dtype)
     }
 
     fn contains_tensor(&self, name: &str) -> bool {

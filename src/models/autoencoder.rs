@@ -2,12 +2,12 @@
 //! `AutoencoderKL` or `AutoencoderTiny` as `vae=` and use only what both have.
 
 use crate::config::read_config;
-use crate::loaders::weights::ComponentWeights;
+use crate::loaders::weights::{ComponentWeights, Precision};
 use crate::models::autoencoder_kl::{AutoencoderKL, AutoencoderKLConfig};
 use crate::models::autoencoder_tiny::{AutoencoderTiny, AutoencoderTinyConfig};
 use crate::random::TorchGenerator;
 use anyhow::{bail, Context, Result};
-use candle_core::{DType, Device, Tensor};
+use candle_core::{Device, Tensor};
 use std::path::Path;
 
 pub enum Autoencoder {
@@ -17,12 +17,13 @@ pub enum Autoencoder {
 }
 
 impl Autoencoder {
-    /// An autoencoder folder (`config.json` + weights), by its config's `_class_name`.
-    pub fn load(dir: &Path, variant: Option<&str>, device: &Device) -> Result<Self> {
+    /// An autoencoder folder (`config.json` + weights), by its config's `_class_name`, with its
+    /// weights kept at `precision` (a `DType`, or `--dtype`'s [`Precision`]).
+    pub fn load(dir: &Path, variant: Option<&str>, precision: impl Into<Precision>, device: &Device) -> Result<Self> {
         let config_path = dir.join("config.json");
         let raw: serde_json::Value = read_config(&config_path)?;
         let class = raw.get("_class_name").and_then(|c| c.as_str()).unwrap_or("AutoencoderKL");
-        let vb = ComponentWeights::open(dir, variant)?.var_builder(None, DType::F32, device);
+        let vb = ComponentWeights::open(dir, variant)?.var_builder(None, precision, device);
         let what = || format!("autoencoder {}", dir.display());
         Ok(match class {
             "AutoencoderKL" => {

@@ -208,8 +208,12 @@ enum PoolRule {
 /// transformers' `CLIPTextModel`.
 #[derive(Clone, Debug)]
 pub struct ClipTextModel {
+    /// Kept in the weights' dtype (half precision: half the memory); the rows looked up are
+    /// converted to `dtype`.
     token_embedding: Tensor,
     position_embedding: Tensor,
+    /// The activations' dtype (the `VarBuilder`'s).
+    dtype: DType,
     layers: Vec<ClipEncoderLayer>,
     final_layer_norm: LayerNorm,
     pool_rule: PoolRule,
@@ -256,6 +260,7 @@ impl ClipTextModel {
         Ok(Self {
             token_embedding,
             position_embedding,
+            dtype: vb.dtype(),
             layers,
             final_layer_norm,
             pool_rule,
@@ -327,8 +332,9 @@ impl ClipTextModel {
         let tok = self
             .token_embedding
             .index_select(&ids.flatten_all()?, 0)?
-            .reshape((b, seq, h))?;
-        let pos = self.position_embedding.narrow(0, 0, seq)?;
+            .reshape((b, seq, h))?
+            .to_dtype(self.dtype)?;
+        let pos = self.position_embedding.narrow(0, 0, seq)?.to_dtype(self.dtype)?;
         tok.broadcast_add(&pos)
     }
 

@@ -245,8 +245,10 @@ impl T2IAdapter {
     }
 
     /// Load a diffusers adapter folder with a weight variant (`Some("fp16")`: the
-    /// `*.fp16.safetensors` files), converting the weights to `dtype` on `device`.
-    pub fn load_with(dir: &Path, variant: Option<&str>, dtype: DType, device: &Device) -> anyhow::Result<Self> {
+    /// `*.fp16.safetensors` files), converting the weights to `dtype` on `device` (a
+    /// [`Precision`](crate::loaders::weights::Precision): kernels in its weight dtype, features
+    /// in its compute dtype).
+    pub fn load_with(dir: &Path, variant: Option<&str>, dtype: impl Into<crate::loaders::weights::Precision>, device: &Device) -> anyhow::Result<Self> {
         let config = T2IAdapterConfig::from_file(&dir.join("config.json"))?;
         if let Some(class) = config.class_name.as_deref().filter(|c| *c != "T2IAdapter") {
             bail!("{} holds a `{class}`, not a `T2IAdapter`", dir.display())

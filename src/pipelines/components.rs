@@ -4,7 +4,7 @@
 use crate::config::{read_config, PerBlock};
 use crate::loaders::lora::{LoraComponent, WeightIndex};
 use crate::loaders::single_file::{self, Component, SingleFile};
-use crate::loaders::weights::ComponentWeights;
+use crate::loaders::weights::{ComponentWeights, Precision, WeightDType};
 use crate::loaders::{hub, model_index::resolve_component, ModelIndex, ModelSource};
 use crate::pipelines::adapters::{AdapterSet, LoraReport, LoraSpec};
 use crate::models::autoencoder::Autoencoder;
@@ -15,7 +15,7 @@ use crate::models::motion_adapter::{read_motion_config, MotionAdapterConfig, Mot
 use crate::models::unet_2d_condition::{UNet2DConditionConfig, UNet2DConditionModel};
 use crate::schedulers::LcmSchedulerConfig;
 use anyhow::{bail, Context, Result};
-use candle_core::{DType, Device};
+use candle_core::Device;
 use std::path::{Path, PathBuf};
 
 /// How to load a model: like `from_pretrained(..., variant=, unet=)`.
@@ -33,6 +33,9 @@ pub struct LoadOptions {
     /// Replace the autoencoder (folder or hub id), as `pipeline(vae=...)`: an `AutoencoderKL`
     /// (e.g. an fp16-fix SDXL VAE) or an `AutoencoderTiny` (TAESD / TAESDXL).
     pub vae: Option<String>,
+    /// The precision the weights are kept in (`--dtype`), whatever the files store. On the
+    /// CPU the activations stay f32: f16 / bf16 halve the weights' memory.
+    pub dtype: WeightDType,
 }
 
 /// Every network a Stable Diffusion pipeline needs, loaded.
@@ -57,6 +60,7 @@ pub struct StableDiffusionComponents {
     pub motion: Option<MotionAdapterWeights>,
     text_encoder_weights: ComponentWeights,
     unet_weights: ComponentWeights,
+    precision: Precision,
     device: Device,
 }
 
@@ -237,11 +241,12 @@ impl StableDiffusionComponents {
         let (te_config, text_encoder_weights) = text_encoder;
         let (unet_config, unet_weights) = unet;
         let (vae_config, vae_weights) = vae;
+        let precision = opts.dtype.precision(device);
         let vae = match &opts.vae {
             // A replacement autoencoder has its own files; the model's variant need not exist there.
-            Some(arg) => Autoencoder::load(&resolve_component(arg, "vae", None)?, None, device)
+            Some(arg) => Autoencoder::load(&resolve_component(arg, "vae", None)?, None, precision, device)
                 .with_context(|| format!("--vae {arg}"))?,
-            None => Autoencoder::Kl(AutoencoderKL::new(vae_weights.var_builder(None, DType::F32, device), &vae_config).context("vae")?),
+            None => Autoencoder::Kl(AutoencoderKL::new(vae_weights.var_builder(None, precision, device), &vae_config).context("vae")?),
         };
 
         let motion = match &opts.motion_adapter {
@@ -266,12 +271,12 @@ impl StableDiffusionComponents {
             }
             reports.push(adapters.add(spec, &targets)?);
         }
-        let text_encoder = build_text_encoder(&text_encoder_weights, &te_config, &adapters, device)?;
+        let text_encoder = build_text_encoder(&text_encoder_weights, &te_config, &adapters, precision, device)?;
         drop(unet_index);
-        let unet = build_unet(&unet_weights, &unet_config, motion.as_ref(), &adapters, device)?;
+        let unet = build_unet(&unet_weights, &unet_config, motion.as_ref(), &adapters, precision, device)?;
         let text_encoder_2 = match second {
             Some((tokenizer, config, weights)) => {
-                let model = build_text_encoder_2(&weights, &config, &adapters, device)?;
+                let model = build_text_encoder_2(&weights, &config, &adapters, precision, device)?;
                 Some(SecondTextEncoder { tokenizer, model, config, weights })
             }
             None => None,
@@ -294,6 +299,7 @@ impl StableDiffusionComponents {
             adapters,
             lora_reports: reports,
             motion,
+            precision,
             device: device.clone(),
         })
     }
@@ -330,17 +336,18 @@ impl StableDiffusionComponents {
     /// Rebuild the adapted networks from the base weight files (re-read, normally from the page
     /// cache).
     fn rebuild(&mut self) -> Result<()> {
-        self.text_encoder = build_text_encoder(&self.text_encoder_weights, &self.text_encoder_config, &self.adapters, &self.device)?;
-        self.unet = build_unet(&self.unet_weights, &self.unet_config, self.motion.as_ref(), &self.adapters, &self.device)?;
+        let p = self.precision;
+        self.text_encoder = build_text_encoder(&self.text_encoder_weights, &self.text_encoder_config, &self.adapters, p, &self.device)?;
+        self.unet = build_unet(&self.unet_weights, &self.unet_config, self.motion.as_ref(), &self.adapters, p, &self.device)?;
         if let Some(t2) = &mut self.text_encoder_2 {
-            t2.model = build_text_encoder_2(&t2.weights, &t2.config, &self.adapters, &self.device)?;
+            t2.model = build_text_encoder_2(&t2.weights, &t2.config, &self.adapters, p, &self.device)?;
         }
         Ok(())
     }
 }
 
-fn build_text_encoder(w: &ComponentWeights, cfg: &ClipTextConfig, adapters: &AdapterSet, device: &Device) -> Result<ClipTextModel> {
-    let vb = w.var_builder(adapters.combined(LoraComponent::TextEncoder), DType::F32, device);
+fn build_text_encoder(w: &ComponentWeights, cfg: &ClipTextConfig, adapters: &AdapterSet, precision: Precision, device: &Device) -> Result<ClipTextModel> {
+    let vb = w.var_builder(adapters.combined(LoraComponent::TextEncoder), precision, device);
     ClipTextModel::new(vb, cfg).context("text_encoder")
 }
 
@@ -348,9 +355,10 @@ fn build_text_encoder_2(
     w: &ComponentWeights,
     cfg: &ClipTextConfig,
     adapters: &AdapterSet,
+    precision: Precision,
     device: &Device,
 ) -> Result<ClipTextModelWithProjection> {
-    let vb = w.var_builder(adapters.combined(LoraComponent::TextEncoder2), DType::F32, device);
+    let vb = w.var_builder(adapters.combined(LoraComponent::TextEncoder2), precision, device);
     ClipTextModelWithProjection::new(vb, cfg).context("text_encoder_2")
 }
 
@@ -359,14 +367,15 @@ fn build_unet(
     cfg: &UNet2DConditionConfig,
     motion: Option<&MotionAdapterWeights>,
     adapters: &AdapterSet,
+    precision: Precision,
     device: &Device,
 ) -> Result<UNet2DConditionModel> {
     let deltas = adapters.combined(LoraComponent::Unet);
-    let vb = w.var_builder(deltas.clone(), DType::F32, device);
+    let vb = w.var_builder(deltas.clone(), precision, device);
     let unet = UNet2DConditionModel::new(vb, cfg).context("unet")?;
     Ok(match motion {
         Some(m) => {
-            let vb = m.weights.var_builder(deltas, DType::F32, device);
+            let vb = m.weights.var_builder(deltas, precision, device);
             let modules = MotionModules::new(vb, &m.config, &unet).with_context(|| format!("motion adapter {}", m.name))?;
             unet.with_motion(modules)
         }

@@ -6,7 +6,7 @@
 use crate::config::{check_class_name, read_config};
 use crate::image_processor::{preprocess_control_image, Image8};
 use crate::loaders::model_index::resolve_component;
-use crate::loaders::weights;
+use crate::loaders::weights::{self, Precision};
 use crate::models::controlnet::{ControlNetConfig, ControlNetModel, ControlNetOutput};
 use crate::models::t2i_adapter::T2IAdapter;
 use crate::models::unet_2d_condition::{AddedCond, UNet2DConditionConfig, UNet2DConditionModel, UNetConditioning};
@@ -55,18 +55,28 @@ pub struct Named<T> {
 /// `ControlNetModel.from_pretrained(source)`: a local folder (or a pipeline folder with a
 /// `controlnet/` subfolder) or a hub repo id.
 pub fn load_controlnet(source: &str, variant: Option<&str>, device: &Device) -> Result<Named<ControlNetModel>> {
+    load_controlnet_with(source, variant, DType::F32, device)
+}
+
+/// [`load_controlnet`] with the weights in `precision` (see [`Precision`]).
+pub fn load_controlnet_with(source: &str, variant: Option<&str>, precision: impl Into<Precision>, device: &Device) -> Result<Named<ControlNetModel>> {
     let dir = resolve_component(source, "controlnet", variant)?;
     check_class_name(&dir, "ControlNetModel")?;
     let config: ControlNetConfig = read_config(&dir.join("config.json"))?;
-    let vb = weights::load_component(&dir, variant, DType::F32, device)?;
+    let vb = weights::load_component(&dir, variant, precision, device)?;
     let model = ControlNetModel::new(vb, &config).with_context(|| format!("controlnet {}", dir.display()))?;
     Ok(Named { name: display_name(source), model })
 }
 
 /// `T2IAdapter.from_pretrained(source)`.
 pub fn load_t2i_adapter(source: &str, variant: Option<&str>, device: &Device) -> Result<Named<T2IAdapter>> {
+    load_t2i_adapter_with(source, variant, DType::F32, device)
+}
+
+/// [`load_t2i_adapter`] with the weights in `precision` (see [`Precision`]).
+pub fn load_t2i_adapter_with(source: &str, variant: Option<&str>, precision: impl Into<Precision>, device: &Device) -> Result<Named<T2IAdapter>> {
     let dir = resolve_component(source, "adapter", variant)?;
-    let model = T2IAdapter::load_with(&dir, variant, DType::F32, device)?;
+    let model = T2IAdapter::load_with(&dir, variant, precision, device)?;
     Ok(Named { name: display_name(source), model })
 }
 

@@ -14,6 +14,7 @@ pub mod start_latents;
 pub use adapters::{LoraReport, LoraSpec};
 pub use components::{LoadOptions, StableDiffusionComponents};
 pub use control::{AdapterInput, ControlNetInput, Named};
+pub use crate::loaders::weights::WeightDType;
 
 use crate::image_io::{postprocess, RgbImage};
 use crate::image_processor::{default_size, Image8};
@@ -176,6 +177,9 @@ pub struct LcmPipeline {
     pub controlnets: Vec<Named<ControlNetModel>>,
     /// T2I-Adapters (`MultiAdapter`).
     pub t2i_adapters: Vec<Named<T2IAdapter>>,
+    /// The precision the weights are kept in (`LoadOptions::dtype`), for ControlNets and
+    /// T2I-Adapters loaded later too.
+    dtype: WeightDType,
     device: Device,
 }
 
@@ -198,7 +202,7 @@ impl LcmPipeline {
         } else {
             PipelineKind::from_class_name(&components.pipeline_class)
         };
-        Ok(Self { components, kind, controlnets: Vec::new(), t2i_adapters: Vec::new(), device })
+        Ok(Self { components, kind, controlnets: Vec::new(), t2i_adapters: Vec::new(), dtype: opts.dtype, device })
     }
 
     /// Add a ControlNet (`controlnet=` / a list of them). diffusers has no LCM-specific
@@ -213,7 +217,7 @@ impl LcmPipeline {
 
     /// Load and add a ControlNet from a folder or hub repo id.
     pub fn load_controlnet(&mut self, source: &str, variant: Option<&str>) -> Result<()> {
-        let cn = control::load_controlnet(source, variant, &self.device)?;
+        let cn = control::load_controlnet_with(source, variant, self.dtype.precision(&self.device), &self.device)?;
         self.add_controlnet(cn)
     }
 
@@ -226,9 +230,14 @@ impl LcmPipeline {
 
     /// Load and add a T2I-Adapter from a folder or hub repo id.
     pub fn load_t2i_adapter(&mut self, source: &str, variant: Option<&str>) -> Result<()> {
-        let ad = control::load_t2i_adapter(source, variant, &self.device)?;
+        let ad = control::load_t2i_adapter_with(source, variant, self.dtype.precision(&self.device), &self.device)?;
         self.add_t2i_adapter(ad);
         Ok(())
+    }
+
+    /// The precision the weights are kept in.
+    pub fn weight_dtype(&self) -> WeightDType {
+        self.dtype
     }
 
     fn leave_lcm_kind(&mut self) {
