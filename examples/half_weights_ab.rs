@@ -26,7 +26,7 @@ fn main() -> anyhow::Result<()> {
     let dev = Device::Cpu;
     let c0 = &pipes[0].components;
     let lat = size / pipes[0].vae_scale_factor();
-    let x = Tensor::randn(0f32, 1.0, (1, c0.vae_config.latent_channels, lat, lat), &dev)?;
+    let x = Tensor::randn(0f32, 1.0, (1, c0.vae.latent_channels(), lat, lat), &dev)?;
     let text: Vec<_> = pipes
         .iter()
         .map(|p| conditioning::encode_text(&p.components, "a photograph of an astronaut riding a horse", None, false, 1, (size, size), &dev))
