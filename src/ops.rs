@@ -194,7 +194,12 @@ pub fn conv2d(
 ) -> Result<Tensor> {
     let _t = profile::timer(1);
     let (batch, c_in, h, w) = x.dims4()?;
-    let (c_out, _, kh, kw) = weight.dims4()?;
+    let (c_out, w_in, kh, kw) = weight.dims4()?;
+    // Groups are not supported here, so the input must have the kernel's channel count (our CPU
+    // kernel would otherwise read the input by the kernel's width: garbage, not an error).
+    if c_in != w_in {
+        candle_core::bail!("conv2d: input has {c_in} channels but the kernel {:?} expects {w_in}", weight.dims());
+    }
     if let (Some(xs), Some(ws)) = (cpu_f32(x)?, cpu_weight(weight)?) {
         let shape = kernels::conv::ConvShape { batch, c_in, h, w, c_out, kh, kw, stride, padding };
         let (ho, wo) = shape.out_hw();

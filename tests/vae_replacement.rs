@@ -125,3 +125,15 @@ fn cli_vae_and_previews() {
     assert!(!o.status.success() && o.status.code() != Some(101) && err.trim().lines().count() == 1, "{err}");
     assert!(err.contains("UNet2DConditionModel") && err.contains("not an AutoencoderKL or AutoencoderTiny"), "{err}");
 }
+
+/// Latents with the wrong channel count are an error, for both kinds of autoencoder (the CPU
+/// convolution checks the input against the kernel).
+#[test]
+fn wrong_latent_channels_are_errors() {
+    for vae in ["vaes/kl-alt", "vaes/taesd-tiny"] {
+        let ae = Autoencoder::load(&fixture(vae), None, candle_core::DType::F32, &candle_core::Device::Cpu).unwrap();
+        let z = candle_core::Tensor::zeros((1, ae.latent_channels() + 1, 4, 4), candle_core::DType::F32, &candle_core::Device::Cpu).unwrap();
+        let err = ae.decode(&z).unwrap_err();
+        assert!(err.to_string().contains("channels"), "{vae}: {err}");
+    }
+}
