@@ -260,7 +260,6 @@ pub fn write_motion_adapter_folder(dir: &Path) -> Result<()> {
     write(&dir.join("config.json"), MOTION_ADAPTER_CONFIG)
 }
 
-/// The benchmark's settings.
 /// One tensor of a key listing (`name [d0,d1,...] DTYPE` lines, as in
 /// `tests/fixtures/single_file/*_keys.txt.gz`).
 #[derive(Clone, Debug, PartialEq)]
@@ -342,18 +341,15 @@ pub fn write_random_checkpoint(listing: &[ListedTensor], path: &Path, seed: u64,
                 buf.extend_from_slice(&v.to_le_bytes()[..width]);
             }
         } else {
-            let value: Box<dyn FnMut() -> f32> = match t.shape.len() {
-                0 => Box::new(|| 0.0),
-                1 if t.name.ends_with("weight") => Box::new(|| 1.0 + 0.1 * uniform()),
-                1 => Box::new(|| 0.1 * uniform()),
-                _ => {
-                    let bound = (3.0 / t.shape[1..].iter().product::<usize>().max(1) as f32).sqrt();
-                    Box::new(move || bound * uniform())
-                }
+            // base + scale * uniform; scalars (scale 0) draw nothing.
+            let (base, scale) = match t.shape.len() {
+                0 => (0.0, 0.0),
+                1 if t.name.ends_with("weight") => (1.0, 0.1),
+                1 => (0.0, 0.1),
+                _ => (0.0, (3.0 / t.shape[1..].iter().product::<usize>().max(1) as f32).sqrt()),
             };
-            let mut value = value;
             for _ in 0..n {
-                let v = value();
+                let v = if scale == 0.0 { base } else { base + scale * uniform() };
                 match dtype.as_str() {
                     "F16" => buf.extend_from_slice(&half::f16::from_f32(v).to_le_bytes()),
                     "BF16" => buf.extend_from_slice(&half::bf16::from_f32(v).to_le_bytes()),
@@ -368,6 +364,7 @@ pub fn write_random_checkpoint(listing: &[ListedTensor], path: &Path, seed: u64,
     Ok(())
 }
 
+/// The benchmark's settings.
 #[derive(Clone, Debug)]
 pub struct BenchOptions {
     pub model: BenchModel,

@@ -402,6 +402,7 @@ impl Previews {
         if vae.latent_channels() != pipe.components.vae.latent_channels() {
             bail!("--preview-vae {source} has {} latent channels, the model {}", vae.latent_channels(), pipe.components.vae.latent_channels());
         }
+        std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
         Ok(Self { dir: dir.to_path_buf(), vae, num_images, overwrite })
     }
 
@@ -427,7 +428,6 @@ impl Previews {
     }
 
     fn write(&self, pipe: &LcmPipeline, step: &Step) -> Result<()> {
-        std::fs::create_dir_all(&self.dir).with_context(|| format!("cannot create {}", self.dir.display()))?;
         let images = pipe.decode_latents(&self.vae, step.denoised, step.num_frames)?;
         for (img, path) in images.iter().zip(self.paths(step.index)) {
             write_png(&path, img, None, self.overwrite)?;

@@ -165,6 +165,9 @@ impl SingleFile {
                 path.display()
             );
         }
+        if !path.is_file() {
+            bail!("checkpoint file {} does not exist", path.display());
+        }
         let weights = ComponentWeights::open_files(&[path.to_path_buf()])?;
         let arch = Architecture::detect(|n| weights.shape(n))
             .map_err(|e| anyhow::anyhow!("cannot load single-file checkpoint {}: {e}", path.display()))?;

@@ -190,11 +190,6 @@ impl ComponentWeights {
         Ok(Self { tensors: Arc::new(tensors), names: Arc::new(names) })
     }
 
-    /// The files these weights are read from.
-    pub fn files(&self) -> Vec<PathBuf> {
-        self.tensors.files.iter().map(|(p, _)| p.clone()).collect()
-    }
-
     /// A `VarBuilder` over these weights, with `deltas` (e.g. fused LoRAs) added on load (in
     /// f32, then stored in the weights' dtype).
     pub fn var_builder(&self, deltas: Option<Arc<WeightDeltas>>, precision: impl Into<Precision>, device: &Device) -> VarBuilder<'static> {

@@ -14,7 +14,7 @@ use crate::models::clip_tokenizer::ClipTokenizer;
 use crate::models::motion_adapter::{read_motion_config, MotionAdapterConfig, MotionModules};
 use crate::models::unet_2d_condition::{UNet2DConditionConfig, UNet2DConditionModel};
 use crate::schedulers::LcmSchedulerConfig;
-use anyhow::{bail, Context, Result};
+use anyhow::{Context, Result};
 use candle_core::Device;
 use std::path::{Path, PathBuf};
 
@@ -226,15 +226,11 @@ impl StableDiffusionComponents {
     /// (`.safetensors` in the original layout).
     pub fn load(model: &str, opts: &LoadOptions, device: &Device) -> Result<Self> {
         let variant = opts.variant.as_deref();
-        let mut parts = if is_single_file(model) {
-            if !Path::new(model).is_file() && !single_file::is_pickle(Path::new(model)) {
-                bail!("checkpoint file {model} does not exist");
-            }
-            single_file_parts(Path::new(model))?
-        } else {
-            folder_parts(model, opts)?
-        };
-        if let (Some(arg), true) = (&opts.unet, is_single_file(model)) {
+        let single_file = is_single_file(model);
+        let mut parts = if single_file { single_file_parts(Path::new(model))? } else { folder_parts(model, opts)? };
+        // A folder's `--unet` is resolved by `folder_parts` (so the hub download skips the
+        // pipeline's own UNet); a single file's is swapped in here.
+        if let (Some(arg), true) = (&opts.unet, single_file) {
             parts.unet = component_parts(&resolve_component(arg, "unet", variant)?, variant)?;
         }
         let ModelParts { pipeline_class, force_zeros_for_empty_prompt, tokenizer, text_encoder, text_encoder_2: second, unet, vae, scheduler } = parts;

@@ -21,10 +21,6 @@ pub struct InpaintState {
     pub noise: Tensor,
 }
 
-fn encode_sample(vae: &Autoencoder, x: &Tensor, generator: &mut TorchGenerator) -> Result<Tensor> {
-    vae.encode_scaled(x, generator)
-}
-
 /// `F.interpolate(mask, size)` with the default nearest mode.
 fn nearest_resize(mask: &Tensor, h: usize, w: usize) -> Result<Tensor> {
     let (_, _, ih, iw) = mask.dims4()?;
@@ -57,7 +53,7 @@ pub fn image_to_image(
     device: &Device,
 ) -> Result<Tensor> {
     let init = preprocess_image(image, width, height, device)?;
-    let latents = tile_batch(&encode_sample(vae, &init, generator)?, n)?;
+    let latents = tile_batch(&vae.encode_scaled(&init, generator)?, n)?;
     let noise = generator.randn_tensor(latents.shape().clone())?;
     scheduler.add_noise(&latents, &noise, first_timestep)
 }
@@ -82,7 +78,7 @@ pub fn inpaint(
     let is_strength_max = strength == 1.0;
     let blends = unet_in_channels == latent_channels;
     let image_latents = if blends || !is_strength_max {
-        Some(tile_batch(&encode_sample(vae, &init, generator)?, n)?)
+        Some(tile_batch(&vae.encode_scaled(&init, generator)?, n)?)
     } else {
         None
     };
@@ -96,7 +92,7 @@ pub fn inpaint(
     // Keep where the mask is below 0.5: `init_image * (mask < 0.5)`.
     let keep = mask_condition.lt(0.5)?.to_dtype(candle_core::DType::F32)?;
     let masked_image = init.broadcast_mul(&keep)?;
-    let masked_image_latents = tile_batch(&encode_sample(vae, &masked_image, generator)?, n)?;
+    let masked_image_latents = tile_batch(&vae.encode_scaled(&masked_image, generator)?, n)?;
     let mask = tile_batch(&nearest_resize(&mask_condition, height / f, width / f)?, n)?;
     let state = InpaintState { mask, masked_image_latents, image_latents: if blends { image_latents } else { None }, noise };
     Ok((latents, state))
