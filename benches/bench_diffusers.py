@@ -4,15 +4,19 @@
     ./target/release/lcm bench --json > lcm.json                  # writes /tmp/lcm-bench-sd15 once
     /work/venv/bin/python benches/bench_diffusers.py lcm.json [--dir /tmp/lcm-bench-sd15]
 
-The model kind (sd15, sdxl, animatediff), folder, size, frames, steps and number of runs come from
-lcm's JSON; the same model files, seed and warm-up; PyTorch on the CPU in float32 with the same
-thread count. sd15: StableDiffusionPipeline; sdxl: StableDiffusionXLPipeline; animatediff:
+The model kind (sd15, sdxl, animatediff), folder, size, frames, steps, number of runs, device and
+dtype come from lcm's JSON; the same model files, seed and warm-up. On the CPU: PyTorch in float32
+with the same thread count. On a GPU (`lcm bench --device cuda`): diffusers in lcm's weight dtype
+(float16 by default, `torch_dtype=torch.float16` as in diffusers' LCM guide) on the same card,
+each stage timed to `torch.cuda.synchronize()`; SDXL's pipeline upcasts its VAE to float32 for the
+decode (`force_upcast`), so its "VAE decode" stage is timed in float32 too, as lcm runs it. sd15: StableDiffusionPipeline; sdxl: StableDiffusionXLPipeline; animatediff:
 AnimateDiffPipeline with the MotionAdapter in DIR/motion_adapter, decoding frame by frame
 (decode_chunk_size=1) as lcm does. LCMScheduler, guidance 1 (no CFG). Prints a Markdown table
 (stage, lcm s, diffusers s, ratio, lcm GFLOP/s, % of lcm's GEMM rate) and both peak RSS.
 """
 
 import argparse
+import copy
 import json
 import os
 import resource
@@ -24,15 +28,34 @@ import torch
 PROMPT = "a photograph of an astronaut riding a horse"
 
 
+DEV = "cpu"  # set from lcm's JSON in main()
+DT = torch.float32
+
+
+def sync():
+    if DEV != "cpu":
+        torch.cuda.synchronize()
+
+
 def timed(fn, warmup, runs):
     for _ in range(warmup):
         fn()
     ts = []
     for _ in range(max(runs, 1)):
+        sync()
         t = time.perf_counter()
         fn()
+        sync()
         ts.append(time.perf_counter() - t)
     return statistics.median(ts), ts
+
+
+def randn(*shape):
+    return torch.randn(*shape).to(DEV, DT)
+
+
+def load(cls, d, **kw):
+    return cls.from_pretrained(d, dtype=DT, **kw).to(DEV)
 
 
 def lcm_scheduler(pipe):
@@ -46,14 +69,14 @@ def lcm_scheduler(pipe):
 def sd15_stages(d, size, steps):
     from diffusers import StableDiffusionPipeline
 
-    pipe = lcm_scheduler(StableDiffusionPipeline.from_pretrained(d, dtype=torch.float32, safety_checker=None))
+    pipe = lcm_scheduler(load(StableDiffusionPipeline, d, safety_checker=None))
     lat = size // pipe.vae_scale_factor
-    pe, _ = pipe.encode_prompt(PROMPT, "cpu", 1, False)
-    pe2 = torch.cat(pipe.encode_prompt(PROMPT, "cpu", 1, True)[::-1])  # [negative, prompt]
-    x1 = torch.randn(1, 4, lat, lat)
+    pe, _ = pipe.encode_prompt(PROMPT, DEV, 1, False)
+    pe2 = torch.cat(pipe.encode_prompt(PROMPT, DEV, 1, True)[::-1])  # [negative, prompt]
+    x1 = randn(1, 4, lat, lat)
     x2 = torch.cat([x1, x1])
     return {
-        "text encoding": lambda: pipe.encode_prompt(PROMPT, "cpu", 1, False),
+        "text encoding": lambda: pipe.encode_prompt(PROMPT, DEV, 1, False),
         "UNet step, batch 1": lambda: pipe.unet(x1, 999, encoder_hidden_states=pe).sample,
         "UNet step, batch 2 (CFG)": lambda: pipe.unet(x2, 999, encoder_hidden_states=pe2).sample,
         "VAE decode": lambda: pipe.vae.decode(x1).sample,
@@ -66,26 +89,30 @@ def sd15_stages(d, size, steps):
 def sdxl_stages(d, size, steps):
     from diffusers import StableDiffusionXLPipeline
 
-    pipe = lcm_scheduler(StableDiffusionXLPipeline.from_pretrained(d, dtype=torch.float32))
+    pipe = lcm_scheduler(load(StableDiffusionXLPipeline, d))
     lat = size // pipe.vae_scale_factor
-    pe, _, pooled, _ = pipe.encode_prompt(PROMPT, device="cpu", num_images_per_prompt=1,
+    pe, _, pooled, _ = pipe.encode_prompt(PROMPT, device=DEV, num_images_per_prompt=1,
                                           do_classifier_free_guidance=False)
     # Batch 2 as under CFG: force_zeros_for_empty_prompt gives zero negative embeddings.
-    pe_c, neg, pooled_c, neg_pooled = pipe.encode_prompt(PROMPT, device="cpu", num_images_per_prompt=1,
+    pe_c, neg, pooled_c, neg_pooled = pipe.encode_prompt(PROMPT, device=DEV, num_images_per_prompt=1,
                                                          do_classifier_free_guidance=True)
     pe2, pooled2 = torch.cat([neg, pe_c]), torch.cat([neg_pooled, pooled_c])
-    ids = torch.tensor([[size, size, 0, 0, size, size]], dtype=torch.float32)
+    ids = torch.tensor([[size, size, 0, 0, size, size]], dtype=DT, device=DEV)
     cond1 = {"text_embeds": pooled, "time_ids": ids}
     cond2 = {"text_embeds": pooled2, "time_ids": torch.cat([ids, ids])}
-    x1 = torch.randn(1, 4, lat, lat)
+    x1 = randn(1, 4, lat, lat)
     x2 = torch.cat([x1, x1])
+    # The pipeline decodes in float32 when the VAE's config asks (force_upcast) and the model is half.
+    upcast = DT != torch.float32 and pipe.vae.config.force_upcast
+    vae = pipe.vae if not upcast else copy.deepcopy(pipe.vae).to(torch.float32)
+    xv = x1.to(vae.dtype)
     return {
-        "text encoding": lambda: pipe.encode_prompt(PROMPT, device="cpu", num_images_per_prompt=1,
+        "text encoding": lambda: pipe.encode_prompt(PROMPT, device=DEV, num_images_per_prompt=1,
                                                     do_classifier_free_guidance=False),
         "UNet step, batch 1": lambda: pipe.unet(x1, 999, encoder_hidden_states=pe, added_cond_kwargs=cond1).sample,
         "UNet step, batch 2 (CFG)": lambda: pipe.unet(x2, 999, encoder_hidden_states=pe2,
                                                       added_cond_kwargs=cond2).sample,
-        "VAE decode": lambda: pipe.vae.decode(x1).sample,
+        "VAE decode": lambda: vae.decode(xv).sample,
         f"text-to-image, {steps} LCM steps": lambda: pipe(
             PROMPT, num_inference_steps=steps, guidance_scale=1.0, height=size, width=size,
             generator=torch.manual_seed(0), output_type="np"),
@@ -95,12 +122,12 @@ def sdxl_stages(d, size, steps):
 def animatediff_stages(d, size, steps, frames):
     from diffusers import AnimateDiffPipeline, MotionAdapter
 
-    adapter = MotionAdapter.from_pretrained(os.path.join(d, "motion_adapter"), dtype=torch.float32)
-    pipe = lcm_scheduler(AnimateDiffPipeline.from_pretrained(d, motion_adapter=adapter, dtype=torch.float32))
+    adapter = MotionAdapter.from_pretrained(os.path.join(d, "motion_adapter"), dtype=DT)
+    pipe = lcm_scheduler(load(AnimateDiffPipeline, d, motion_adapter=adapter))
     lat = size // pipe.vae_scale_factor
-    pe, _ = pipe.encode_prompt(PROMPT, "cpu", 1, False)
+    pe, _ = pipe.encode_prompt(PROMPT, DEV, 1, False)
     ehs = pe.repeat_interleave(frames, dim=0)  # as AnimateDiffPipeline passes it
-    x = torch.randn(1, 4, frames, lat, lat)
+    x = randn(1, 4, frames, lat, lat)
 
     def decode():
         for k in range(frames):
@@ -126,6 +153,9 @@ def main():
     kind = lcm.get("kind", "sd15")
     d = a.dir or lcm.get("dir")
     runs = a.runs or len(lcm["stages"][0]["runs"])
+    global DEV, DT
+    DEV = lcm.get("device", "cpu")
+    DT = {"f32": torch.float32, "f16": torch.float16, "bf16": torch.bfloat16}[lcm.get("dtype", "f32")] if DEV != "cpu" else torch.float32
     torch.set_num_threads(lcm["threads"])
     torch.set_grad_enabled(False)
     size, steps, frames = lcm["size"], lcm["steps"], lcm.get("frames")
@@ -138,23 +168,30 @@ def main():
     else:
         raise SystemExit(f"unknown model kind {kind!r}")
     clip = f", {frames} frames" if frames else ""
-    print(f"{kind}: torch {torch.__version__}, {lcm['threads']} threads, {size}x{size}{clip}, {steps} steps, "
-          f"median of {runs}")
-    # The machine's FP32 GEMM rate as PyTorch reaches it (2048^3, same threads); "% of GEMM peak"
-    # is relative to the better of PyTorch's and lcm's own measurement.
-    ga, gb = torch.randn(2048, 2048), torch.randn(2048, 2048)
+    where = f"{torch.cuda.get_device_name(DEV)}, {DT}" if DEV != "cpu" else f"{lcm['threads']} threads, float32"
+    print(f"{kind}: torch {torch.__version__}, {where}, {size}x{size}{clip}, {steps} steps, median of {runs}")
+    # The machine's GEMM rate as PyTorch reaches it (CPU: 2048^3 f32 with the same threads; GPU:
+    # 8192^3 in the dtype); "% of GEMM peak" is relative to the better of PyTorch's and lcm's.
+    n = 2048 if DEV == "cpu" else 8192
+    ga, gb = randn(n, n), randn(n, n)
     g_s, _ = timed(lambda: torch.mm(ga, gb), 2, 5)
-    torch_gemm = 2 * 2048 ** 3 / g_s / 1e9
+    torch_gemm = 2 * n ** 3 / g_s / 1e9
     peak = max(torch_gemm, lcm["gemm_gflops"])
     print("| stage | lcm s | diffusers s | lcm / diffusers | lcm GFLOP/s | lcm % of GEMM peak |")
     print("|---|---|---|---|---|---|")
     for st in lcm["stages"]:
+        if st["name"] not in stages:  # e.g. lcm's tiny-VAE stage: no diffusers counterpart timed here
+            print(f"| {st['name']} | {st['seconds']:.3f} | – | – | {st['gflops']:.1f} | {100 * st['gflops'] / peak:.0f}% |")
+            continue
         d_s, _ = timed(stages[st["name"]], a.warmup, runs)
         print(f"| {st['name']} | {st['seconds']:.3f} | {d_s:.3f} | {st['seconds'] / d_s:.2f} | {st['gflops']:.1f} | "
               f"{100 * st['gflops'] / peak:.0f}% |")
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    print(f"peak RSS: lcm {lcm['peak_rss_mb']:.0f} MB, diffusers {rss:.0f} MB (weights {lcm['weights_mb']:.0f} MB); "
-          f"FP32 GEMM 2048^3: lcm {lcm['gemm_gflops']:.1f} GFLOP/s, torch {torch_gemm:.1f} GFLOP/s")
+    mem = ""
+    if DEV != "cpu":
+        mem = f"; diffusers peak GPU memory {torch.cuda.max_memory_allocated(DEV) / 2**20:.0f} MB"
+    print(f"peak RSS: lcm {lcm['peak_rss_mb']:.0f} MB, diffusers {rss:.0f} MB (weights {lcm['weights_mb']:.0f} MB){mem}; "
+          f"GEMM {n}^3: lcm {lcm['gemm_gflops']:.1f} GFLOP/s, torch {torch_gemm:.1f} GFLOP/s")
 
 
 if __name__ == "__main__":

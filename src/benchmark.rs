@@ -376,6 +376,8 @@ pub struct BenchOptions {
     pub runs: usize,
     /// Precision the weights are kept in (`--dtype`).
     pub dtype: crate::loaders::weights::WeightDType,
+    /// Where it runs (`--device`); on a GPU the computation is in `dtype` too.
+    pub device: Device,
 }
 
 /// One timed stage.
@@ -401,8 +403,12 @@ pub struct BenchReport {
     /// AnimateDiff: frames per clip; `null` for images.
     pub frames: Option<usize>,
     pub steps: usize,
-    /// Precision of the weights (`f32`, `f16`, `bf16`); the computation is f32.
+    /// Precision of the weights (`f32`, `f16`, `bf16`).
     pub dtype: String,
+    /// `cpu` or `cuda:N`.
+    pub device: String,
+    /// The activations' dtype: f32 on the CPU, `dtype` on a GPU.
+    pub compute_dtype: String,
     pub threads: usize,
     pub gemm_gflops: f64,
     pub stages: Vec<Stage>,
@@ -429,8 +435,11 @@ fn time(opts: &BenchOptions, mut f: impl FnMut() -> Result<()>) -> Result<(f64, 
     for _ in 0..opts.runs.max(1) {
         crate::ops::flops::take();
         crate::ops::profile::take();
+        opts.device.synchronize()?;
         let t = Instant::now();
         f()?;
+        // GPU work is queued: a stage ends when the device has finished it.
+        opts.device.synchronize()?;
         runs.push(t.elapsed().as_secs_f64());
         flops = crate::ops::flops::take();
         if crate::ops::profile::enabled() {
@@ -445,15 +454,16 @@ fn time(opts: &BenchOptions, mut f: impl FnMut() -> Result<()>) -> Result<(f64, 
     Ok((sorted[sorted.len() / 2], runs, flops))
 }
 
-/// FP32 matrix-multiply rate of this machine through the same op the models use.
+/// Matrix-multiply rate of this machine through the same op the models use (CPU: f32).
 pub fn gemm_gflops(opts: &BenchOptions) -> Result<f64> {
-    let n = 2048;
-    let a = Tensor::randn(0f32, 1.0, (n, n), &Device::Cpu)?;
-    let b = Tensor::randn(0f32, 1.0, (n, n), &Device::Cpu)?;
+    // The GPU's rate in the dtype the models compute in there (f16 / bf16 tensor cores).
+    let (n, dtype) = if opts.device.is_cpu() { (2048, DType::F32) } else { (8192, opts.dtype.dtype()) };
+    let a = Tensor::randn(0f32, 1.0, (n, n), &opts.device)?.to_dtype(dtype)?;
+    let b = Tensor::randn(0f32, 1.0, (n, n), &opts.device)?.to_dtype(dtype)?;
     // Always warmed up and a median of at least 5: the rate is the yardstick for every stage.
     let opts = BenchOptions { warmup: opts.warmup.max(1), runs: opts.runs.max(5), ..opts.clone() };
     let (s, _, flops) = time(&opts, || {
-        crate::ops::linear(&a, &b, None)?.sum_all()?.to_scalar::<f32>()?;
+        crate::ops::linear(&a, &b, None)?;
         Ok(())
     })?;
     Ok(flops as f64 / s / 1e9)
@@ -512,7 +522,7 @@ pub fn run(dir: &Path, opts: &BenchOptions) -> Result<BenchReport> {
     let dir_str = dir.to_str().context("folder path is not UTF-8")?;
     let frames = match opts.model {
         BenchModel::Sd15 | BenchModel::Sdxl => {
-            let pipe = LcmPipeline::load(dir_str, &LoadOptions { dtype: opts.dtype, ..Default::default() })?;
+            let pipe = LcmPipeline::load(dir_str, &LoadOptions { dtype: opts.dtype, device: opts.device.clone().into(), ..Default::default() })?;
             let pipe = match opts.model {
                 BenchModel::Sd15 => pipe.with_kind(PipelineKind::StableDiffusion),
                 _ => pipe,
@@ -522,7 +532,12 @@ pub fn run(dir: &Path, opts: &BenchOptions) -> Result<BenchReport> {
         }
         BenchModel::AnimateDiff => {
             let adapter = dir.join("motion_adapter");
-            let load = LoadOptions { motion_adapter: Some(adapter.to_str().context("folder path is not UTF-8")?.into()), dtype: opts.dtype, ..Default::default() };
+            let load = LoadOptions {
+                motion_adapter: Some(adapter.to_str().context("folder path is not UTF-8")?.into()),
+                dtype: opts.dtype,
+                device: opts.device.clone().into(),
+                ..Default::default()
+            };
             let pipe = LcmPipeline::load(dir_str, &load)?;
             time_animation_stages(&pipe, opts, &mut stages)?;
             Some(opts.frames)
@@ -541,6 +556,8 @@ pub fn run(dir: &Path, opts: &BenchOptions) -> Result<BenchReport> {
         frames,
         steps: opts.steps,
         dtype: opts.dtype.to_string(),
+        device: crate::device::name(&opts.device),
+        compute_dtype: format!("{:?}", opts.dtype.precision(&opts.device).compute).to_lowercase(),
         threads: threads(),
         gemm_gflops: gemm,
         stages: stages.list,
@@ -553,7 +570,7 @@ pub fn run(dir: &Path, opts: &BenchOptions) -> Result<BenchReport> {
 /// the whole text-to-image.
 fn time_image_stages(pipe: &LcmPipeline, opts: &BenchOptions, stages: &mut Stages) -> Result<()> {
     let c = &pipe.components;
-    let dev = Device::Cpu;
+    let (dev, dt) = (c.device().clone(), c.compute_dtype());
     let size = (opts.size, opts.size);
     let lat = opts.size / pipe.vae_scale_factor();
     stages.add("text encoding", time(opts, || {
@@ -563,28 +580,28 @@ fn time_image_stages(pipe: &LcmPipeline, opts: &BenchOptions, stages: &mut Stage
     let text1 = conditioning::encode_text(c, PROMPT, None, false, 1, size, &dev)?;
     // Batch 2 as under CFG: [negative, prompt] with their SDXL pooled embeddings and ids.
     let text2 = conditioning::encode_text(c, PROMPT, None, true, 1, size, &dev)?;
-    let x1 = Tensor::randn(0f32, 1.0, (1, c.vae.latent_channels(), lat, lat), &dev)?;
+    let x1 = Tensor::randn(0f32, 1.0, (1, c.vae.latent_channels(), lat, lat), &dev)?.to_dtype(dt)?;
     let x2 = Tensor::cat(&[&x1, &x1], 0)?;
     let cond1 = UNetConditioning { added_cond: text1.added_cond.clone(), ..Default::default() };
     let cond2 = UNetConditioning { added_cond: text2.added_cond.clone(), ..Default::default() };
     stages.add("UNet step, batch 1", time(opts, || {
-        c.unet.forward(&x1, 999.0, &text1.prompt_embeds, &cond1)?.sum_all()?.to_scalar::<f32>()?;
+        c.unet.forward(&x1, 999.0, &text1.prompt_embeds, &cond1)?;
         Ok(())
     })?);
     stages.add("UNet step, batch 2 (CFG)", time(opts, || {
-        c.unet.forward(&x2, 999.0, &text2.prompt_embeds, &cond2)?.sum_all()?.to_scalar::<f32>()?;
+        c.unet.forward(&x2, 999.0, &text2.prompt_embeds, &cond2)?;
         Ok(())
     })?);
     stages.add("VAE decode", time(opts, || {
-        c.vae.decode(&x1)?.sum_all()?.to_scalar::<f32>()?;
+        c.vae.decode(&x1)?;
         Ok(())
     })?);
     // The tiny autoencoder `--vae madebyollin/taesd(xl)` / `--preview` decode with (real config,
     // random weights: the speed does not depend on them).
     let tiny_config = if opts.model == BenchModel::Sdxl { TAESDXL_CONFIG } else { TAESD_CONFIG };
-    let tiny = AutoencoderTiny::new(random_var_builder(5, DType::F32, &dev), &serde_json::from_str::<AutoencoderTinyConfig>(tiny_config)?)?;
+    let tiny = AutoencoderTiny::new(random_var_builder(5, dt, &dev), &serde_json::from_str::<AutoencoderTinyConfig>(tiny_config)?)?;
     stages.add("tiny VAE decode (TAESD)", time(opts, || {
-        tiny.decode(&x1)?.sum_all()?.to_scalar::<f32>()?;
+        tiny.decode(&x1)?;
         Ok(())
     })?);
     let req = GenerateRequest {
@@ -607,7 +624,7 @@ fn time_image_stages(pipe: &LcmPipeline, opts: &BenchOptions, stages: &mut Stage
 /// animation (guidance 1: no CFG, as with LCM-LoRA).
 fn time_animation_stages(pipe: &LcmPipeline, opts: &BenchOptions, stages: &mut Stages) -> Result<()> {
     let c = &pipe.components;
-    let dev = Device::Cpu;
+    let (dev, dt) = (c.device().clone(), c.compute_dtype());
     let f = opts.frames;
     if f == 0 {
         bail!("--frames must be at least 1");
@@ -615,15 +632,15 @@ fn time_animation_stages(pipe: &LcmPipeline, opts: &BenchOptions, stages: &mut S
     let lat = opts.size / pipe.vae_scale_factor();
     let text = conditioning::encode_text(c, PROMPT, None, false, 1, (opts.size, opts.size), &dev)?;
     let ehs = crate::ops::repeat_interleave(&text.prompt_embeds, f)?;
-    let x = Tensor::randn(0f32, 1.0, (1, c.vae.latent_channels(), f, lat, lat), &dev)?;
+    let x = Tensor::randn(0f32, 1.0, (1, c.vae.latent_channels(), f, lat, lat), &dev)?.to_dtype(dt)?;
     let cond = UNetConditioning { num_frames: Some(f), ..Default::default() };
     stages.add(&format!("UNet step, {f} frames"), time(opts, || {
-        c.unet.forward_frames(&x, 999.0, &ehs, &cond)?.sum_all()?.to_scalar::<f32>()?;
+        c.unet.forward_frames(&x, 999.0, &ehs, &cond)?;
         Ok(())
     })?);
     stages.add(&format!("VAE decode, {f} frames one by one"), time(opts, || {
         for k in 0..f {
-            c.vae.decode(&x.narrow(2, k, 1)?.squeeze(2)?)?.sum_all()?.to_scalar::<f32>()?;
+            c.vae.decode(&x.narrow(2, k, 1)?.squeeze(2)?)?;
         }
         Ok(())
     })?);
@@ -649,8 +666,8 @@ impl BenchReport {
     pub fn table(&self) -> String {
         let frames = self.frames.map_or(String::new(), |f| format!(", {f} frames"));
         let mut s = format!(
-            "{} at {}x{}{frames}, {} weights (f32 compute), {} threads; FP32 GEMM {:.1} GFLOP/s\n{:<40} {:>9} {:>9} {:>9} {:>8}\n",
-            self.model, self.size, self.size, self.dtype, self.threads, self.gemm_gflops, "stage", "seconds", "GFLOP", "GFLOP/s", "% GEMM"
+            "{} at {}x{}{frames} on {}, {} weights ({} compute), {} threads; {} GEMM {:.1} GFLOP/s\n{:<40} {:>9} {:>9} {:>9} {:>8}\n",
+            self.model, self.size, self.size, self.device, self.dtype, self.compute_dtype, self.threads, self.compute_dtype, self.gemm_gflops, "stage", "seconds", "GFLOP", "GFLOP/s", "% GEMM"
         );
         for st in &self.stages {
             s.push_str(&format!(

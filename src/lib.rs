@@ -1,5 +1,6 @@
 //! Latent Consistency Model image generation on candle, seed-for-seed equal to diffusers.
 pub mod config;
+pub mod device;
 pub mod loaders;
 pub mod models;
 pub mod nn;

@@ -45,9 +45,13 @@ struct ModelArgs {
     #[arg(long)]
     variant: Option<String>,
     /// Precision the weights are kept in: f32, f16 or bf16 (any stored files are converted).
-    /// On the CPU the computation stays f32; f16 / bf16 halve the weights' memory.
-    #[arg(long, default_value = "f32")]
-    dtype: String,
+    /// On the CPU the computation stays f32 (f16 / bf16 halve the weights' memory); on a GPU it
+    /// runs in this dtype, as diffusers' torch_dtype. Default: f32 on the CPU, f16 on a GPU.
+    #[arg(long)]
+    dtype: Option<String>,
+    /// Where to run: cpu, cuda or cuda:N (needs a build with the `cuda` feature).
+    #[arg(long, default_value = "cpu")]
+    device: String,
     /// Replace the model's UNet (folder or hub id), e.g. an LCM-distilled UNet.
     #[arg(long)]
     unet: Option<String>,
@@ -74,7 +78,8 @@ struct SamplingArgs {
     /// AnimateDiff, 5.0 SDXL).
     #[arg(long)]
     guidance_scale: Option<f64>,
-    /// Default: the UNet's sample_size times the VAE scale factor (or the input image's size).
+    /// Default: the UNet's sample_size times the VAE scale factor (image-to-image: the input
+    /// image's size; ControlNet: the control image's).
     #[arg(long)]
     width: Option<usize>,
     #[arg(long)]
@@ -185,9 +190,13 @@ enum Command {
         warmup: usize,
         #[arg(long, default_value_t = 3)]
         runs: usize,
-        /// Precision the weights are kept in: f32, f16 or bf16.
-        #[arg(long, default_value = "f32")]
-        dtype: String,
+        /// Precision the weights are kept in: f32, f16 or bf16 (default: f32 on the CPU, f16
+        /// on a GPU, where the computation runs in it too).
+        #[arg(long)]
+        dtype: Option<String>,
+        /// cpu, cuda or cuda:N.
+        #[arg(long, default_value = "cpu")]
+        device: String,
         /// Print JSON (for benches/bench_diffusers.py) instead of a table.
         #[arg(long)]
         json: bool,
@@ -354,15 +363,28 @@ fn check_outputs(paths: &[PathBuf], overwrite: bool) -> Result<()> {
     Ok(())
 }
 
-/// `--dtype`, checked before anything is loaded (an unknown name is a one-line error).
-fn parse_dtype(s: &str) -> Result<lcm::loaders::weights::WeightDType> {
-    s.parse().map_err(anyhow::Error::msg)
+/// `--device` and `--dtype`, checked before anything is loaded (an unknown name is a one-line
+/// error); the dtype defaults to the device's (f16 on a GPU, as diffusers' guide loads models).
+fn parse_device_dtype(device: &str, dtype: Option<&str>) -> Result<(candle_core::Device, lcm::loaders::weights::WeightDType)> {
+    let dtype = dtype.map(|s| s.parse().map_err(anyhow::Error::msg)).transpose()?;
+    let device = lcm::device::parse(device)?;
+    let dtype = dtype.unwrap_or(if device.is_cpu() { lcm::loaders::weights::WeightDType::F32 } else { lcm::loaders::weights::WeightDType::F16 });
+    Ok((device, dtype))
 }
 
 fn load_pipeline(m: &ModelArgs, motion_adapter: Option<String>) -> Result<LcmPipeline> {
-    let dtype = parse_dtype(&m.dtype)?;
+    let (device, dtype) = parse_device_dtype(&m.device, m.dtype.as_deref())?;
     let loras = m.loras.iter().map(|l| LoraSpec::parse(l)).collect::<Result<Vec<_>>>()?;
-    let opts = LoadOptions { variant: m.variant.clone(), unet: m.unet.clone(), loras, motion_adapter, dtype, vae: m.vae.clone() };
+    let opts = LoadOptions {
+        variant: m.variant.clone(),
+        unet: m.unet.clone(),
+        loras,
+        motion_adapter,
+        dtype,
+        vae: m.vae.clone(),
+        device: device.into(),
+        compute_dtype: None,
+    };
     let pipe = LcmPipeline::load(&m.model, &opts)?;
     for warning in pipe.components.lora_reports.iter().filter_map(|r| r.warning()) {
         eprintln!("warning: {warning}");
@@ -397,7 +419,8 @@ struct Previews {
 impl Previews {
     fn load(dir: &Path, source: Option<&str>, pipe: &LcmPipeline, num_images: usize, overwrite: bool) -> Result<Self> {
         let source = source.unwrap_or(if pipe.kind == PipelineKind::StableDiffusionXL { "madebyollin/taesdxl" } else { "madebyollin/taesd" });
-        let vae = Autoencoder::load(&resolve_component(source, "vae", None)?, None, candle_core::DType::F32, &candle_core::Device::Cpu)
+        let c = &pipe.components;
+        let vae = Autoencoder::load_for(&resolve_component(source, "vae", None)?, None, pipe.kind, c.precision(), c.device())
             .map_err(|e| anyhow::anyhow!("--preview-vae {source}: {e:#}"))?;
         if vae.latent_channels() != pipe.components.vae.latent_channels() {
             bail!("--preview-vae {source} has {} latent channels, the model {}", vae.latent_channels(), pipe.components.vae.latent_channels());
@@ -438,8 +461,8 @@ impl Previews {
 
 fn run(cli: Cli) -> Result<()> {
     match cli.command {
-        Command::Bench { model, dir, size, frames, steps, warmup, runs, dtype, json } => {
-            let dtype = parse_dtype(&dtype)?;
+        Command::Bench { model, dir, size, frames, steps, warmup, runs, dtype, device, json } => {
+            let (device, dtype) = parse_device_dtype(&device, dtype.as_deref())?;
             let size = size.unwrap_or(model.default_size());
             if size == 0 || size % 8 != 0 || steps == 0 || runs == 0 || frames == 0 {
                 bail!("--size must be a positive multiple of 8, --steps, --runs and --frames at least 1");
@@ -450,7 +473,7 @@ fn run(cli: Cli) -> Result<()> {
                 eprintln!("writing random weights once; this run's peak RSS includes that, rerun for a clean figure");
             }
             lcm::benchmark::write_folder(model, &dir)?;
-            let opts = lcm::benchmark::BenchOptions { model, size, frames, steps, warmup, runs, dtype };
+            let opts = lcm::benchmark::BenchOptions { model, size, frames, steps, warmup, runs, dtype, device };
             let report = lcm::benchmark::run(&dir, &opts)?;
             if json {
                 println!("{}", serde_json::to_string_pretty(&report)?);

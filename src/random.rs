@@ -108,11 +108,73 @@ impl TorchGenerator {
         data
     }
 
+    /// `torch.randn(numel, dtype=float16 / bfloat16, generator=self)` on the CPU, the values
+    /// (exactly representable in `dtype`) as f32. PyTorch draws these 16 at a time in f32 and
+    /// rounds each block; when `numel` is not a multiple of 16 the last 16 are redrawn from the
+    /// uniforms right after the last whole block (the f32 path redraws after all `numel`), so
+    /// the values there, and every later draw, differ from rounding the f32 result.
+    pub fn randn_half(&mut self, numel: usize, dtype: candle_core::DType) -> Vec<f32> {
+        let round = |v: f32| match dtype {
+            candle_core::DType::BF16 => half::bf16::from_f32(v).to_f32(),
+            _ => half::f16::from_f32(v).to_f32(),
+        };
+        if numel < 16 {
+            // `static_cast<scalar_t>(normal_distribution<double>)`: rounded from f64 directly.
+            return (0..numel)
+                .map(|_| {
+                    let v = self.normal_f64();
+                    match dtype {
+                        candle_core::DType::BF16 => half::bf16::from_f64(v).to_f32(),
+                        _ => half::f16::from_f64(v).to_f32(),
+                    }
+                })
+                .collect();
+        }
+        let mut block = [0f32; 16];
+        let mut draw_block = |g: &mut Self| {
+            for v in block.iter_mut() {
+                *v = g.uniform_f32();
+            }
+            normal_fill_16(&mut block);
+            block.map(round)
+        };
+        let mut data = Vec::with_capacity(numel);
+        for _ in 0..numel / 16 {
+            data.extend(draw_block(self));
+        }
+        if numel % 16 != 0 {
+            let tail = draw_block(self);
+            data.truncate(numel - 16);
+            data.extend(tail);
+        }
+        data
+    }
+
     /// `torch.randn(shape, generator=self)` as a candle tensor (f32, CPU).
     pub fn randn_tensor<S: Into<candle_core::Shape>>(&mut self, shape: S) -> candle_core::Result<candle_core::Tensor> {
         let shape = shape.into();
         let data = self.randn(shape.elem_count());
         candle_core::Tensor::from_vec(data, shape, &candle_core::Device::Cpu)
+    }
+
+    /// diffusers' `randn_tensor(shape, generator=cpu_generator, device=device, dtype=dtype)`:
+    /// drawn on the CPU in `dtype` (f16 / bf16 draw differently from f32, see
+    /// [`randn_half`](Self::randn_half)), then moved to `device`. This is what makes a GPU run
+    /// start from the same noise as diffusers' (and as a CPU run in the same dtype).
+    pub fn randn_on<S: Into<candle_core::Shape>>(
+        &mut self,
+        shape: S,
+        dtype: candle_core::DType,
+        device: &candle_core::Device,
+    ) -> candle_core::Result<candle_core::Tensor> {
+        use candle_core::DType;
+        let shape = shape.into();
+        let n = shape.elem_count();
+        let data = match dtype {
+            DType::F16 | DType::BF16 => self.randn_half(n, dtype),
+            _ => self.randn(n),
+        };
+        candle_core::Tensor::from_vec(data, shape, &candle_core::Device::Cpu)?.to_dtype(dtype)?.to_device(device)
     }
 }
 

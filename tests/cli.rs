@@ -391,10 +391,13 @@ fn image_to_image_and_inpainting_flags() {
     assert_close(&img.pixels, &want, "cli img2img");
     assert!(lcm::image_io::read_png_parameters(&out).unwrap().unwrap().contains("Denoising strength: 0.5"));
 
-    // Inpainting runs (the LCM folder's 4-channel UNet, latent blending) and takes the image's size.
+    // Inpainting runs (the LCM folder's 4-channel UNet, latent blending) and, as diffusers'
+    // StableDiffusionInpaintPipeline, defaults to the UNet's size (sample_size 16 x factor 2),
+    // not the image's.
     let (o, out) = run("inp.png", &["--image", photo.to_str().unwrap(), "--mask-image", mask.to_str().unwrap(), "--steps", "2"]);
     assert!(o.status.success(), "{}", stderr(&o));
-    assert_eq!(lcm::image_io::read_png(&out).unwrap().width, 44);
+    let img = lcm::image_io::read_png(&out).unwrap();
+    assert_eq!((img.width, img.height), (32, 32));
 
     // Errors: mismatched mask, strength out of range, mask without image, unreadable image.
     let other_mask = fx.join("images/mask_50x30.png");
@@ -671,4 +674,26 @@ fn download_fails_cleanly_without_the_hub() {
     let model = common::fixtures().join("models/tiny-lcm");
     let o = lcm(&["download", model.to_str().unwrap()], &[]);
     assert_clean_error(&o, "local path");
+}
+
+/// `--device`: unknown names, and CUDA in a build without the `cuda` feature, are one-line errors
+/// before anything loads; `--device cpu` is the default.
+#[test]
+fn device_flag_errors_are_one_line() {
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("x.png");
+    let model = common::fixtures().join("models/tiny-lcm");
+    let base = ["generate", "--model", model.to_str().unwrap(), "--prompt", "a cat", "--output", out.to_str().unwrap()];
+    fn with<'a>(base: &[&'a str], extra: &[&'a str]) -> Vec<&'a str> {
+        [base, extra].concat()
+    }
+    assert_clean_error(&lcm(&with(&base, &["--device", "gpu"]), &[]), "unknown device `gpu`");
+    assert_clean_error(&lcm(&with(&base, &["--device", "cuda:x"]), &[]), "expected cpu, cuda or cuda:N");
+    #[cfg(not(feature = "cuda"))]
+    assert_clean_error(&lcm(&with(&base, &["--device", "cuda:1"]), &[]), "built without CUDA");
+    assert_clean_error(&lcm(&["bench", "--device", "tpu"], &[]), "unknown device `tpu`");
+    assert!(!out.exists());
+    let o = lcm(&with(&base, &["--device", "cpu", "--width", "32", "--height", "32", "--steps", "1"]), &[]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert!(out.exists());
 }

@@ -5,9 +5,11 @@ use crate::config::read_config;
 use crate::loaders::weights::{ComponentWeights, Precision};
 use crate::models::autoencoder_kl::{AutoencoderKL, AutoencoderKLConfig};
 use crate::models::autoencoder_tiny::{AutoencoderTiny, AutoencoderTinyConfig};
+use crate::pipelines::components::vae_precision;
+use crate::pipelines::PipelineKind;
 use crate::random::TorchGenerator;
 use anyhow::{bail, Context, Result};
-use candle_core::{Device, Tensor};
+use candle_core::{DType, Device, Tensor};
 use std::path::Path;
 
 pub enum Autoencoder {
@@ -20,22 +22,42 @@ impl Autoencoder {
     /// An autoencoder folder (`config.json` + weights), by its config's `_class_name`, with its
     /// weights kept at `precision` (a `DType`, or `--dtype`'s [`Precision`]).
     pub fn load(dir: &Path, variant: Option<&str>, precision: impl Into<Precision>, device: &Device) -> Result<Self> {
+        Self::load_as(dir, variant, |_| precision.into(), device)
+    }
+
+    /// [`load`](Self::load) as the `pipeline` uses it: SDXL pipelines run an autoencoder whose
+    /// config sets `force_upcast` in f32 when the model is in half precision.
+    pub fn load_for(dir: &Path, variant: Option<&str>, pipeline: PipelineKind, precision: Precision, device: &Device) -> Result<Self> {
+        Self::load_as(dir, variant, |force_upcast| vae_precision(pipeline, force_upcast, precision), device)
+    }
+
+    fn load_as(dir: &Path, variant: Option<&str>, precision: impl FnOnce(bool) -> Precision, device: &Device) -> Result<Self> {
         let config_path = dir.join("config.json");
         let raw: serde_json::Value = read_config(&config_path)?;
         let class = raw.get("_class_name").and_then(|c| c.as_str()).unwrap_or("AutoencoderKL");
-        let vb = ComponentWeights::open(dir, variant)?.var_builder(None, precision, device);
+        let weights = ComponentWeights::open(dir, variant)?;
         let what = || format!("autoencoder {}", dir.display());
         Ok(match class {
             "AutoencoderKL" => {
                 let config: AutoencoderKLConfig = read_config(&config_path)?;
+                let vb = weights.var_builder(None, precision(config.force_upcast), device);
                 Self::Kl(AutoencoderKL::new(vb, &config).with_context(what)?)
             }
             "AutoencoderTiny" => {
                 let config: AutoencoderTinyConfig = read_config(&config_path)?;
+                let vb = weights.var_builder(None, precision(config.force_upcast), device);
                 Self::Tiny(AutoencoderTiny::new(vb, &config).with_context(what)?)
             }
             other => bail!("{} holds a `{other}`, not an AutoencoderKL or AutoencoderTiny", dir.display()),
         })
+    }
+
+    /// The dtype it computes in (f32 for an upcast SDXL autoencoder in an f16 pipeline).
+    pub fn dtype(&self) -> DType {
+        match self {
+            Self::Kl(v) => v.dtype,
+            Self::Tiny(v) => v.dtype,
+        }
     }
 
     pub fn is_tiny(&self) -> bool {
@@ -74,11 +96,12 @@ impl Autoencoder {
         }
     }
 
-    /// Unscaled latents -> image in `[-1, 1]`.
+    /// Unscaled latents (any dtype) -> image in `[-1, 1]`, in the autoencoder's dtype.
     pub fn decode(&self, z: &Tensor) -> Result<Tensor> {
+        let z = z.to_dtype(self.dtype())?;
         Ok(match self {
-            Self::Kl(v) => v.decode(z)?,
-            Self::Tiny(v) => v.decode(z)?,
+            Self::Kl(v) => v.decode(&z)?,
+            Self::Tiny(v) => v.decode(&z)?,
         })
     }
 
@@ -86,10 +109,12 @@ impl Autoencoder {
     /// the KL posterior (one random draw from `generator`), or the tiny encoder's latents (no
     /// draw).
     pub fn encode_scaled(&self, x: &Tensor, generator: &mut TorchGenerator) -> Result<Tensor> {
+        let x = &x.to_dtype(self.dtype())?;
         let latents = match self {
             Self::Kl(v) => {
                 let dist = v.encode(x)?;
-                let noise = generator.randn_tensor(dist.mean.shape().clone())?;
+                // `randn_tensor(mean.shape, generator, dtype=vae.dtype)`, drawn on the CPU.
+                let noise = generator.randn_on(dist.mean.shape().clone(), dist.mean.dtype(), dist.mean.device())?;
                 dist.sample(&noise)?
             }
             Self::Tiny(v) => v.encode(x)?,

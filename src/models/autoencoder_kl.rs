@@ -5,7 +5,7 @@ use crate::config::read_config;
 use crate::models::vae::{Decoder, Encoder, VaeParams};
 use crate::nn::{Activation, Conv2d};
 use anyhow::{bail, Context};
-use candle_core::{Result, Tensor};
+use candle_core::{DType, Result, Tensor};
 use candle_nn::VarBuilder;
 use serde::Deserialize;
 use std::path::Path;
@@ -105,12 +105,15 @@ pub struct AutoencoderKL {
     pub decoder: Decoder,
     pub quant_conv: Option<Conv2d>,
     pub post_quant_conv: Option<Conv2d>,
+    /// The activations' dtype (the `VarBuilder`'s).
+    pub dtype: DType,
 }
 
 impl AutoencoderKL {
     /// Build the model from `config`, taking the weights from `vb` by diffusers' names.
     pub fn new(vb: VarBuilder, config: &AutoencoderKLConfig) -> anyhow::Result<Self> {
         let c = config;
+        let dtype = vb.dtype();
         let n = c.block_out_channels.len();
         if n == 0 || c.block_out_channels.contains(&0) {
             bail!("vae config: block_out_channels {:?} must be non-empty and positive", c.block_out_channels)
@@ -156,7 +159,7 @@ impl AutoencoderKL {
         } else {
             None
         };
-        Ok(Self { config: c.clone(), encoder, decoder, quant_conv, post_quant_conv })
+        Ok(Self { config: c.clone(), encoder, decoder, quant_conv, post_quant_conv, dtype })
     }
 
     /// Image in `[-1, 1]`, `[b, in_channels, H, W]` -> latent posterior (unscaled).

@@ -7,7 +7,7 @@ use crate::config::read_config;
 use crate::nn::{Activation, Conv2d};
 use crate::ops;
 use anyhow::bail;
-use candle_core::{Result, Tensor};
+use candle_core::{DType, Result, Tensor};
 use candle_nn::VarBuilder;
 use serde::Deserialize;
 use std::path::Path;
@@ -313,12 +313,15 @@ pub struct AutoencoderTiny {
     pub config: AutoencoderTinyConfig,
     pub encoder: EncoderTiny,
     pub decoder: DecoderTiny,
+    /// The activations' dtype (the `VarBuilder`'s).
+    pub dtype: DType,
 }
 
 impl AutoencoderTiny {
     /// Build the model from `config`, taking the weights from `vb` by diffusers' names.
     pub fn new(vb: VarBuilder, config: &AutoencoderTinyConfig) -> anyhow::Result<Self> {
         let c = config;
+        let dtype = vb.dtype();
         for (side, widths, blocks) in [
             ("encoder", &c.encoder_block_out_channels, &c.num_encoder_blocks),
             ("decoder", &c.decoder_block_out_channels, &c.num_decoder_blocks),
@@ -356,7 +359,7 @@ impl AutoencoderTiny {
         // what diffusers' __init__ registers
         config.block_out_channels = Some(c.decoder_block_out_channels.clone());
         config.force_upcast = false;
-        Ok(Self { config, encoder, decoder })
+        Ok(Self { config, encoder, decoder, dtype })
     }
 
     /// Image in `[-1, 1]` -> latents (diffusers' `encode(x).latents`; unscaled, as the

@@ -6,6 +6,7 @@ use crate::loaders::lora::{LoraComponent, WeightIndex};
 use crate::loaders::single_file::{self, Component, SingleFile};
 use crate::loaders::weights::{ComponentWeights, Precision, WeightDType};
 use crate::loaders::{hub, model_index::resolve_component, ModelIndex, ModelSource};
+use crate::pipelines::PipelineKind;
 use crate::pipelines::adapters::{AdapterSet, LoraReport, LoraSpec};
 use crate::models::autoencoder::Autoencoder;
 use crate::models::autoencoder_kl::{AutoencoderKL, AutoencoderKLConfig};
@@ -15,12 +16,17 @@ use crate::models::motion_adapter::{read_motion_config, MotionAdapterConfig, Mot
 use crate::models::unet_2d_condition::{UNet2DConditionConfig, UNet2DConditionModel};
 use crate::schedulers::LcmSchedulerConfig;
 use anyhow::{Context, Result};
-use candle_core::Device;
+use candle_core::{DType, Device};
 use std::path::{Path, PathBuf};
 
-/// How to load a model: like `from_pretrained(..., variant=, unet=)`.
+/// How to load a model: like `from_pretrained(..., variant=, unet=, torch_dtype=).to(device)`.
 #[derive(Clone, Debug, Default)]
 pub struct LoadOptions {
+    /// Where the networks run (`lcm::device::parse("cuda:0")`); CPU by default.
+    pub device: DeviceChoice,
+    /// The activations' dtype. Default: f32 on the CPU (our kernels widen half-precision
+    /// weights), the weights' dtype (`dtype`) on a GPU, as diffusers computes in `torch_dtype`.
+    pub compute_dtype: Option<DType>,
     /// `fp16` picks `*.fp16.safetensors`, as diffusers' `variant="fp16"`.
     pub variant: Option<String>,
     /// Replace the UNet (folder or hub id), e.g. an LCM-distilled UNet in a base model.
@@ -36,6 +42,41 @@ pub struct LoadOptions {
     /// The precision the weights are kept in (`--dtype`), whatever the files store. On the
     /// CPU the activations stay f32: f16 / bf16 halve the weights' memory.
     pub dtype: WeightDType,
+}
+
+/// A `candle_core::Device` that defaults to the CPU (so `LoadOptions` can be `Default`).
+#[derive(Clone, Debug)]
+pub struct DeviceChoice(pub Device);
+
+impl Default for DeviceChoice {
+    fn default() -> Self {
+        Self(Device::Cpu)
+    }
+}
+
+impl From<Device> for DeviceChoice {
+    fn from(d: Device) -> Self {
+        Self(d)
+    }
+}
+
+impl LoadOptions {
+    /// The weights' and activations' dtypes on `device`.
+    pub fn precision(&self, device: &Device) -> Precision {
+        let p = self.dtype.precision(device);
+        Precision { compute: self.compute_dtype.unwrap_or(p.compute), ..p }
+    }
+}
+
+/// The autoencoder's precision: diffusers' SDXL pipelines run an `AutoencoderKL` whose config
+/// sets `force_upcast` in float32 when the model is in float16 / bfloat16 (`upcast_vae`); the
+/// SD1.x / SD2.x and AnimateDiff pipelines keep it in the model's dtype.
+pub fn vae_precision(pipeline: PipelineKind, force_upcast: bool, p: Precision) -> Precision {
+    if pipeline == PipelineKind::StableDiffusionXL && force_upcast && p.compute != DType::F32 {
+        Precision::from(DType::F32)
+    } else {
+        p
+    }
 }
 
 /// Every network a Stable Diffusion pipeline needs, loaded.
@@ -222,6 +263,22 @@ fn is_single_file(model: &str) -> bool {
 }
 
 impl StableDiffusionComponents {
+    /// The activations' dtype (f32 on the CPU unless `LoadOptions::compute_dtype` says
+    /// otherwise; the weights' dtype on a GPU).
+    pub fn compute_dtype(&self) -> DType {
+        self.precision.compute
+    }
+
+    pub fn device(&self) -> &Device {
+        &self.device
+    }
+
+    /// The weights' and activations' dtypes every network of this pipeline is built with
+    /// (ControlNets and T2I-Adapters added later too).
+    pub fn precision(&self) -> Precision {
+        self.precision
+    }
+
     /// Load a pipeline from a diffusers folder, a hub repo id, or a single-file checkpoint
     /// (`.safetensors` in the original layout).
     pub fn load(model: &str, opts: &LoadOptions, device: &Device) -> Result<Self> {
@@ -237,12 +294,16 @@ impl StableDiffusionComponents {
         let (te_config, text_encoder_weights) = text_encoder;
         let (unet_config, unet_weights) = unet;
         let (vae_config, vae_weights) = vae;
-        let precision = opts.dtype.precision(device);
+        let precision = opts.precision(device);
+        let kind = PipelineKind::from_class_name(&pipeline_class);
         let vae = match &opts.vae {
             // A replacement autoencoder has its own files; the model's variant need not exist there.
-            Some(arg) => Autoencoder::load(&resolve_component(arg, "vae", None)?, None, precision, device)
+            Some(arg) => Autoencoder::load_for(&resolve_component(arg, "vae", None)?, None, kind, precision, device)
                 .with_context(|| format!("--vae {arg}"))?,
-            None => Autoencoder::Kl(AutoencoderKL::new(vae_weights.var_builder(None, precision, device), &vae_config).context("vae")?),
+            None => {
+                let p = vae_precision(kind, vae_config.force_upcast, precision);
+                Autoencoder::Kl(AutoencoderKL::new(vae_weights.var_builder(None, p, device), &vae_config).context("vae")?)
+            }
         };
 
         let motion = match &opts.motion_adapter {

@@ -195,7 +195,7 @@ impl LcmPipeline {
     /// # anyhow::Ok(())
     /// ```
     pub fn load(model: &str, opts: &LoadOptions) -> Result<Self> {
-        let device = Device::Cpu;
+        let device = opts.device.0.clone();
         let components = StableDiffusionComponents::load(model, opts, &device)?;
         let kind = if components.motion.is_some() {
             PipelineKind::AnimateDiff
@@ -217,7 +217,7 @@ impl LcmPipeline {
 
     /// Load and add a ControlNet from a folder or hub repo id.
     pub fn load_controlnet(&mut self, source: &str, variant: Option<&str>) -> Result<()> {
-        let cn = control::load_controlnet_with(source, variant, self.dtype.precision(&self.device), &self.device)?;
+        let cn = control::load_controlnet_with(source, variant, self.components.precision(), &self.device)?;
         self.add_controlnet(cn)
     }
 
@@ -230,7 +230,7 @@ impl LcmPipeline {
 
     /// Load and add a T2I-Adapter from a folder or hub repo id.
     pub fn load_t2i_adapter(&mut self, source: &str, variant: Option<&str>) -> Result<()> {
-        let ad = control::load_t2i_adapter_with(source, variant, self.dtype.precision(&self.device), &self.device)?;
+        let ad = control::load_t2i_adapter_with(source, variant, self.components.precision(), &self.device)?;
         self.add_t2i_adapter(ad);
         Ok(())
     }
@@ -309,8 +309,8 @@ impl LcmPipeline {
     }
 
     /// The output size: given, else the first control image's (ControlNet: rounded down to the
-    /// VAE factor; T2I-Adapter: to the adapter's downscale factor), else the init image's
-    /// (rounded down to the VAE factor), else the UNet's default.
+    /// VAE factor; T2I-Adapter: to the adapter's downscale factor), else (image-to-image) the init
+    /// image's (rounded down to the VAE factor), else (text-to-image, inpainting) the UNet's default.
     pub fn output_size(&self, req: &GenerateRequest) -> Result<(usize, usize)> {
         let f = self.vae_scale_factor();
         for (v, what) in [(req.width, "width"), (req.height, "height")] {
@@ -333,8 +333,10 @@ impl LcmPipeline {
         };
         let (w, h) = match (control_image, &req.image) {
             (Some((img, factor)), _) => default_size(img, req.width, req.height, factor),
-            (None, Some(img)) => default_size(img, req.width, req.height, f),
-            (None, None) => {
+            // The inpainting pipelines (SD and SDXL) default to the UNet's size, not the image's
+            // (`height = height or unet.config.sample_size * vae_scale_factor`).
+            (None, Some(img)) if req.task() != Task::Inpainting => default_size(img, req.width, req.height, f),
+            (None, _) => {
                 let (dw, dh) = self.default_size();
                 (req.width.unwrap_or(dw), req.height.unwrap_or(dh))
             }
@@ -504,11 +506,14 @@ impl LcmPipeline {
         let mut unet_cond = UNetConditioning { added_cond: text.added_cond, num_frames: frames, ..Default::default() };
         if let (Some(dim), false) = (c.unet_config.time_cond_proj_dim, self.kind == PipelineKind::AnimateDiff) {
             let w = vec![(guidance_scale - 1.0) as f32; n];
-            unet_cond.timestep_cond = Some(conditioning::guidance_scale_embedding(&w, dim, &self.device)?);
+            // `get_guidance_scale_embedding(w).to(dtype=latents.dtype)`
+            unet_cond.timestep_cond = Some(conditioning::guidance_scale_embedding(&w, dim, &self.device)?.to_dtype(c.compute_dtype())?);
         }
 
         let f = self.vae_scale_factor();
         let mut generator = TorchGenerator::manual_seed(req.seed);
+        // diffusers draws every random tensor on the CPU generator in the model's dtype.
+        let dtype = c.compute_dtype();
         let latent_channels = c.vae.latent_channels();
         let mut inpaint = None;
         let mut latents = match (&req.image, &req.mask_image) {
@@ -516,15 +521,15 @@ impl LcmPipeline {
                 // Video latents are drawn as [b, c, frames, h, w] (diffusers' order) and stay so;
                 // the UNet sees them with the frames folded into the batch.
                 let shape: Vec<usize> = [n, latent_channels].into_iter().chain(frames).chain([height / f, width / f]).collect();
-                (generator.randn_tensor(shape)? * scheduler.init_noise_sigma())?
+                (generator.randn_on(shape, dtype, &self.device)? * scheduler.init_noise_sigma())?
             }
             (Some(image), None) => start_latents::image_to_image(
-                &c.vae, &scheduler, image, (width, height), n, timesteps[0], &mut generator, &self.device,
+                &c.vae, &scheduler, image, (width, height), n, timesteps[0], &mut generator, (&self.device, dtype),
             )?,
             (Some(image), Some(mask)) => {
                 let (latents, state) = start_latents::inpaint(
                     &c.vae, &scheduler, image, mask, (width, height), n, strength,
-                    (latent_channels, c.unet_config.in_channels), timesteps[0], &mut generator, &self.device,
+                    (latent_channels, c.unet_config.in_channels), timesteps[0], &mut generator, (&self.device, dtype),
                 )?;
                 inpaint = Some(state);
                 latents
@@ -595,7 +600,7 @@ impl LcmPipeline {
     /// Scaled latents (`[n, c, h, w]`, or `[n, c, frames, h, w]` with `num_frames`) -> images
     /// through `vae`: the pipeline's own autoencoder for results, a tiny one for previews.
     pub fn decode_latents(&self, vae: &Autoencoder, latents: &Tensor, num_frames: Option<usize>) -> Result<Vec<RgbImage>> {
-        let scale = Tensor::new(vae.scaling_factor() as f32, latents.device())?;
+        let scale = Tensor::new(vae.scaling_factor() as f32, latents.device())?.to_dtype(latents.dtype())?;
         let z = latents.broadcast_div(&scale)?;
         let z = match vae.shift_factor() {
             Some(s) => (z + s)?,

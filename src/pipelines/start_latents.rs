@@ -8,7 +8,7 @@ use crate::models::autoencoder::Autoencoder;
 use crate::random::TorchGenerator;
 use crate::schedulers::LcmScheduler;
 use anyhow::Result;
-use candle_core::{Device, Tensor};
+use candle_core::{DType, Device, Tensor};
 
 /// Inpainting inputs carried through the loop.
 pub struct InpaintState {
@@ -50,11 +50,11 @@ pub fn image_to_image(
     n: usize,
     first_timestep: i64,
     generator: &mut TorchGenerator,
-    device: &Device,
+    (device, dtype): (&Device, DType),
 ) -> Result<Tensor> {
     let init = preprocess_image(image, width, height, device)?;
-    let latents = tile_batch(&vae.encode_scaled(&init, generator)?, n)?;
-    let noise = generator.randn_tensor(latents.shape().clone())?;
+    let latents = tile_batch(&vae.encode_scaled(&init, generator)?, n)?.to_dtype(dtype)?;
+    let noise = generator.randn_on(latents.shape().clone(), dtype, device)?;
     scheduler.add_noise(&latents, &noise, first_timestep)
 }
 
@@ -72,18 +72,18 @@ pub fn inpaint(
     (latent_channels, unet_in_channels): (usize, usize),
     first_timestep: i64,
     generator: &mut TorchGenerator,
-    device: &Device,
+    (device, dtype): (&Device, DType),
 ) -> Result<(Tensor, InpaintState)> {
     let init = preprocess_image(image, width, height, device)?;
     let is_strength_max = strength == 1.0;
     let blends = unet_in_channels == latent_channels;
     let image_latents = if blends || !is_strength_max {
-        Some(tile_batch(&vae.encode_scaled(&init, generator)?, n)?)
+        Some(tile_batch(&vae.encode_scaled(&init, generator)?, n)?.to_dtype(dtype)?)
     } else {
         None
     };
     let f = vae.vae_scale_factor();
-    let noise = generator.randn_tensor((n, latent_channels, height / f, width / f))?;
+    let noise = generator.randn_on((n, latent_channels, height / f, width / f), dtype, device)?;
     let latents = match (&image_latents, is_strength_max) {
         (Some(img), false) => scheduler.add_noise(img, &noise, first_timestep)?,
         _ => (&noise * scheduler.init_noise_sigma())?,
@@ -92,8 +92,8 @@ pub fn inpaint(
     // Keep where the mask is below 0.5: `init_image * (mask < 0.5)`.
     let keep = mask_condition.lt(0.5)?.to_dtype(candle_core::DType::F32)?;
     let masked_image = init.broadcast_mul(&keep)?;
-    let masked_image_latents = tile_batch(&vae.encode_scaled(&masked_image, generator)?, n)?;
-    let mask = tile_batch(&nearest_resize(&mask_condition, height / f, width / f)?, n)?;
+    let masked_image_latents = tile_batch(&vae.encode_scaled(&masked_image, generator)?, n)?.to_dtype(dtype)?;
+    let mask = tile_batch(&nearest_resize(&mask_condition, height / f, width / f)?, n)?.to_dtype(dtype)?;
     let state = InpaintState { mask, masked_image_latents, image_latents: if blends { image_latents } else { None }, noise };
     Ok((latents, state))
 }

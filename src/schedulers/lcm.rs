@@ -5,7 +5,7 @@
 
 use crate::random::TorchGenerator;
 use anyhow::{bail, Result};
-use candle_core::{Device, Tensor};
+use candle_core::Tensor;
 use serde::Deserialize;
 
 fn d_num_train_timesteps() -> usize { 1000 }
@@ -347,7 +347,11 @@ impl LcmScheduler {
         }
         let denoised: Vec<f32> = x0.iter().zip(&x).map(|(p, x)| c_out * p + c_skip * x).collect();
         let prev: Vec<f32> = if step_index + 1 != self.num_inference_steps {
-            let noise = generator.randn(denoised.len());
+            // `randn_tensor(..., dtype=denoised.dtype)`: f16 / bf16 draw differently.
+            let noise = match sample.dtype() {
+                dt @ (candle_core::DType::F16 | candle_core::DType::BF16) => generator.randn_half(denoised.len(), dt),
+                _ => generator.randn(denoised.len()),
+            };
             let (pa, pb) = (alpha_prev.sqrt(), beta_prev.sqrt());
             denoised.iter().zip(&noise).map(|(d, n)| pa * d + pb * n).collect()
         } else {
@@ -383,9 +387,9 @@ impl LcmScheduler {
             .get(timestep as usize)
             .ok_or_else(|| anyhow::anyhow!("timestep {timestep} is outside the scheduler's range"))?;
         let (sa, sb) = (a.sqrt(), (1.0 - a).sqrt());
-        let x: Vec<f32> = original.flatten_all()?.to_vec1()?;
-        let n: Vec<f32> = noise.flatten_all()?.to_vec1()?;
+        let f32s = |t: &Tensor| t.flatten_all()?.to_dtype(candle_core::DType::F32)?.to_vec1::<f32>();
+        let (x, n) = (f32s(original)?, f32s(noise)?);
         let out: Vec<f32> = x.iter().zip(&n).map(|(x, n)| sa * x + sb * n).collect();
-        Ok(Tensor::from_vec(out, original.shape().clone(), &Device::Cpu)?)
+        Ok(Tensor::from_vec(out, original.shape().clone(), original.device())?.to_dtype(original.dtype())?)
     }
 }

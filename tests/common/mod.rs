@@ -5,8 +5,13 @@ use candle_core::{Device, Tensor};
 use std::collections::HashMap;
 use std::path::PathBuf;
 
+/// tests/fixtures, or `LCM_FIXTURES` (a test binary built here and run on another machine, as
+/// scripts/device-check.sh does, finds the fixtures of the checkout it runs in).
 pub fn fixtures() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures")
+    match std::env::var_os("LCM_FIXTURES") {
+        Some(dir) => PathBuf::from(dir),
+        None => PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures"),
+    }
 }
 
 pub fn reference(name: &str) -> HashMap<String, Tensor> {

@@ -1,0 +1,84 @@
+//! The pipelines on a device in half precision, against diffusers' float16 images
+//! (tests/fixtures/make_half_fixtures.py: `dtype=torch.float16`, CPU generator).
+//!
+//! The device is `LCM_TEST_DEVICE` (`cpu` by default, `cuda` / `cuda:N` in a `--features cuda`
+//! build: scripts/device-check.sh runs this file on the GPU). On the CPU the networks compute in
+//! f16 through candle's generic ops (`LoadOptions::compute_dtype`), the code path a GPU takes;
+//! our f32 kernels are not used.
+mod common;
+
+use candle_core::DType;
+use lcm::image_processor::Image8;
+use lcm::loaders::weights::WeightDType;
+use lcm::pipelines::{GenerateRequest, LcmPipeline, LoadOptions, PipelineKind};
+
+/// Largest per-pixel difference from diffusers' f16 image, out of 255. Both sides round every
+/// intermediate to f16 (11 significant bits), in different orders (fused kernels, accumulation
+/// order), so they drift apart more than two f32 computations do (2/255).
+const MAX_TOL: u8 = 6;
+/// Mean per-pixel difference, out of 255: most pixels must agree within a level.
+const MEAN_TOL: f64 = 0.6;
+
+fn device() -> candle_core::Device {
+    let name = std::env::var("LCM_TEST_DEVICE").unwrap_or_else(|_| "cpu".into());
+    lcm::device::parse(&name).unwrap()
+}
+
+fn kind(class: &str) -> PipelineKind {
+    match class {
+        "LatentConsistencyModelPipeline" | "LatentConsistencyModelImg2ImgPipeline" => PipelineKind::LatentConsistencyModel,
+        c if c.starts_with("StableDiffusionXL") => PipelineKind::StableDiffusionXL,
+        c if c.starts_with("StableDiffusion") => PipelineKind::StableDiffusion,
+        other => panic!("unknown pipeline {other}"),
+    }
+}
+
+fn request(kw: &serde_json::Value) -> GenerateRequest {
+    let fx = common::fixtures();
+    let image = |k: &str| kw[k].as_str().map(|p| Image8::read(&fx.join(p)).unwrap());
+    let size = |k: &str| kw[k].as_u64().map(|v| v as usize);
+    GenerateRequest {
+        prompt: kw["prompt"].as_str().unwrap().into(),
+        negative_prompt: kw["negative_prompt"].as_str().map(String::from),
+        num_inference_steps: kw["num_inference_steps"].as_u64().unwrap() as usize,
+        guidance_scale: kw["guidance_scale"].as_f64(),
+        width: size("width"),
+        height: size("height"),
+        seed: kw["seed"].as_u64().unwrap(),
+        num_images_per_prompt: kw["num_images_per_prompt"].as_u64().unwrap_or(1) as usize,
+        image: image("image"),
+        mask_image: image("mask_image"),
+        strength: kw["strength"].as_f64(),
+        ..Default::default()
+    }
+}
+
+#[test]
+fn half_precision_pipelines_match_diffusers_float16() {
+    let listing = common::reference_json("half_pipelines.json");
+    let refs = common::reference("half_pipelines.safetensors");
+    let cases = listing["cases"].as_array().unwrap();
+    assert!(cases.len() >= 8);
+    let fx = common::fixtures();
+    let device = device();
+    let opts = LoadOptions { dtype: WeightDType::F16, compute_dtype: Some(DType::F16), device: device.clone().into(), ..Default::default() };
+    let mut report = Vec::new();
+    for case in cases {
+        let name = case["name"].as_str().unwrap();
+        let model = fx.join(case["model"].as_str().unwrap());
+        let pipe = LcmPipeline::load(model.to_str().unwrap(), &opts).unwrap().with_kind(kind(case["cls"].as_str().unwrap()));
+        assert_eq!(pipe.components.compute_dtype(), DType::F16);
+        // SDXL's autoencoder (force_upcast) runs in f32 as diffusers' upcast_vae does; others in f16.
+        let upcast = pipe.kind == PipelineKind::StableDiffusionXL;
+        assert_eq!(pipe.components.vae.dtype(), if upcast { DType::F32 } else { DType::F16 }, "{name}");
+        let images = pipe.generate(&request(&case["kw"]), |_, _| {}).unwrap();
+        let want = refs[name].flatten_all().unwrap().to_vec1::<u8>().unwrap();
+        let got: Vec<u8> = images.iter().flat_map(|i| i.pixels.iter().copied()).collect();
+        assert_eq!(got.len(), want.len(), "{name}: size");
+        let max = got.iter().zip(&want).map(|(a, b)| a.abs_diff(*b)).max().unwrap();
+        let mean = got.iter().zip(&want).map(|(a, b)| a.abs_diff(*b) as f64).sum::<f64>() / got.len() as f64;
+        report.push(format!("{name}: max {max}/255, mean {mean:.3}/255 (diffusers f16 vs f32: max {})", case["diffusers_f16_vs_f32_max"]));
+        assert!(max <= MAX_TOL && mean <= MEAN_TOL, "{name} on {}: max {max}/255, mean {mean:.3}/255", lcm::device::name(&device));
+    }
+    eprintln!("{} vs diffusers float16:\n  {}", lcm::device::name(&device), report.join("\n  "));
+}
