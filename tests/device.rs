@@ -10,7 +10,7 @@ mod common;
 use candle_core::DType;
 use lcm::image_processor::Image8;
 use lcm::loaders::weights::WeightDType;
-use lcm::pipelines::{GenerateRequest, LcmPipeline, LoadOptions, PipelineKind};
+use lcm::pipelines::{ControlNetInput, GenerateRequest, LcmPipeline, LoadOptions, PipelineKind};
 
 /// Largest per-pixel difference from diffusers' f16 image, out of 255. Both sides round every
 /// intermediate to f16 (11 significant bits), in different orders (fused kernels, accumulation
@@ -27,17 +27,29 @@ fn device() -> candle_core::Device {
 fn kind(class: &str) -> PipelineKind {
     match class {
         "LatentConsistencyModelPipeline" | "LatentConsistencyModelImg2ImgPipeline" => PipelineKind::LatentConsistencyModel,
+        "AnimateDiffPipeline" => PipelineKind::AnimateDiff,
         c if c.starts_with("StableDiffusionXL") => PipelineKind::StableDiffusionXL,
         c if c.starts_with("StableDiffusion") => PipelineKind::StableDiffusion,
         other => panic!("unknown pipeline {other}"),
     }
 }
 
-fn request(kw: &serde_json::Value) -> GenerateRequest {
+fn request(case: &serde_json::Value) -> GenerateRequest {
     let fx = common::fixtures();
+    let kw = &case["kw"];
     let image = |k: &str| kw[k].as_str().map(|p| Image8::read(&fx.join(p)).unwrap());
     let size = |k: &str| kw[k].as_u64().map(|v| v as usize);
+    // A ControlNet pipeline's `image` is the control image.
+    let control = case["controlnet"].is_string();
     GenerateRequest {
+        controlnet: match (control, image("image")) {
+            (true, Some(img)) => vec![ControlNetInput {
+                conditioning_scale: kw["controlnet_conditioning_scale"].as_f64().unwrap_or(1.0),
+                ..ControlNetInput::new(img)
+            }],
+            _ => Vec::new(),
+        },
+        num_frames: size("num_frames"),
         prompt: kw["prompt"].as_str().unwrap().into(),
         negative_prompt: kw["negative_prompt"].as_str().map(String::from),
         num_inference_steps: kw["num_inference_steps"].as_u64().unwrap() as usize,
@@ -46,7 +58,7 @@ fn request(kw: &serde_json::Value) -> GenerateRequest {
         height: size("height"),
         seed: kw["seed"].as_u64().unwrap(),
         num_images_per_prompt: kw["num_images_per_prompt"].as_u64().unwrap_or(1) as usize,
-        image: image("image"),
+        image: if control { None } else { image("image") },
         mask_image: image("mask_image"),
         strength: kw["strength"].as_f64(),
         ..Default::default()
@@ -58,7 +70,7 @@ fn half_precision_pipelines_match_diffusers_float16() {
     let listing = common::reference_json("half_pipelines.json");
     let refs = common::reference("half_pipelines.safetensors");
     let cases = listing["cases"].as_array().unwrap();
-    assert!(cases.len() >= 8);
+    assert!(cases.len() >= 10);
     let fx = common::fixtures();
     let device = device();
     let opts = LoadOptions { dtype: WeightDType::F16, compute_dtype: Some(DType::F16), device: device.clone().into(), ..Default::default() };
@@ -66,12 +78,18 @@ fn half_precision_pipelines_match_diffusers_float16() {
     for case in cases {
         let name = case["name"].as_str().unwrap();
         let model = fx.join(case["model"].as_str().unwrap());
-        let pipe = LcmPipeline::load(model.to_str().unwrap(), &opts).unwrap().with_kind(kind(case["cls"].as_str().unwrap()));
+        let path = |k: &str| case[k].as_str().map(|p| fx.join(p).to_string_lossy().into_owned());
+        let opts = LoadOptions { motion_adapter: path("motion_adapter"), ..opts.clone() };
+        let mut pipe = LcmPipeline::load(model.to_str().unwrap(), &opts).unwrap();
+        if let Some(cn) = path("controlnet") {
+            pipe.load_controlnet(&cn, None).unwrap();
+        }
+        let pipe = pipe.with_kind(kind(case["cls"].as_str().unwrap()));
         assert_eq!(pipe.components.compute_dtype(), DType::F16);
         // SDXL's autoencoder (force_upcast) runs in f32 as diffusers' upcast_vae does; others in f16.
         let upcast = pipe.kind == PipelineKind::StableDiffusionXL;
         assert_eq!(pipe.components.vae.dtype(), if upcast { DType::F32 } else { DType::F16 }, "{name}");
-        let images = pipe.generate(&request(&case["kw"]), |_, _| {}).unwrap();
+        let images = pipe.generate(&request(case), |_, _| {}).unwrap();
         let want = refs[name].flatten_all().unwrap().to_vec1::<u8>().unwrap();
         let got: Vec<u8> = images.iter().flat_map(|i| i.pixels.iter().copied()).collect();
         assert_eq!(got.len(), want.len(), "{name}: size");
