@@ -303,7 +303,9 @@ pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, scale: f64, causal: bool) -
         *dims.last_mut().unwrap() = dv;
         return Tensor::from_vec(out, dims, q.device());
     }
-    let scores = (q.contiguous()?.matmul(&k.t()?.contiguous()?)? * scale)?;
+    // Other devices / dtypes: q is scaled before the product (a pass over q, not over the much
+    // larger score matrix) and kᵀ is read through strides by the batched GEMM (no copy).
+    let scores = (q * scale)?.contiguous()?.matmul(&k.contiguous()?.t()?)?;
     let scores = if causal {
         let (lq, lk) = (scores.dim(D::Minus2)?, scores.dim(D::Minus1)?);
         let mask: Vec<f32> = (0..lq)
