@@ -4,6 +4,8 @@
 #   scripts/build-cuda.sh            # writes dist/cuda/{lcm.xz, device-tests.xz, wheels/}
 # then run this in the checkout's root on the GPU machine (the device tool: carry ["dist"]):
 #   scripts/device-check.sh [sd15|sdxl|parity ...]     # default: parity sd15 sdxl
+# Within a 10-minute call (times estimated, not yet measured): `parity sd15` (SD1.5's 4 GB of
+# random weights are written first), then `sdxl` (14 GB) in a second call on the warm machine.
 # Results go to $OUT (default /tmp/lcm-device-check): gpu.txt, rng.txt, parity.txt, and per model
 # lcm_<model>.json (lcm bench) and <model>.md (lcm vs diffusers, same card, same weights).
 set -uo pipefail
@@ -51,14 +53,14 @@ for step in "${steps[@]}"; do
   case "$step" in
     parity)
       note "parity: tests/device.rs on cuda (f16) vs diffusers float16 images"
-      LCM_TEST_DEVICE=cuda LCM_FIXTURES="$PWD/tests/fixtures" timeout 300 "$bin/device-tests" --nocapture 2>&1 | tee "$out/parity.txt"
+      LCM_TEST_DEVICE=cuda LCM_FIXTURES="$PWD/tests/fixtures" timeout 180 "$bin/device-tests" --nocapture 2>&1 | tee "$out/parity.txt"
       [[ ${PIPESTATUS[0]} == 0 ]] || status=1
       ;;
     sd15 | sdxl)
       note "$step: lcm bench --device cuda (f16), then diffusers fp16 on the same weights"
       # Random weights at the real configs, written once to local disk (no download).
-      timeout 420 "$bin/lcm" bench --model "$step" --device cuda --dir "/tmp/lcm-bench-$step" --warmup 1 --runs 3 --json >"$out/lcm_$step.json" || status=1
-      timeout 420 python3 benches/bench_diffusers.py "$out/lcm_$step.json" 2>&1 | grep -v "it/s" | tee "$out/$step.md" || status=1
+      timeout 300 "$bin/lcm" bench --model "$step" --device cuda --dir "/tmp/lcm-bench-$step" --warmup 1 --runs 3 --json >"$out/lcm_$step.json" || status=1
+      timeout 300 python3 benches/bench_diffusers.py "$out/lcm_$step.json" 2>&1 | grep -v "it/s" | tee "$out/$step.md" || status=1
       ;;
     *) echo "unknown step $step"; status=2 ;;
   esac
