@@ -113,3 +113,42 @@ fn half_precision_pipelines_match_diffusers_float16() {
     }
     eprintln!("{} vs diffusers in the same dtype:\n  {}", lcm::device::name(&device), report.join("\n  "));
 }
+
+/// diffusers' `upcast_vae` rule: only SDXL pipelines, only when the config asks (an fp16-fix VAE
+/// says `force_upcast: false`), only for a half-precision model.
+#[test]
+fn vae_upcast_follows_force_upcast_in_sdxl_pipelines_only() {
+    use lcm::loaders::weights::Precision;
+    use lcm::pipelines::components::vae_precision;
+    let half = Precision::from(DType::F16);
+    let upcast = Precision::from(DType::F32);
+    assert_eq!(vae_precision(PipelineKind::StableDiffusionXL, true, half), upcast);
+    assert_eq!(vae_precision(PipelineKind::StableDiffusionXL, false, half), half);
+    assert_eq!(vae_precision(PipelineKind::StableDiffusion, true, half), half);
+    assert_eq!(vae_precision(PipelineKind::AnimateDiff, true, half), half);
+    let bf16 = Precision::from(DType::BF16);
+    assert_eq!(vae_precision(PipelineKind::StableDiffusionXL, true, bf16), upcast);
+    // CPU: f32 activations with half weights are already f32 compute: nothing to upcast.
+    let cpu_half_weights = Precision { compute: DType::F32, weights: DType::F16 };
+    assert_eq!(vae_precision(PipelineKind::StableDiffusionXL, true, cpu_half_weights), cpu_half_weights);
+
+    // A replacement SDXL VAE with force_upcast false (fp16-fix) stays in f16 through LoadOptions.
+    let fx = common::fixtures();
+    let tmp = tempfile::tempdir().unwrap();
+    let vae = tmp.path().join("vae-fp16-fix");
+    std::fs::create_dir_all(&vae).unwrap();
+    let src = fx.join("models/tiny-sdxl/vae");
+    let mut config: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(src.join("config.json")).unwrap()).unwrap();
+    config["force_upcast"] = serde_json::Value::Bool(false);
+    std::fs::write(vae.join("config.json"), config.to_string()).unwrap();
+    std::fs::copy(src.join("diffusion_pytorch_model.safetensors"), vae.join("diffusion_pytorch_model.safetensors")).unwrap();
+    let opts = LoadOptions {
+        dtype: WeightDType::F16,
+        compute_dtype: Some(DType::F16),
+        vae: Some(vae.to_string_lossy().into_owned()),
+        ..Default::default()
+    };
+    let pipe = LcmPipeline::load(fx.join("models/tiny-sdxl").to_str().unwrap(), &opts).unwrap();
+    assert_eq!(pipe.kind, PipelineKind::StableDiffusionXL);
+    assert_eq!(pipe.components.vae.dtype(), DType::F16);
+}
