@@ -280,8 +280,9 @@ impl StableDiffusionComponents {
     }
 
     /// Load a pipeline from a diffusers folder, a hub repo id, or a single-file checkpoint
-    /// (`.safetensors` in the original layout).
-    pub fn load(model: &str, opts: &LoadOptions, device: &Device) -> Result<Self> {
+    /// (`.safetensors` in the original layout), on `opts.device`.
+    pub fn load(model: &str, opts: &LoadOptions) -> Result<Self> {
+        let device = &opts.device.0;
         let variant = opts.variant.as_deref();
         let single_file = is_single_file(model);
         let mut parts = if single_file { single_file_parts(Path::new(model))? } else { folder_parts(model, opts)? };

@@ -196,7 +196,7 @@ impl LcmPipeline {
     /// ```
     pub fn load(model: &str, opts: &LoadOptions) -> Result<Self> {
         let device = opts.device.0.clone();
-        let components = StableDiffusionComponents::load(model, opts, &device)?;
+        let components = StableDiffusionComponents::load(model, opts)?;
         let kind = if components.motion.is_some() {
             PipelineKind::AnimateDiff
         } else {
