@@ -46,7 +46,7 @@ python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/lcm-si
 
 # Seeds: this machine's PyTorch draws float16 / bfloat16 noise as the committed references say
 # (which lcm reproduces bit for bit, tests/rng.rs).
-note "rng: torch half-precision draws vs tests/fixtures/reference/rng_half.safetensors"
+note "rng: which committed half-precision draws (tests/fixtures/reference/rng_half_torch*) this PyTorch makes"
 python3 tests/fixtures/make_rng_half_fixtures.py --check 2>&1 | tee "$out/rng.txt" || status=1
 
 for step in "${steps[@]}"; do

@@ -13,12 +13,38 @@
 const N: usize = 624;
 const M: usize = 397;
 
+/// How PyTorch's CPU `randn` draws float16 / bfloat16 tensors of 16 or more values; it changed
+/// between PyTorch versions, so fp16 noise (diffusers' fp16 pipelines) depends on the version.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum HalfRandn {
+    /// PyTorch 2.15 (the newest checked): blocks of 16 drawn and transformed in f32 (24-bit
+    /// uniforms, the f32 Box-Muller), each block rounded; a tail is redrawn right after the last
+    /// whole block.
+    #[default]
+    Blocked,
+    /// PyTorch 2.11 (and, by its code, earlier): 11-bit (f16) / 8-bit (bf16) uniforms stored in
+    /// the tensor, Box-Muller with every intermediate (`log`, `sqrt`, angle, `cos`, `sin`) rounded
+    /// to the dtype; a tail is redrawn after all values, as in f32.
+    HalfMath,
+}
+
+impl HalfRandn {
+    /// `LCM_TORCH_HALF_RANDN`: `blocked` (default; PyTorch 2.15) or `half-math` (PyTorch 2.11).
+    pub fn from_env() -> Self {
+        match std::env::var("LCM_TORCH_HALF_RANDN").as_deref() {
+            Ok("half-math") | Ok("legacy") => Self::HalfMath,
+            _ => Self::Blocked,
+        }
+    }
+}
+
 /// PyTorch-compatible CPU random generator.
 #[derive(Clone, Debug)]
 pub struct TorchGenerator {
     state: [u32; N],
     index: usize,
     next_double_normal: Option<f64>,
+    half_randn: HalfRandn,
 }
 
 impl TorchGenerator {
@@ -31,7 +57,13 @@ impl TorchGenerator {
                 .wrapping_mul(state[j - 1] ^ (state[j - 1] >> 30))
                 .wrapping_add(j as u32);
         }
-        Self { state, index: N, next_double_normal: None }
+        Self { state, index: N, next_double_normal: None, half_randn: HalfRandn::from_env() }
+    }
+
+    /// Draw float16 / bfloat16 noise as this PyTorch version's CPU kernel does.
+    pub fn with_half_randn(mut self, mode: HalfRandn) -> Self {
+        self.half_randn = mode;
+        self
     }
 
     fn twist(&mut self) {
@@ -109,15 +141,19 @@ impl TorchGenerator {
     }
 
     /// `torch.randn(numel, dtype=float16 / bfloat16, generator=self)` on the CPU, the values
-    /// (exactly representable in `dtype`) as f32. PyTorch draws these 16 at a time in f32 and
-    /// rounds each block; when `numel` is not a multiple of 16 the last 16 are redrawn from the
-    /// uniforms right after the last whole block (the f32 path redraws after all `numel`), so
-    /// the values there, and every later draw, differ from rounding the f32 result.
+    /// (exactly representable in `dtype`) as f32, as the generator's [`HalfRandn`] says.
+    /// PyTorch 2.15 draws these 16 at a time in f32 and rounds each block; when `numel` is not a
+    /// multiple of 16 the last 16 are redrawn from the uniforms right after the last whole block
+    /// (the f32 path redraws after all `numel`), so the values there, and every later draw,
+    /// differ from rounding the f32 result. PyTorch 2.11 computes in the half type itself.
     pub fn randn_half(&mut self, numel: usize, dtype: candle_core::DType) -> Vec<f32> {
         let round = |v: f32| match dtype {
             candle_core::DType::BF16 => half::bf16::from_f32(v).to_f32(),
             _ => half::f16::from_f32(v).to_f32(),
         };
+        if numel >= 16 && self.half_randn == HalfRandn::HalfMath {
+            return self.randn_half_math(numel, dtype, round);
+        }
         if numel < 16 {
             // `static_cast<scalar_t>(normal_distribution<double>)`: rounded from f64 directly.
             return (0..numel)
@@ -146,6 +182,40 @@ impl TorchGenerator {
             let tail = draw_block(self);
             data.truncate(numel - 16);
             data.extend(tail);
+        }
+        data
+    }
+
+    /// [`HalfRandn::HalfMath`]: PyTorch 2.11's `normal_fill<Half/BFloat16>` (numel >= 16).
+    fn randn_half_math(&mut self, numel: usize, dtype: candle_core::DType, round: impl Fn(f32) -> f32) -> Vec<f32> {
+        // `uniform_real_distribution<scalar_t>`: `digits` random bits (11 for f16, 8 for bf16).
+        let digits = if dtype == candle_core::DType::BF16 { 8 } else { 11 };
+        let uniform = |g: &mut Self| (g.next_u32() & ((1 << digits) - 1)) as f32 / (1u32 << digits) as f32;
+        // std::log / sqrt / cos / sin on c10::Half return Half: each result is rounded. The
+        // functions are evaluated in f64 and rounded to f32 first (correctly rounded f32 math),
+        // which gives PyTorch's values once rounded to the half type.
+        let fill16 = |d: &mut [f32]| {
+            let two_pi = 2.0 * std::f64::consts::PI;
+            for j in 0..8 {
+                let u1 = 1.0 - d[j];
+                let log = round(((u1 as f64).ln()) as f32);
+                let radius = round(((round(-2.0 * log) as f64).sqrt()) as f32);
+                let theta = round((two_pi * d[j + 8] as f64) as f32) as f64;
+                // `radius * cos(theta) * std + mean` with std 1, mean 0: the `+ 0` turns a -0 into +0.
+                d[j] = round(radius * round(theta.cos() as f32) + 0.0);
+                d[j + 8] = round(radius * round(theta.sin() as f32) + 0.0);
+            }
+        };
+        let mut data: Vec<f32> = (0..numel).map(|_| uniform(self)).collect();
+        for start in (0..numel - 15).step_by(16) {
+            fill16(&mut data[start..start + 16]);
+        }
+        if numel % 16 != 0 {
+            let tail = &mut data[numel - 16..];
+            for v in tail.iter_mut() {
+                *v = uniform(self);
+            }
+            fill16(tail);
         }
         data
     }

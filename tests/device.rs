@@ -1,5 +1,6 @@
 //! The pipelines on a device in half precision, against diffusers' float16 (and two bfloat16)
-//! images (tests/fixtures/make_half_fixtures.py: `dtype=torch.float16`, CPU generator).
+//! images (tests/fixtures/make_half_fixtures.py: `dtype=torch.float16`, CPU generator), made with
+//! PyTorch 2.15 and 2.11.
 //!
 //! The device is `LCM_TEST_DEVICE` (`cpu` by default, `cuda` / `cuda:N` in a `--features cuda`
 //! build: scripts/device-check.sh runs this file on the GPU). On the CPU the networks compute in
@@ -11,6 +12,7 @@ use candle_core::DType;
 use lcm::image_processor::Image8;
 use lcm::loaders::weights::WeightDType;
 use lcm::pipelines::{ControlNetInput, GenerateRequest, LcmPipeline, LoadOptions, PipelineKind};
+use lcm::random::HalfRandn;
 
 /// Largest and mean per-pixel difference from diffusers' f16 image, out of 255. Both sides round
 /// every intermediate to f16 (11 significant bits), in different orders (fused kernels,
@@ -67,10 +69,18 @@ fn request(case: &serde_json::Value) -> GenerateRequest {
     }
 }
 
+/// diffusers with PyTorch 2.15 and with PyTorch 2.11, whose CPU generators draw fp16 noise
+/// differently (`HalfRandn`; with 2.11 diffusers' own fp16 and f32 images differ everywhere).
 #[test]
 fn half_precision_pipelines_match_diffusers_float16() {
-    let listing = common::reference_json("half_pipelines.json");
-    let refs = common::reference("half_pipelines.safetensors");
+    for (version, mode) in [("2.15", HalfRandn::Blocked), ("2.11", HalfRandn::HalfMath)] {
+        pipelines_match(&format!("half_pipelines_torch{version}"), mode);
+    }
+}
+
+fn pipelines_match(stem: &str, mode: HalfRandn) {
+    let listing = common::reference_json(&format!("{stem}.json"));
+    let refs = common::reference(&format!("{stem}.safetensors"));
     let cases = listing["cases"].as_array().unwrap();
     assert!(cases.len() >= 10);
     let fx = common::fixtures();
@@ -102,16 +112,17 @@ fn half_precision_pipelines_match_diffusers_float16() {
         // the model's dtype.
         let upcast = pipe.kind == PipelineKind::StableDiffusionXL;
         assert_eq!(pipe.components.vae.dtype(), if upcast { DType::F32 } else { dtype }, "{name}");
-        let images = pipe.generate(&request(case), |_, _| {}).unwrap();
+        let req = GenerateRequest { half_randn: Some(mode), ..request(case) };
+        let images = pipe.generate(&req, |_, _| {}).unwrap();
         let want = refs[name].flatten_all().unwrap().to_vec1::<u8>().unwrap();
         let got: Vec<u8> = images.iter().flat_map(|i| i.pixels.iter().copied()).collect();
         assert_eq!(got.len(), want.len(), "{name}: size");
         let max = got.iter().zip(&want).map(|(a, b)| a.abs_diff(*b)).max().unwrap();
         let mean = got.iter().zip(&want).map(|(a, b)| a.abs_diff(*b) as f64).sum::<f64>() / got.len() as f64;
         report.push(format!("{name}: max {max}/255, mean {mean:.3}/255 (diffusers {dtype:?} vs f32: max {})", case["diffusers_f16_vs_f32_max"]));
-        assert!(max <= tol.0 && mean <= tol.1, "{name} on {}: max {max}/255, mean {mean:.3}/255", lcm::device::name(&device));
+        assert!(max <= tol.0 && mean <= tol.1, "{stem} {name} on {}: max {max}/255, mean {mean:.3}/255", lcm::device::name(&device));
     }
-    eprintln!("{} vs diffusers in the same dtype:\n  {}", lcm::device::name(&device), report.join("\n  "));
+    eprintln!("{} vs diffusers in the same dtype ({stem}):\n  {}", lcm::device::name(&device), report.join("\n  "));
 }
 
 /// diffusers' `upcast_vae` rule: only SDXL pipelines, only when the config asks (an fp16-fix VAE

@@ -2,7 +2,7 @@
 //! bit for bit, including successive calls on one generator.
 mod common;
 
-use lcm::random::TorchGenerator;
+use lcm::random::{HalfRandn, TorchGenerator};
 
 #[test]
 fn randn_streams_match_torch_exactly() {
@@ -35,11 +35,18 @@ fn randn_tensor_has_the_requested_shape() {
 
 /// diffusers' fp16 / bf16 pipelines draw noise with `torch.randn(..., dtype=torch.float16)` on
 /// the CPU generator: `randn_on` in those dtypes gives the same values and leaves the generator
-/// where PyTorch's does (later calls agree too), also when sizes are not multiples of 16.
+/// where PyTorch's does (later calls agree too), also when sizes are not multiples of 16 — for
+/// both ways PyTorch has drawn them (2.15: `HalfRandn::Blocked`, 2.11: `HalfRandn::HalfMath`).
 #[test]
 fn half_precision_draws_match_torch_exactly() {
-    let refs = common::reference("rng_half.safetensors");
-    let listing = common::reference_json("rng_half.json");
+    for (version, mode) in [("2.15", HalfRandn::Blocked), ("2.11", HalfRandn::HalfMath)] {
+        half_draws_match(&format!("rng_half_torch{version}"), mode);
+    }
+}
+
+fn half_draws_match(stem: &str, mode: HalfRandn) {
+    let refs = common::reference(&format!("{stem}.safetensors"));
+    let listing = common::reference_json(&format!("{stem}.json"));
     let cases = listing["tensors"].as_array().unwrap();
     assert!(cases.len() >= 10);
     let mut gen: Option<(u64, TorchGenerator)> = None;
@@ -47,7 +54,7 @@ fn half_precision_draws_match_torch_exactly() {
     for case in cases {
         let seed = case["seed"].as_u64().unwrap();
         if case["call"].as_u64().unwrap() == 0 {
-            gen = Some((seed, TorchGenerator::manual_seed(seed)));
+            gen = Some((seed, TorchGenerator::manual_seed(seed).with_half_randn(mode)));
         }
         let (s, g) = gen.as_mut().unwrap();
         assert_eq!(*s, seed);
@@ -65,7 +72,7 @@ fn half_precision_draws_match_torch_exactly() {
         assert_eq!(got.dims(), want.dims());
         let (got, want) = (common::to_vec_f32(&got), common::to_vec_f32(want));
         let mismatches = got.iter().zip(&want).filter(|(a, b)| a.to_bits() != b.to_bits()).count();
-        assert_eq!(mismatches, 0, "{name}: {mismatches} of {} values differ", want.len());
+        assert_eq!(mismatches, 0, "{stem} {name}: {mismatches} of {} values differ", want.len());
         let n: usize = shape.iter().product();
         if n > 16 && n % 16 != 0 {
             tails += 1;
@@ -78,8 +85,18 @@ fn half_precision_draws_match_torch_exactly() {
 /// vacuously if both were the same code).
 #[test]
 fn half_precision_draws_differ_from_rounded_f32_where_torch_does() {
-    let a = TorchGenerator::manual_seed(3).randn_half(84, candle_core::DType::F16);
+    let a = TorchGenerator::manual_seed(3).with_half_randn(HalfRandn::Blocked).randn_half(84, candle_core::DType::F16);
     let b: Vec<f32> = TorchGenerator::manual_seed(3).randn(84).iter().map(|v| half::f16::from_f32(*v).to_f32()).collect();
     assert_eq!(a[..64], b[..64]);
     assert!(a[68..].iter().zip(&b[68..]).filter(|(x, y)| x != y).count() > 8);
+}
+
+/// The two PyTorch versions' half-precision draws really differ (so each reference tests its own
+/// mode), and `LCM_TORCH_HALF_RANDN` is not needed for the default.
+#[test]
+fn half_precision_modes_differ() {
+    let a = TorchGenerator::manual_seed(0).with_half_randn(HalfRandn::Blocked).randn_half(64, candle_core::DType::F16);
+    let b = TorchGenerator::manual_seed(0).with_half_randn(HalfRandn::HalfMath).randn_half(64, candle_core::DType::F16);
+    assert!(a.iter().zip(&b).filter(|(x, y)| x != y).count() > 16);
+    assert_eq!(HalfRandn::default(), HalfRandn::Blocked);
 }

@@ -23,7 +23,7 @@ use crate::models::controlnet::ControlNetModel;
 use crate::models::t2i_adapter::T2IAdapter;
 use crate::models::unet_2d_condition::UNetConditioning;
 use control::{ControlRequest, ControlState};
-use crate::random::TorchGenerator;
+use crate::random::{HalfRandn, TorchGenerator};
 use start_latents::InpaintState;
 use crate::schedulers::{LcmScheduler, TimestepRequest};
 use anyhow::{bail, Result};
@@ -123,6 +123,9 @@ pub struct GenerateRequest {
     pub adapter_conditioning_factor: f64,
     /// AnimateDiff: frames per video (`None`: diffusers' default, 16). Needs a motion adapter.
     pub num_frames: Option<usize>,
+    /// Which PyTorch's float16 / bfloat16 noise to reproduce when the model computes in half
+    /// precision (it changed between versions); `None`: `LCM_TORCH_HALF_RANDN`, else PyTorch 2.15.
+    pub half_randn: Option<HalfRandn>,
 }
 
 impl Default for GenerateRequest {
@@ -146,6 +149,7 @@ impl Default for GenerateRequest {
             adapter: Vec::new(),
             adapter_conditioning_factor: 1.0,
             num_frames: None,
+            half_randn: None,
         }
     }
 }
@@ -512,6 +516,9 @@ impl LcmPipeline {
 
         let f = self.vae_scale_factor();
         let mut generator = TorchGenerator::manual_seed(req.seed);
+        if let Some(mode) = req.half_randn {
+            generator = generator.with_half_randn(mode);
+        }
         // diffusers draws every random tensor on the CPU generator in the model's dtype.
         let dtype = c.compute_dtype();
         let latent_channels = c.vae.latent_channels();
