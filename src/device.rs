@@ -1,7 +1,8 @@
 //! Where a pipeline runs: `--device cpu`, `cuda` or `cuda:N`, as PyTorch names devices.
 
 use anyhow::{bail, Result};
-use candle_core::{DType, Device};
+use crate::loaders::weights::WeightDType;
+use candle_core::Device;
 
 /// The device named like PyTorch's `torch.device`: `cpu`, `cuda` (GPU 0) or `cuda:N`.
 /// CUDA needs a build with the `cuda` feature (`scripts/build-cuda.sh`); without it the answer
@@ -39,11 +40,11 @@ fn first_line(s: &str) -> &str {
 
 /// The dtype diffusers' guide loads models in on this device when none is asked for:
 /// `torch_dtype=torch.float16` on a GPU; f32 on the CPU.
-pub fn default_dtype(device: &Device) -> DType {
+pub fn default_dtype(device: &Device) -> WeightDType {
     if device.is_cpu() {
-        DType::F32
+        WeightDType::F32
     } else {
-        DType::F16
+        WeightDType::F16
     }
 }
 
@@ -74,5 +75,6 @@ mod tests {
             assert!(e.contains("built without CUDA") && !e.contains('\n'), "{e}");
         }
         assert_eq!(name(&Device::Cpu), "cpu");
+        assert_eq!(default_dtype(&Device::Cpu), WeightDType::F32);
     }
 }

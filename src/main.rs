@@ -368,7 +368,7 @@ fn check_outputs(paths: &[PathBuf], overwrite: bool) -> Result<()> {
 fn parse_device_dtype(device: &str, dtype: Option<&str>) -> Result<(candle_core::Device, lcm::loaders::weights::WeightDType)> {
     let dtype = dtype.map(|s| s.parse().map_err(anyhow::Error::msg)).transpose()?;
     let device = lcm::device::parse(device)?;
-    let dtype = dtype.unwrap_or(if device.is_cpu() { lcm::loaders::weights::WeightDType::F32 } else { lcm::loaders::weights::WeightDType::F16 });
+    let dtype = dtype.unwrap_or(lcm::device::default_dtype(&device));
     Ok((device, dtype))
 }
 
