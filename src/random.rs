@@ -126,18 +126,35 @@ impl TorchGenerator {
         if numel < 16 {
             return (0..numel).map(|_| self.normal_f64() as f32).collect();
         }
-        let mut data: Vec<f32> = (0..numel).map(|_| self.uniform_f32()).collect();
+        self.normal_fill(numel, Self::uniform_f32, normal_fill_16)
+    }
+
+    /// PyTorch's `normal_fill` (numel >= 16): one uniform per value, Box-Muller on each block of
+    /// 16 in place, and when `numel` is not a multiple of 16 the last 16 redrawn from fresh
+    /// uniforms and transformed again. f32 and PyTorch 2.11's half types differ only in the
+    /// uniforms and the transform.
+    fn normal_fill(&mut self, numel: usize, uniform: impl Fn(&mut Self) -> f32, fill16: impl Fn(&mut [f32])) -> Vec<f32> {
+        let mut data: Vec<f32> = (0..numel).map(|_| uniform(self)).collect();
         for start in (0..numel - 15).step_by(16) {
-            normal_fill_16(&mut data[start..start + 16]);
+            fill16(&mut data[start..start + 16]);
         }
         if numel % 16 != 0 {
             let tail = &mut data[numel - 16..];
             for v in tail.iter_mut() {
-                *v = self.uniform_f32();
+                *v = uniform(self);
             }
-            normal_fill_16(tail);
+            fill16(tail);
         }
         data
+    }
+
+    /// `torch.randn(numel, dtype=dtype, generator=self)` on the CPU, as f32 values: the f16 /
+    /// bf16 draws of [`randn_half`](Self::randn_half), else the f32 ones.
+    pub fn randn_as(&mut self, numel: usize, dtype: candle_core::DType) -> Vec<f32> {
+        match dtype {
+            candle_core::DType::F16 | candle_core::DType::BF16 => self.randn_half(numel, dtype),
+            _ => self.randn(numel),
+        }
     }
 
     /// `torch.randn(numel, dtype=float16 / bfloat16, generator=self)` on the CPU, the values
@@ -206,18 +223,7 @@ impl TorchGenerator {
                 d[j + 8] = round(radius * round(theta.sin() as f32) + 0.0);
             }
         };
-        let mut data: Vec<f32> = (0..numel).map(|_| uniform(self)).collect();
-        for start in (0..numel - 15).step_by(16) {
-            fill16(&mut data[start..start + 16]);
-        }
-        if numel % 16 != 0 {
-            let tail = &mut data[numel - 16..];
-            for v in tail.iter_mut() {
-                *v = uniform(self);
-            }
-            fill16(tail);
-        }
-        data
+        self.normal_fill(numel, uniform, fill16)
     }
 
     /// `torch.randn(shape, generator=self)` as a candle tensor (f32, CPU).
@@ -237,13 +243,8 @@ impl TorchGenerator {
         dtype: candle_core::DType,
         device: &candle_core::Device,
     ) -> candle_core::Result<candle_core::Tensor> {
-        use candle_core::DType;
         let shape = shape.into();
-        let n = shape.elem_count();
-        let data = match dtype {
-            DType::F16 | DType::BF16 => self.randn_half(n, dtype),
-            _ => self.randn(n),
-        };
+        let data = self.randn_as(shape.elem_count(), dtype);
         candle_core::Tensor::from_vec(data, shape, &candle_core::Device::Cpu)?.to_dtype(dtype)?.to_device(device)
     }
 }

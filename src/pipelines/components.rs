@@ -181,12 +181,9 @@ fn folder_parts(model: &str, opts: &LoadOptions) -> Result<ModelParts> {
     let root = pipeline_root(model, variant, opts.unet.is_some())?;
     let index = ModelIndex::read(&root)?;
     let tokenizer = ClipTokenizer::from_dir(index.component_dir("tokenizer", None)?)?;
-    let te_dir = index.component_dir("text_encoder", Some("config.json"))?;
-    let text_encoder = (read_config(&te_dir.join("config.json"))?, ComponentWeights::open(&te_dir, variant)?);
+    let text_encoder = component_parts(&index.component_dir("text_encoder", Some("config.json"))?, variant)?;
     let text_encoder_2 = if index.has("text_encoder_2") {
-        let dir = index.component_dir("text_encoder_2", Some("config.json"))?;
-        let config: ClipTextConfig = read_config(&dir.join("config.json"))?;
-        let weights = ComponentWeights::open(&dir, variant)?;
+        let (config, weights) = component_parts(&index.component_dir("text_encoder_2", Some("config.json"))?, variant)?;
         let tokenizer = ClipTokenizer::from_dir(index.component_dir("tokenizer_2", None)?)?;
         Some((tokenizer, config, weights))
     } else {

@@ -27,7 +27,7 @@ use crate::random::{HalfRandn, TorchGenerator};
 use start_latents::InpaintState;
 use crate::schedulers::{LcmScheduler, TimestepRequest};
 use anyhow::{bail, Result};
-use candle_core::{Device, Tensor};
+use candle_core::Tensor;
 
 /// Which diffusers pipeline's semantics to follow.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -181,10 +181,9 @@ pub struct LcmPipeline {
     pub controlnets: Vec<Named<ControlNetModel>>,
     /// T2I-Adapters (`MultiAdapter`).
     pub t2i_adapters: Vec<Named<T2IAdapter>>,
-    /// The precision the weights are kept in (`LoadOptions::dtype`), for ControlNets and
-    /// T2I-Adapters loaded later too.
+    /// `LoadOptions::dtype`, as loaded (`weight_dtype`); the networks' own dtypes and device are
+    /// `components.precision()` and `components.device()`.
     dtype: WeightDType,
-    device: Device,
 }
 
 impl LcmPipeline {
@@ -199,14 +198,13 @@ impl LcmPipeline {
     /// # anyhow::Ok(())
     /// ```
     pub fn load(model: &str, opts: &LoadOptions) -> Result<Self> {
-        let device = opts.device.0.clone();
         let components = StableDiffusionComponents::load(model, opts)?;
         let kind = if components.motion.is_some() {
             PipelineKind::AnimateDiff
         } else {
             PipelineKind::from_class_name(&components.pipeline_class)
         };
-        Ok(Self { components, kind, controlnets: Vec::new(), t2i_adapters: Vec::new(), dtype: opts.dtype, device })
+        Ok(Self { components, kind, controlnets: Vec::new(), t2i_adapters: Vec::new(), dtype: opts.dtype })
     }
 
     /// Add a ControlNet (`controlnet=` / a list of them). diffusers has no LCM-specific
@@ -221,7 +219,7 @@ impl LcmPipeline {
 
     /// Load and add a ControlNet from a folder or hub repo id.
     pub fn load_controlnet(&mut self, source: &str, variant: Option<&str>) -> Result<()> {
-        let cn = control::load_controlnet_with(source, variant, self.components.precision(), &self.device)?;
+        let cn = control::load_controlnet_with(source, variant, self.components.precision(), self.components.device())?;
         self.add_controlnet(cn)
     }
 
@@ -234,7 +232,7 @@ impl LcmPipeline {
 
     /// Load and add a T2I-Adapter from a folder or hub repo id.
     pub fn load_t2i_adapter(&mut self, source: &str, variant: Option<&str>) -> Result<()> {
-        let ad = control::load_t2i_adapter_with(source, variant, self.components.precision(), &self.device)?;
+        let ad = control::load_t2i_adapter_with(source, variant, self.components.precision(), self.components.device())?;
         self.add_t2i_adapter(ad);
         Ok(())
     }
@@ -471,6 +469,7 @@ impl LcmPipeline {
     ) -> Result<Vec<RgbImage>> {
         let (width, height) = self.check(req)?;
         let c = &self.components;
+        let device = c.device();
         let n = req.num_images_per_prompt;
         let task = req.task();
         let guidance_scale = self.guidance_scale(req);
@@ -500,7 +499,7 @@ impl LcmPipeline {
             bail!("strength {strength} leaves no denoising step out of {}; raise --strength or --steps", req.num_inference_steps);
         }
 
-        let text = conditioning::encode_text(c, &req.prompt, req.negative_prompt.as_deref(), cfg, n, (height, width), &self.device)?;
+        let text = conditioning::encode_text(c, &req.prompt, req.negative_prompt.as_deref(), cfg, n, (height, width), device)?;
         let frames = self.num_frames(req);
         let prompt_embeds = match frames {
             // AnimateDiffPipeline: `prompt_embeds.repeat_interleave(num_frames, dim=0)`.
@@ -511,7 +510,7 @@ impl LcmPipeline {
         if let (Some(dim), false) = (c.unet_config.time_cond_proj_dim, self.kind == PipelineKind::AnimateDiff) {
             let w = vec![(guidance_scale - 1.0) as f32; n];
             // `get_guidance_scale_embedding(w).to(dtype=latents.dtype)`
-            unet_cond.timestep_cond = Some(conditioning::guidance_scale_embedding(&w, dim, &self.device)?.to_dtype(c.compute_dtype())?);
+            unet_cond.timestep_cond = Some(conditioning::guidance_scale_embedding(&w, dim, device)?.to_dtype(c.compute_dtype())?);
         }
 
         let f = self.vae_scale_factor();
@@ -528,15 +527,15 @@ impl LcmPipeline {
                 // Video latents are drawn as [b, c, frames, h, w] (diffusers' order) and stay so;
                 // the UNet sees them with the frames folded into the batch.
                 let shape: Vec<usize> = [n, latent_channels].into_iter().chain(frames).chain([height / f, width / f]).collect();
-                (generator.randn_on(shape, dtype, &self.device)? * scheduler.init_noise_sigma())?
+                (generator.randn_on(shape, dtype, device)? * scheduler.init_noise_sigma())?
             }
             (Some(image), None) => start_latents::image_to_image(
-                &c.vae, &scheduler, image, (width, height), n, timesteps[0], &mut generator, (&self.device, dtype),
+                &c.vae, &scheduler, image, (width, height), n, timesteps[0], &mut generator, (device, dtype),
             )?,
             (Some(image), Some(mask)) => {
                 let (latents, state) = start_latents::inpaint(
                     &c.vae, &scheduler, image, mask, (width, height), n, strength,
-                    (latent_channels, c.unet_config.in_channels), timesteps[0], &mut generator, (&self.device, dtype),
+                    (latent_channels, c.unet_config.in_channels), timesteps[0], &mut generator, (device, dtype),
                 )?;
                 inpaint = Some(state);
                 latents
@@ -566,7 +565,7 @@ impl LcmPipeline {
             n,
             cfg,
             timesteps.len(),
-            &self.device,
+            device,
         )?;
 
         let mut denoised = latents.clone();

@@ -348,10 +348,7 @@ impl LcmScheduler {
         let denoised: Vec<f32> = x0.iter().zip(&x).map(|(p, x)| c_out * p + c_skip * x).collect();
         let prev: Vec<f32> = if step_index + 1 != self.num_inference_steps {
             // `randn_tensor(..., dtype=denoised.dtype)`: f16 / bf16 draw differently.
-            let noise = match sample.dtype() {
-                dt @ (candle_core::DType::F16 | candle_core::DType::BF16) => generator.randn_half(denoised.len(), dt),
-                _ => generator.randn(denoised.len()),
-            };
+            let noise = generator.randn_as(denoised.len(), sample.dtype());
             let (pa, pb) = (alpha_prev.sqrt(), beta_prev.sqrt());
             denoised.iter().zip(&noise).map(|(d, n)| pa * d + pb * n).collect()
         } else {
