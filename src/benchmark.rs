@@ -410,6 +410,9 @@ pub struct BenchReport {
     /// The activations' dtype: f32 on the CPU, `dtype` on a GPU.
     pub compute_dtype: String,
     pub threads: usize,
+    /// The CPU kernels' instruction-set path (`avx2`, `avx512`, ...; `LCM_CPU_PATH` picks a
+    /// lower one); `-` off the CPU.
+    pub cpu_path: String,
     pub gemm_gflops: f64,
     pub stages: Vec<Stage>,
     pub peak_rss_mb: f64,
@@ -559,6 +562,7 @@ pub fn run(dir: &Path, opts: &BenchOptions) -> Result<BenchReport> {
         device: crate::device::name(&opts.device),
         compute_dtype: format!("{:?}", opts.dtype.precision(&opts.device).compute).to_lowercase(),
         threads: threads(),
+        cpu_path: if opts.device.is_cpu() { crate::kernels::CpuPath::current().name().into() } else { "-".into() },
         gemm_gflops: gemm,
         stages: stages.list,
         peak_rss_mb: peak_rss_mb(),
@@ -666,8 +670,8 @@ impl BenchReport {
     pub fn table(&self) -> String {
         let frames = self.frames.map_or(String::new(), |f| format!(", {f} frames"));
         let mut s = format!(
-            "{} at {}x{}{frames} on {}, {} weights ({} compute), {} threads; {} GEMM {:.1} GFLOP/s\n{:<40} {:>9} {:>9} {:>9} {:>8}\n",
-            self.model, self.size, self.size, self.device, self.dtype, self.compute_dtype, self.threads, self.compute_dtype, self.gemm_gflops, "stage", "seconds", "GFLOP", "GFLOP/s", "% GEMM"
+            "{} at {}x{}{frames} on {}, {} weights ({} compute), {} threads, CPU path {}; {} GEMM {:.1} GFLOP/s\n{:<40} {:>9} {:>9} {:>9} {:>8}\n",
+            self.model, self.size, self.size, self.device, self.dtype, self.compute_dtype, self.threads, self.cpu_path, self.compute_dtype, self.gemm_gflops, "stage", "seconds", "GFLOP", "GFLOP/s", "% GEMM"
         );
         for st in &self.stages {
             s.push_str(&format!(

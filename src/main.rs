@@ -605,6 +605,10 @@ fn main() -> ExitCode {
         eprintln!("error: internal error: {}", msg.replace('\n', " "));
     }));
     let cli = Cli::parse();
+    if let Err(e) = lcm::kernels::CpuPath::check_env() {
+        eprintln!("error: {e}");
+        return ExitCode::FAILURE;
+    }
     match run(cli) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {

@@ -272,6 +272,22 @@ pub fn gemm(
     ldc: usize,
     accumulate: bool,
 ) {
+    gemm_on(MicroKernel::current(), m, n, k, a, b, c, ldc, accumulate)
+}
+
+/// [`gemm`] with a given micro-kernel (the tests run every path the CPU has).
+#[allow(clippy::too_many_arguments)]
+fn gemm_on(
+    tile: MicroKernel,
+    m: usize,
+    n: usize,
+    k: usize,
+    a: &dyn PackA,
+    b: &dyn PackB,
+    c: &mut [f32],
+    ldc: usize,
+    accumulate: bool,
+) {
     if trivial(m, n, k, c, ldc, accumulate) {
         return;
     }
@@ -279,21 +295,22 @@ pub fn gemm(
     // Split the larger output dimension into chunks the thread pool shares out; each chunk
     // is an independent single-threaded GEMM writing its own part of C.
     let work = 2 * m * n * k;
+    // Chunks in whole micro-tiles, so only the last chunk ends in a partial tile.
     // Few rows: split the columns, so each thread packs only its own part of B (a row split
     // would stream all of B through every thread for little arithmetic per value).
     if n >= m || m < 4 * MC {
-        parallel_chunks(n, NR, work, |j0, nc| unsafe {
-            gemm_serial(m, nc, k, 0, j0, a, b, cp.get(), ldc, accumulate)
+        parallel_chunks(n, tile.cols, work, |j0, nc| unsafe {
+            gemm_serial(tile, m, nc, k, 0, j0, a, b, cp.get(), ldc, accumulate)
         });
     } else if b.packed(0, block_depth(k).min(k), 0).is_some() || work < 4 * 2 * k * n {
-        parallel_chunks(m, MR, work, |i0, mc| unsafe {
-            gemm_serial(mc, n, k, i0, 0, a, b, cp.get(), ldc, accumulate)
+        parallel_chunks(m, tile.rows, work, |i0, mc| unsafe {
+            gemm_serial(tile, mc, n, k, i0, 0, a, b, cp.get(), ldc, accumulate)
         });
     } else {
         // Every row chunk needs all of B: pack it once for all of them.
         let packed = PackedB::new(k, n, b);
-        parallel_chunks(m, MR, work, |i0, mc| unsafe {
-            gemm_serial(mc, n, k, i0, 0, a, &packed, cp.get(), ldc, accumulate)
+        parallel_chunks(m, tile.rows, work, |i0, mc| unsafe {
+            gemm_serial(tile, mc, n, k, i0, 0, a, &packed, cp.get(), ldc, accumulate)
         });
     }
 }
@@ -313,7 +330,7 @@ pub fn gemm_single_thread(
     if trivial(m, n, k, c, ldc, accumulate) {
         return;
     }
-    unsafe { gemm_serial(m, n, k, 0, 0, a, b, c.as_mut_ptr(), ldc, accumulate) }
+    unsafe { gemm_serial(MicroKernel::current(), m, n, k, 0, 0, a, b, c.as_mut_ptr(), ldc, accumulate) }
 }
 
 /// Checks C's size and handles the products with nothing to multiply (an empty C, or `k == 0`,
@@ -341,6 +358,7 @@ thread_local! {
 /// `c` points at C's element (0, 0); the caller guarantees no other thread writes this block.
 #[allow(clippy::too_many_arguments)]
 unsafe fn gemm_serial(
+    kernel: MicroKernel,
     m: usize,
     n: usize,
     k: usize,
@@ -364,7 +382,6 @@ unsafe fn gemm_serial(
         if abuf.len() < mc_max * kc_max {
             abuf.resize(mc_max * kc_max, 0.0);
         }
-        let kernel = micro_kernel();
         for jc in (0..n).step_by(NC) {
             let nc = NC.min(n - jc);
             for pc in (0..k).step_by(kb) {
@@ -380,14 +397,14 @@ unsafe fn gemm_serial(
                 for ic in (0..m).step_by(MC) {
                     let mc = MC.min(m - ic);
                     a.pack_a(i_base + ic, mc, pc, kc, abuf);
-                    for jr in (0..nc).step_by(NR) {
-                        let nr = NR.min(nc - jr);
+                    for jr in (0..nc).step_by(kernel.cols) {
+                        let nr = kernel.cols.min(nc - jr);
                         let bp = bpacked.as_ptr().add(jr * kc);
-                        for ir in (0..mc).step_by(MR) {
-                            let mr = MR.min(mc - ir);
+                        for ir in (0..mc).step_by(kernel.rows) {
+                            let mr = kernel.rows.min(mc - ir);
                             let ap = abuf.as_ptr().add(ir * kc);
                             let cptr = c.add((i_base + ic + ir) * ldc + j_base + jc + jr);
-                            kernel(kc, ap, bp, cptr, ldc, acc, mr, nr);
+                            (kernel.f)(kc, ap, bp, cptr, ldc, acc, mr, nr);
                         }
                     }
                 }
@@ -396,16 +413,37 @@ unsafe fn gemm_serial(
     })
 }
 
+/// `(kc, a, b, c, ldc, accumulate, mr, nr)`: `C[..mr, ..nr] (+)= A·B` over depth `kc`, where A
+/// is `ceil(mr / MR)` packed panels `kc * MR` apart from `a` and B `ceil(nr / NR)` panels
+/// `kc * NR` apart from `b` (no panel past those is read).
 type Kernel = unsafe fn(usize, *const f32, *const f32, *mut f32, usize, bool, usize, usize);
 
-fn micro_kernel() -> Kernel {
-    #[cfg(target_arch = "x86_64")]
-    {
-        if super::has_avx2_fma() {
-            return x86::kernel_6x16;
+/// A micro-kernel and the largest tile it computes (a whole number of packed panels, so every
+/// path shares one packing layout).
+#[derive(Clone, Copy)]
+struct MicroKernel {
+    rows: usize,
+    cols: usize,
+    f: Kernel,
+}
+
+impl MicroKernel {
+    fn current() -> Self {
+        Self::for_path(super::CpuPath::current())
+    }
+
+    fn for_path(path: super::CpuPath) -> Self {
+        use super::CpuPath;
+        match path {
+            CpuPath::Portable => MicroKernel { rows: MR, cols: NR, f: kernel_generic },
+            #[cfg(target_arch = "x86_64")]
+            CpuPath::Avx2 => MicroKernel { rows: MR, cols: NR, f: x86::kernel_6x16 },
+            #[cfg(target_arch = "x86_64")]
+            CpuPath::Avx512 => MicroKernel { rows: 2 * MR, cols: 2 * NR, f: x86::kernel_12x32 },
+            #[cfg(not(target_arch = "x86_64"))]
+            _ => MicroKernel { rows: MR, cols: NR, f: kernel_generic },
         }
     }
-    kernel_generic
 }
 
 /// Portable micro-kernel (any CPU without AVX2/FMA).
@@ -458,6 +496,74 @@ unsafe fn store_tile(
 mod x86 {
     use super::{store_tile, MR, NR};
     use std::arch::x86_64::*;
+
+    /// AVX-512: up to 12x32 (two A panels by two B panels): 24 zmm accumulators, 2 B loads and
+    /// 12 broadcasts per depth step; the same multiply-add chain per element as the 6x16 kernel.
+    #[target_feature(enable = "avx512f")]
+    #[allow(clippy::too_many_arguments)]
+    pub(super) unsafe fn kernel_12x32(
+        kc: usize,
+        ap: *const f32,
+        bp: *const f32,
+        c: *mut f32,
+        ldc: usize,
+        accumulate: bool,
+        mr: usize,
+        nr: usize,
+    ) {
+        match (mr > MR, nr > NR) {
+            (true, true) => tile_512::<2, 2>(kc, ap, bp, c, ldc, accumulate, mr, nr),
+            (true, false) => tile_512::<2, 1>(kc, ap, bp, c, ldc, accumulate, mr, nr),
+            (false, true) => tile_512::<1, 2>(kc, ap, bp, c, ldc, accumulate, mr, nr),
+            (false, false) => tile_512::<1, 1>(kc, ap, bp, c, ldc, accumulate, mr, nr),
+        }
+    }
+
+    /// `AP` A panels by `BP` B panels; edges stored through lane masks.
+    #[inline]
+    #[target_feature(enable = "avx512f")]
+    #[allow(clippy::too_many_arguments)]
+    unsafe fn tile_512<const AP: usize, const BP: usize>(
+        kc: usize,
+        ap: *const f32,
+        bp: *const f32,
+        c: *mut f32,
+        ldc: usize,
+        accumulate: bool,
+        mr: usize,
+        nr: usize,
+    ) {
+        let mut acc = [[_mm512_setzero_ps(); 2]; 2 * MR];
+        let (a0, a1) = (ap, ap.add(kc * MR * (AP - 1)));
+        let (b0p, b1p) = (bp, bp.add(kc * NR * (BP - 1)));
+        for p in 0..kc {
+            let b0 = _mm512_loadu_ps(b0p.add(p * NR));
+            let b1 = _mm512_loadu_ps(b1p.add(p * NR));
+            for (r, acc_r) in acc.iter_mut().enumerate().take(MR * AP) {
+                let a = if r < MR { *a0.add(p * MR + r) } else { *a1.add(p * MR + r - MR) };
+                let a = _mm512_set1_ps(a);
+                acc_r[0] = _mm512_fmadd_ps(a, b0, acc_r[0]);
+                if BP == 2 {
+                    acc_r[1] = _mm512_fmadd_ps(a, b1, acc_r[1]);
+                }
+            }
+        }
+        for (r, acc_r) in acc.iter().enumerate().take(MR * AP) {
+            if r >= mr {
+                break;
+            }
+            for (h, v) in acc_r.iter().enumerate().take(BP) {
+                let cols = nr.saturating_sub(h * NR).min(NR);
+                if cols == 0 {
+                    break;
+                }
+                let mask: __mmask16 = if cols == NR { 0xffff } else { (1u16 << cols) - 1 };
+                let out = c.add(r * ldc + h * NR);
+                let v = if accumulate { _mm512_add_ps(_mm512_maskz_loadu_ps(mask, out), *v) } else { *v };
+                _mm512_mask_storeu_ps(out, mask, v);
+            }
+        }
+    }
 
     /// 6x16 tile: 12 ymm accumulators, 2 B loads and 1 broadcast per row per depth step.
     #[target_feature(enable = "avx2,fma")]
@@ -623,6 +729,60 @@ mod tests {
         }
         check(half::f16::from_f32, "f16");
         check(half::bf16::from_f32, "bf16");
+    }
+
+    /// Every micro-kernel the CPU has computes the same products: the vector paths bit for bit
+    /// alike (the same multiply-add chain per element), edges through a strided C that keeps
+    /// the values between its rows, and all within 1e-4 of f64. Paths the CPU lacks are named.
+    #[test]
+    fn every_cpu_path_gives_the_same_products() {
+        use crate::kernels::CpuPath;
+        let mut seed = 9u32;
+        let mut rnd = || {
+            seed = seed.wrapping_mul(1664525).wrapping_add(1013904223);
+            (seed >> 8) as f32 / (1 << 24) as f32 - 0.5
+        };
+        for path in CpuPath::ALL.into_iter().filter(|p| !p.supported()) {
+            println!("skipped: CPU path {} (this CPU lacks it)", path.name());
+        }
+        let paths: Vec<CpuPath> = CpuPath::ALL.into_iter().filter(|p| p.supported()).collect();
+        for &(m, n, k) in &[(1, 1, 1), (5, 7, 3), (12, 32, 64), (13, 33, 300), (25, 70, 513), (150, 1100, 40), (600, 96, 90)] {
+            let av: Vec<f32> = (0..m * k).map(|_| rnd()).collect();
+            let bv: Vec<f32> = (0..k * n).map(|_| rnd()).collect();
+            let a = Strided { data: &av[..], row_stride: k, col_stride: 1 };
+            let b = Strided { data: &bv[..], row_stride: 1, col_stride: k };
+            let want = naive(m, n, k, &a, &b);
+            let ldc = n + 5;
+            let start: Vec<f32> = (0..m * ldc).map(|_| rnd()).collect();
+            let mut vector_result: Option<Vec<f32>> = None;
+            for &path in &paths {
+                for accumulate in [false, true] {
+                    let mut c = start.clone();
+                    gemm_on(MicroKernel::for_path(path), m, n, k, &a, &b, &mut c, ldc, accumulate);
+                    for i in 0..m {
+                        for j in 0..ldc {
+                            let (got, old) = (c[i * ldc + j], start[i * ldc + j]);
+                            if j >= n {
+                                assert_eq!(got.to_bits(), old.to_bits(), "{} wrote past the row", path.name());
+                                continue;
+                            }
+                            let w = want[i * n + j] + if accumulate { old } else { 0.0 };
+                            assert!((got - w).abs() < 1e-4, "{} {m}x{n}x{k}: {got} vs {w}", path.name());
+                        }
+                    }
+                    if path != CpuPath::Portable && !accumulate {
+                        match &vector_result {
+                            None => vector_result = Some(c),
+                            Some(r) => assert!(
+                                r.iter().zip(&c).all(|(x, y)| x.to_bits() == y.to_bits()),
+                                "{} differs from the other vector paths ({m}x{n}x{k})",
+                                path.name()
+                            ),
+                        }
+                    }
+                }
+            }
+        }
     }
 
     #[test]

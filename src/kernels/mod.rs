@@ -8,12 +8,85 @@ pub mod gemm;
 pub mod norm;
 pub mod winograd;
 
-/// AVX2 + FMA available at run time (checked once).
+/// The instruction set the CPU kernels use, chosen once at run time: the best the CPU has, or
+/// a lower one named by `LCM_CPU_PATH` (`portable`, `avx2`, `avx512`), for comparing paths on
+/// one machine. Every path gives the same numbers bit for bit: the wider kernels run the same
+/// multiply-add chains on more lanes at once.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub enum CpuPath {
+    /// Plain Rust, any CPU.
+    Portable,
+    /// AVX2 + FMA (+ F16C for f16 weights).
+    Avx2,
+    /// AVX-512 F on top of AVX2 (512-bit micro-kernel and elementwise kernels).
+    Avx512,
+}
+
+impl CpuPath {
+    pub const ALL: [CpuPath; 3] = [CpuPath::Portable, CpuPath::Avx2, CpuPath::Avx512];
+
+    /// The name `LCM_CPU_PATH` and `lcm bench` use.
+    pub fn name(self) -> &'static str {
+        match self {
+            CpuPath::Portable => "portable",
+            CpuPath::Avx2 => "avx2",
+            CpuPath::Avx512 => "avx512",
+        }
+    }
+
+    pub fn parse(name: &str) -> Option<CpuPath> {
+        CpuPath::ALL.into_iter().find(|p| p.name() == name.trim().to_ascii_lowercase())
+    }
+
+    /// The best path this CPU supports.
+    pub fn detected() -> CpuPath {
+        #[cfg(target_arch = "x86_64")]
+        {
+            if is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma") {
+                if is_x86_feature_detected!("avx512f") {
+                    return CpuPath::Avx512;
+                }
+                return CpuPath::Avx2;
+            }
+        }
+        CpuPath::Portable
+    }
+
+    /// Whether this CPU can run the path.
+    pub fn supported(self) -> bool {
+        self <= CpuPath::detected()
+    }
+
+    /// The path the kernels take (checked once): `LCM_CPU_PATH` when it names a path this CPU
+    /// has, else the best one (an unknown or unsupported name is reported by [`CpuPath::check_env`]).
+    pub fn current() -> CpuPath {
+        use std::sync::OnceLock;
+        static PATH: OnceLock<CpuPath> = OnceLock::new();
+        *PATH.get_or_init(|| match std::env::var("LCM_CPU_PATH").ok().and_then(|v| CpuPath::parse(&v)) {
+            Some(p) if p.supported() => p,
+            _ => CpuPath::detected(),
+        })
+    }
+
+    /// A one-line error when `LCM_CPU_PATH` names no path, or one this CPU lacks.
+    pub fn check_env() -> Result<(), String> {
+        let Ok(v) = std::env::var("LCM_CPU_PATH") else { return Ok(()) };
+        let names: Vec<&str> = CpuPath::ALL.iter().map(|p| p.name()).collect();
+        match CpuPath::parse(&v) {
+            None => Err(format!("LCM_CPU_PATH={v:?} is not a CPU path (one of: {})", names.join(", "))),
+            Some(p) if !p.supported() => Err(format!(
+                "LCM_CPU_PATH={v:?}: this CPU lacks it (best here: {})",
+                CpuPath::detected().name()
+            )),
+            Some(_) => Ok(()),
+        }
+    }
+}
+
+/// AVX2 + FMA in use (the CPU has them and `LCM_CPU_PATH` does not say `portable`).
 #[cfg(target_arch = "x86_64")]
 pub(crate) fn has_avx2_fma() -> bool {
-    use std::sync::OnceLock;
-    static HAS: OnceLock<bool> = OnceLock::new();
-    *HAS.get_or_init(|| is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma"))
+    CpuPath::current() >= CpuPath::Avx2
 }
 
 /// Whether the CPU converts half floats in hardware (F16C), checked once.
