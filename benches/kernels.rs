@@ -29,6 +29,7 @@ fn main() -> candle_core::Result<()> {
         .filter(|a| !a.starts_with('-'))
         .collect();
     let want = |n: &str| args.is_empty() || args.iter().any(|a| n.contains(a.as_str()));
+    println!("CPU path {}", lcm::kernels::CpuPath::current().name());
     let dev = Device::Cpu;
     if want("gemm") {
         for &s in &[512usize, 2048] {
@@ -61,6 +62,11 @@ fn main() -> candle_core::Result<()> {
                     lcm::ops::linear(&x, &w, None).unwrap();
                 },
             );
+            // bf16 weights: bf16 products where the CPU has them, else widened to f32.
+            let wb = w.to_dtype(candle_core::DType::BF16)?;
+            rate(&format!("linear {rows}x{i}->{o} bf16 weights"), fl, || {
+                lcm::ops::linear(&x, &wb, None).unwrap();
+            });
         }
     }
     if want("conv") {
@@ -96,9 +102,13 @@ fn main() -> candle_core::Result<()> {
                 &format!("attention {heads}x{l}x{d} lcm::ops::attention"),
                 fl,
                 || {
-                    lcm::ops::attention(&q, &q, &q, 0.1, false).unwrap();
+                    lcm::ops::attention(&q, &q, &q, 0.1, false, &q).unwrap();
                 },
             );
+            let bf16 = q.to_dtype(candle_core::DType::BF16)?;
+            rate(&format!("attention {heads}x{l}x{d} bf16 products"), fl, || {
+                lcm::ops::attention(&q, &q, &q, 0.1, false, &bf16).unwrap();
+            });
         }
     }
     if want("group_norm") {

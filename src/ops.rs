@@ -84,7 +84,7 @@ pub fn linear(x: &Tensor, weight: &Tensor, bias: Option<&Tensor>) -> Result<Tens
                 };
                 let a = Strided { data: &xs, row_stride: in_features, col_stride: 1 };
                 let wt = Strided { data: &w, row_stride: 1, col_stride: in_features };
-                kernels::gemm::gemm(rows, out_features, in_features, &a, &wt, &mut y, out_features, b.is_some());
+                kernels::gemm::gemm(products(weight), rows, out_features, in_features, &a, &wt, &mut y, out_features, b.is_some());
                 y
             }
         });
@@ -96,6 +96,13 @@ pub fn linear(x: &Tensor, weight: &Tensor, bias: Option<&Tensor>) -> Result<Tens
         None => y,
     };
     y.reshape(out_dims)
+}
+
+/// How our kernels multiply by a weight: bf16 weights in bf16 where the CPU has bf16 products
+/// (diffusers' `torch_dtype=torch.bfloat16`, with f32 sums and f32 activations between layers),
+/// everything else in f32.
+fn products(weight: &Tensor) -> kernels::gemm::Arith {
+    kernels::gemm::Arith::bf16_if(weight.dtype() == DType::BF16)
 }
 
 /// `t` in `x`'s dtype (weights kept in another precision than the activations, on candle's
@@ -205,7 +212,7 @@ pub fn conv2d(
         let (ho, wo) = shape.out_hw();
         flops::add(2 * batch * c_out * ho * wo * c_in * kh * kw);
         let b = bias_f32(bias)?;
-        let y = with_weight!(ws, w => kernels::conv::conv2d(&xs, &w, b.as_deref(), &shape));
+        let y = with_weight!(ws, w => kernels::conv::conv2d(&xs, &w, b.as_deref(), &shape, products(weight)));
         return Tensor::from_vec(y, (batch, c_out, ho, wo), x.device());
     }
     let weight = &like(weight, x)?;
@@ -290,15 +297,16 @@ pub fn layer_norm(x: &Tensor, weight: &Tensor, bias: Option<&Tensor>, eps: f64) 
 }
 
 /// Scaled dot-product attention: q `[b, heads, lq, d]`, k/v `[b, heads, lk, d]`.
-/// `causal` masks future positions (CLIP's text encoder).
-pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, scale: f64, causal: bool) -> Result<Tensor> {
+/// `causal` masks future positions (CLIP's text encoder). `weights`: the layer's projection
+/// weight (whose dtype sets the products' precision, as for every product of the model).
+pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, scale: f64, causal: bool, weights: &Tensor) -> Result<Tensor> {
     let _t = profile::timer(2);
     let (lq, d) = (q.dim(D::Minus2)?, q.dim(D::Minus1)?);
     let batch_heads: usize = q.dims()[..q.rank() - 2].iter().product();
     let (lk, dv) = (k.dim(D::Minus2)?, v.dim(D::Minus1)?);
     flops::add(2 * batch_heads * lq * lk * (d + dv));
     if let (Some(qs), Some(ks), Some(vs)) = (cpu_f32(q)?, cpu_f32(k)?, cpu_f32(v)?) {
-        let out = kernels::attention::attention(&qs, &ks, &vs, batch_heads, lq, lk, d, dv, scale as f32, causal);
+        let out = kernels::attention::attention(&qs, &ks, &vs, batch_heads, lq, lk, d, dv, scale as f32, causal, products(weights));
         let mut dims = q.dims().to_vec();
         *dims.last_mut().unwrap() = dv;
         return Tensor::from_vec(out, dims, q.device());

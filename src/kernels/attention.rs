@@ -3,7 +3,7 @@
 //! unnormalised probabilities in place, multiplies by the values (a second GEMM) and divides
 //! each row by its sum. Keys and values are packed once per head and shared by all blocks.
 
-use super::gemm::{gemm_single_thread, PackedB, Strided};
+use super::gemm::{gemm_single_thread, Arith, PackedB, Strided};
 use super::{exp_sub_inplace, SendPtr};
 use rayon::prelude::*;
 
@@ -24,6 +24,7 @@ pub fn attention(
     dv: usize,
     scale: f32,
     causal: bool,
+    arith: Arith,
 ) -> Vec<f32> {
     let mut out = vec![0f32; heads * lq * dv];
     if lk == 0 || lq == 0 || heads == 0 {
@@ -44,6 +45,7 @@ pub fn attention(
                         row_stride: 1,
                         col_stride: d,
                     },
+                    arith,
                 ),
                 PackedB::new(
                     lk,
@@ -53,6 +55,7 @@ pub fn attention(
                         row_stride: dv,
                         col_stride: 1,
                     },
+                    arith,
                 ),
             )
         })
@@ -72,7 +75,7 @@ pub fn attention(
                 row_stride: d,
                 col_stride: 1,
             };
-            gemm_single_thread(rows, lk, d, &qb, kt, &mut scores, lk, false);
+            gemm_single_thread(arith, rows, lk, d, &qb, kt, &mut scores, lk, false);
             let mut sums = [0f32; QUERY_BLOCK];
             for (r, row) in scores.chunks_exact_mut(lk).enumerate() {
                 let visible = if causal { (q0 + r + 1).min(lk) } else { lk };
@@ -91,7 +94,7 @@ pub fn attention(
                 row_stride: lk,
                 col_stride: 1,
             };
-            gemm_single_thread(rows, dv, lk, &pb, vp, o, dv, false);
+            gemm_single_thread(arith, rows, dv, lk, &pb, vp, o, dv, false);
             for (row, s) in o.chunks_exact_mut(dv).zip(&sums) {
                 let inv = 1.0 / s;
                 row.iter_mut().for_each(|x| *x *= inv);
@@ -126,7 +129,17 @@ mod tests {
             let k: Vec<f32> = (0..heads * lk * d).map(|_| rnd()).collect();
             let v: Vec<f32> = (0..heads * lk * dv).map(|_| rnd()).collect();
             let scale = 0.3f32;
-            let got = attention(&q, &k, &v, heads, lq, lk, d, dv, scale, causal);
+            let got = attention(&q, &k, &v, heads, lq, lk, d, dv, scale, causal, Arith::F32);
+            // bf16 products, where the CPU has them: within bf16's rounding, and rounded.
+            if Arith::bf16_if(true) == Arith::Bf16 {
+                let b = attention(&q, &k, &v, heads, lq, lk, d, dv, scale, causal, Arith::Bf16);
+                let num: f64 = b.iter().zip(&got).map(|(x, y)| ((x - y) as f64).powi(2)).sum();
+                let den: f64 = got.iter().map(|y| (*y as f64).powi(2)).sum();
+                let rel = (num / den).sqrt();
+                assert!(rel < 2e-2 && rel > 1e-5, "bf16 {heads} {lq} {lk} {d}: rel L2 {rel}");
+            } else {
+                println!("skipped: bf16 attention (CPU path {})", crate::kernels::CpuPath::current().name());
+            }
             for h in 0..heads {
                 for i in 0..lq {
                     let n = if causal { i + 1 } else { lk };

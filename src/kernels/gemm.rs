@@ -22,6 +22,27 @@ const MC: usize = 144;
 /// Width of one packed B block (lives in L2/L3).
 const NC: usize = 1024;
 
+/// How a product multiplies: in f32, or with both operands rounded to bf16 (to nearest even)
+/// and the products summed in f32, on the CPU's bf16 dot-product instructions (twice the f32
+/// rate, half the bytes per packed value).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Arith {
+    F32,
+    Bf16,
+}
+
+impl Arith {
+    /// bf16 products when `bf16` is asked for (weights kept in bf16) and the CPU path has them;
+    /// f32 otherwise.
+    pub fn bf16_if(bf16: bool) -> Arith {
+        if bf16 && super::CpuPath::current() >= super::CpuPath::Avx512Bf16 {
+            Arith::Bf16
+        } else {
+            Arith::F32
+        }
+    }
+}
+
 /// Something that can write blocks of the left operand `A` (`m x k`) as `MR`-row panels.
 pub trait PackA: Sync {
     /// Write rows `i0..i0+mc`, depth `p0..p0+kc` as `ceil(mc/MR)` panels, each `kc * MR`
@@ -39,52 +60,122 @@ pub trait PackB: Sync {
     fn packed(&self, _p0: usize, _kc: usize, _j0: usize) -> Option<&[f32]> {
         None
     }
+
+    /// The block already packed as bf16 pairs (see [`to_pairs`]), if stored so.
+    fn packed_pairs(&self, _p0: usize, _kc: usize, _j0: usize) -> Option<&[u32]> {
+        None
+    }
 }
 
 /// A right operand packed once in the driver's layout, for a matrix that several products
 /// share (attention's keys and values across query blocks).
+/// With [`Arith::Bf16`] it holds the bf16 pair panels the bf16 kernel reads (half the bytes).
 pub struct PackedB {
     k: usize,
     n: usize,
     data: Vec<f32>,
+    pairs: Vec<u32>,
 }
 
 impl PackedB {
-    pub fn new(k: usize, n: usize, b: &dyn PackB) -> Self {
+    pub fn new(k: usize, n: usize, b: &dyn PackB, arith: Arith) -> Self {
         let width = n.div_ceil(NR) * NR;
-        let mut data = vec![0f32; k * width];
         let kb = block_depth(k);
         // Blocks are independent: pack them in parallel when there are several.
         use rayon::prelude::*;
-        data.par_chunks_mut(kb * width).enumerate().for_each(|(i, block)| {
-            let pc = i * kb;
-            b.pack_b(pc, kb.min(k - pc), 0, n, block);
-        });
-        Self { k, n, data }
+        let pack = |data: &mut [f32], i: usize| b.pack_b(i * kb, kb.min(k - i * kb), 0, n, data);
+        if arith == Arith::Bf16 {
+            // Blocks of kb.div_ceil(2) pairs (a last block of odd depth is zero-padded).
+            let mut pairs = vec![0u32; k.div_ceil(kb) * kb.div_ceil(2) * width];
+            pairs.par_chunks_mut(kb.div_ceil(2) * width).enumerate().for_each(|(i, block)| {
+                let kc = kb.min(k - i * kb);
+                let mut f = vec![0f32; kc * width];
+                pack(&mut f, i);
+                to_pairs(&f, kc, NR, block);
+            });
+            return Self { k, n, data: Vec::new(), pairs };
+        }
+        let mut data = vec![0f32; k * width];
+        data.par_chunks_mut(kb * width).enumerate().for_each(|(i, block)| pack(block, i));
+        Self { k, n, data, pairs: Vec::new() }
     }
 
     pub fn dims(&self) -> (usize, usize) {
         (self.k, self.n)
     }
+
+    /// Where block `p0` / panel `j0` starts, in values of the block's layout.
+    fn offset(&self, p0: usize, kc: usize, j0: usize, depth_of: impl Fn(usize) -> usize) -> usize {
+        // Blocks start at multiples of the block depth and panels at multiples of NR, as the
+        // driver asks.
+        let kb = block_depth(self.k);
+        debug_assert!(p0.is_multiple_of(kb) && j0.is_multiple_of(NR) && kc == kb.min(self.k - p0));
+        let width = self.n.div_ceil(NR) * NR;
+        (p0 / kb) * depth_of(kb) * width + j0 * depth_of(kc)
+    }
 }
 
 impl PackB for PackedB {
     fn pack_b(&self, p0: usize, kc: usize, j0: usize, nc: usize, dst: &mut [f32]) {
-        let src = self.packed(p0, kc, j0).expect("aligned block");
+        let src = self.packed(p0, kc, j0).expect("a block packed in f32, aligned");
         let len = nc.div_ceil(NR) * NR * kc;
         dst[..len].copy_from_slice(&src[..len]);
     }
 
     fn packed(&self, p0: usize, kc: usize, j0: usize) -> Option<&[f32]> {
-        // Blocks start at multiples of KC and panels at multiples of NR, as the driver asks.
-        debug_assert!(
-            p0.is_multiple_of(block_depth(self.k))
-                && j0.is_multiple_of(NR)
-                && kc == block_depth(self.k).min(self.k - p0)
-        );
-        let width = self.n.div_ceil(NR) * NR;
-        Some(&self.data[p0 * width + j0 * kc..])
+        (!self.data.is_empty()).then(|| &self.data[self.offset(p0, kc, j0, |d| d)..])
     }
+
+    fn packed_pairs(&self, p0: usize, kc: usize, j0: usize) -> Option<&[u32]> {
+        (!self.pairs.is_empty()).then(|| &self.pairs[self.offset(p0, kc, j0, |d| d.div_ceil(2))..])
+    }
+}
+
+/// f32 to bf16, rounded to nearest even (as PyTorch's conversion), NaN kept a NaN.
+#[inline(always)]
+pub fn bf16_bits(x: f32) -> u32 {
+    let b = x.to_bits();
+    if x.is_nan() {
+        return (b >> 16) | 0x40;
+    }
+    (b + 0x7fff + ((b >> 16) & 1)) >> 16
+}
+
+/// Packed f32 panels (`kc` deep, `width` wide: `src[p * width + c]`, panel after panel) as bf16
+/// pair panels: `dst[q * width + c]` holds values `2q` (low half) and `2q + 1` (high half) of
+/// column `c`, the operand layout of `vdpbf16ps`; an odd last depth is paired with zero.
+pub fn to_pairs(src: &[f32], kc: usize, width: usize, dst: &mut [u32]) {
+    #[inline(always)]
+    fn body(src: &[f32], kc: usize, width: usize, dst: &mut [u32]) {
+        let kc2 = kc.div_ceil(2);
+        for (panel, out) in src.chunks_exact(kc * width).zip(dst.chunks_exact_mut(kc2 * width)) {
+            for (q, o) in out.chunks_exact_mut(width).enumerate() {
+                let lo = &panel[2 * q * width..][..width];
+                if 2 * q + 1 < kc {
+                    let hi = &panel[(2 * q + 1) * width..][..width];
+                    for ((o, &l), &h) in o.iter_mut().zip(lo).zip(hi) {
+                        *o = bf16_bits(l) | (bf16_bits(h) << 16);
+                    }
+                } else {
+                    for (o, &l) in o.iter_mut().zip(lo) {
+                        *o = bf16_bits(l);
+                    }
+                }
+            }
+        }
+    }
+    #[cfg(target_arch = "x86_64")]
+    {
+        #[target_feature(enable = "avx512f")]
+        unsafe fn fast(src: &[f32], kc: usize, width: usize, dst: &mut [u32]) {
+            body(src, kc, width, dst)
+        }
+        if super::CpuPath::current() >= super::CpuPath::Avx512 {
+            // SAFETY: AVX-512 F checked.
+            return unsafe { fast(src, kc, width, dst) };
+        }
+    }
+    body(src, kc, width, dst)
 }
 
 /// A matrix in memory with arbitrary row and column strides (in elements). Its values may be
@@ -259,10 +350,11 @@ impl Strided<'_, f32> {
     }
 }
 
-/// `C (m x n, row stride ldc) = A·B`, or `C += A·B` when `accumulate`, on up to `threads`
-/// threads. `c` must hold `(m - 1) * ldc + n` values.
+/// `C (m x n, row stride ldc) = A·B`, or `C += A·B` when `accumulate`, on rayon's threads,
+/// multiplying as `arith` says. `c` must hold `(m - 1) * ldc + n` values.
 #[allow(clippy::too_many_arguments)]
 pub fn gemm(
+    arith: Arith,
     m: usize,
     n: usize,
     k: usize,
@@ -272,7 +364,7 @@ pub fn gemm(
     ldc: usize,
     accumulate: bool,
 ) {
-    gemm_on(MicroKernel::current(), m, n, k, a, b, c, ldc, accumulate)
+    gemm_on(MicroKernel::current(arith), m, n, k, a, b, c, ldc, accumulate)
 }
 
 /// [`gemm`] with a given micro-kernel (the tests run every path the CPU has).
@@ -308,7 +400,7 @@ fn gemm_on(
         });
     } else {
         // Every row chunk needs all of B: pack it once for all of them.
-        let packed = PackedB::new(k, n, b);
+        let packed = PackedB::new(k, n, b, tile.arith());
         parallel_chunks(m, tile.rows, work, |i0, mc| unsafe {
             gemm_serial(tile, mc, n, k, i0, 0, a, &packed, cp.get(), ldc, accumulate)
         });
@@ -318,6 +410,7 @@ fn gemm_on(
 /// [`gemm`] on the calling thread only, for callers that already run many products in parallel.
 #[allow(clippy::too_many_arguments)]
 pub fn gemm_single_thread(
+    arith: Arith,
     m: usize,
     n: usize,
     k: usize,
@@ -330,7 +423,7 @@ pub fn gemm_single_thread(
     if trivial(m, n, k, c, ldc, accumulate) {
         return;
     }
-    unsafe { gemm_serial(MicroKernel::current(), m, n, k, 0, 0, a, b, c.as_mut_ptr(), ldc, accumulate) }
+    unsafe { gemm_serial(MicroKernel::current(arith), m, n, k, 0, 0, a, b, c.as_mut_ptr(), ldc, accumulate) }
 }
 
 /// Checks C's size and handles the products with nothing to multiply (an empty C, or `k == 0`,
@@ -349,7 +442,10 @@ fn trivial(m: usize, n: usize, k: usize, c: &mut [f32], ldc: usize, accumulate: 
 }
 
 thread_local! {
-    static PACK: std::cell::RefCell<(Vec<f32>, Vec<f32>)> = const { std::cell::RefCell::new((Vec::new(), Vec::new())) };
+    /// Packing buffers: A and B panels in f32, and as bf16 pairs for the bf16 kernel.
+    #[allow(clippy::type_complexity)]
+    static PACK: std::cell::RefCell<(Vec<f32>, Vec<f32>, Vec<u32>, Vec<u32>)> =
+        const { std::cell::RefCell::new((Vec::new(), Vec::new(), Vec::new(), Vec::new())) };
 }
 
 /// One thread's share: rows `i_base..i_base+m`, columns `j_base..j_base+n` of the product.
@@ -371,7 +467,7 @@ unsafe fn gemm_serial(
     accumulate: bool,
 ) {
     PACK.with(|bufs| {
-        let (ref mut abuf, ref mut bbuf) = *bufs.borrow_mut();
+        let (ref mut abuf, ref mut bbuf, ref mut apairs, ref mut bpairs) = *bufs.borrow_mut();
         let nc_max = NC.min(n.div_ceil(NR) * NR);
         let mc_max = MC.min(m.div_ceil(MR) * MR);
         let kb = block_depth(k);
@@ -382,27 +478,50 @@ unsafe fn gemm_serial(
         if abuf.len() < mc_max * kc_max {
             abuf.resize(mc_max * kc_max, 0.0);
         }
+        if kernel.pairs {
+            apairs.resize(mc_max * kc_max.div_ceil(2), 0);
+            bpairs.resize(nc_max * kc_max.div_ceil(2), 0);
+        }
         for jc in (0..n).step_by(NC) {
             let nc = NC.min(n - jc);
             for pc in (0..k).step_by(kb) {
                 let kc = kb.min(k - pc);
-                let bpacked = match b.packed(pc, kc, j_base + jc) {
-                    Some(p) => p,
-                    None => {
-                        b.pack_b(pc, kc, j_base + jc, nc, bbuf);
-                        &bbuf[..]
+                // A value's place in a panel: `kc` deep, or `kc / 2` pairs deep for bf16.
+                let depth = if kernel.pairs { kc.div_ceil(2) } else { kc };
+                let bpacked: *const f32 = match (kernel.pairs, b.packed_pairs(pc, kc, j_base + jc)) {
+                    (true, Some(p)) => p.as_ptr().cast(),
+                    _ => {
+                        let f = match b.packed(pc, kc, j_base + jc) {
+                            Some(p) => p,
+                            None => {
+                                b.pack_b(pc, kc, j_base + jc, nc, bbuf);
+                                &bbuf[..]
+                            }
+                        };
+                        if kernel.pairs {
+                            to_pairs(&f[..nc.div_ceil(NR) * NR * kc], kc, NR, bpairs);
+                            bpairs.as_ptr().cast()
+                        } else {
+                            f.as_ptr()
+                        }
                     }
                 };
                 let acc = accumulate || pc > 0;
                 for ic in (0..m).step_by(MC) {
                     let mc = MC.min(m - ic);
                     a.pack_a(i_base + ic, mc, pc, kc, abuf);
+                    let apacked: *const f32 = if kernel.pairs {
+                        to_pairs(&abuf[..mc.div_ceil(MR) * MR * kc], kc, MR, apairs);
+                        apairs.as_ptr().cast()
+                    } else {
+                        abuf.as_ptr()
+                    };
                     for jr in (0..nc).step_by(kernel.cols) {
                         let nr = kernel.cols.min(nc - jr);
-                        let bp = bpacked.as_ptr().add(jr * kc);
+                        let bp = bpacked.add(jr * depth);
                         for ir in (0..mc).step_by(kernel.rows) {
                             let mr = kernel.rows.min(mc - ir);
-                            let ap = abuf.as_ptr().add(ir * kc);
+                            let ap = apacked.add(ir * depth);
                             let cptr = c.add((i_base + ic + ir) * ldc + j_base + jc + jr);
                             (kernel.f)(kc, ap, bp, cptr, ldc, acc, mr, nr);
                         }
@@ -420,29 +539,45 @@ type Kernel = unsafe fn(usize, *const f32, *const f32, *mut f32, usize, bool, us
 
 /// A micro-kernel and the largest tile it computes (a whole number of packed panels, so every
 /// path shares one packing layout).
+/// A bf16 kernel (`pairs`) reads bf16 pair panels (see [`to_pairs`]) through the same pointers.
 #[derive(Clone, Copy)]
 struct MicroKernel {
     rows: usize,
     cols: usize,
     f: Kernel,
+    pairs: bool,
 }
 
 impl MicroKernel {
-    fn current() -> Self {
-        Self::for_path(super::CpuPath::current())
+    fn current(arith: Arith) -> Self {
+        Self::for_path(super::CpuPath::current(), arith)
     }
 
-    fn for_path(path: super::CpuPath) -> Self {
-        use super::CpuPath;
-        match path {
-            CpuPath::Portable => MicroKernel { rows: MR, cols: NR, f: kernel_generic },
-            #[cfg(target_arch = "x86_64")]
-            CpuPath::Avx2 => MicroKernel { rows: MR, cols: NR, f: x86::kernel_6x16 },
-            #[cfg(target_arch = "x86_64")]
-            CpuPath::Avx512 => MicroKernel { rows: 2 * MR, cols: 2 * NR, f: x86::kernel_12x32 },
-            #[cfg(not(target_arch = "x86_64"))]
-            _ => MicroKernel { rows: MR, cols: NR, f: kernel_generic },
+    fn arith(&self) -> Arith {
+        if self.pairs {
+            Arith::Bf16
+        } else {
+            Arith::F32
         }
+    }
+
+    /// `arith` is honoured where `path` has it (callers ask through [`Arith::bf16_if`]).
+    fn for_path(path: super::CpuPath, arith: Arith) -> Self {
+        use super::CpuPath;
+        #[cfg(target_arch = "x86_64")]
+        if arith == Arith::Bf16 && path >= CpuPath::Avx512Bf16 {
+            return MicroKernel { rows: 2 * MR, cols: 2 * NR, f: x86::kernel_bf16_12x32, pairs: true };
+        }
+        let (rows, cols, f): (usize, usize, Kernel) = match path {
+            CpuPath::Portable => (MR, NR, kernel_generic),
+            #[cfg(target_arch = "x86_64")]
+            CpuPath::Avx2 => (MR, NR, x86::kernel_6x16),
+            #[cfg(target_arch = "x86_64")]
+            CpuPath::Avx512 | CpuPath::Avx512Bf16 => (2 * MR, 2 * NR, x86::kernel_12x32),
+            #[cfg(not(target_arch = "x86_64"))]
+            _ => (MR, NR, kernel_generic),
+        };
+        MicroKernel { rows, cols, f, pairs: false }
     }
 }
 
@@ -548,6 +683,21 @@ mod x86 {
                 }
             }
         }
+        store_512::<AP, BP>(&acc, c, ldc, accumulate, mr, nr);
+    }
+
+    /// Writes (or adds) the first `mr x nr` values of a 12x32 accumulator tile to C, masking
+    /// the columns past `nr`.
+    #[inline]
+    #[target_feature(enable = "avx512f")]
+    unsafe fn store_512<const AP: usize, const BP: usize>(
+        acc: &[[__m512; 2]; 2 * MR],
+        c: *mut f32,
+        ldc: usize,
+        accumulate: bool,
+        mr: usize,
+        nr: usize,
+    ) {
         for (r, acc_r) in acc.iter().enumerate().take(MR * AP) {
             if r >= mr {
                 break;
@@ -563,6 +713,61 @@ mod x86 {
                 _mm512_mask_storeu_ps(out, mask, v);
             }
         }
+    }
+
+    /// AVX512-BF16: up to 12x32 over bf16 pair panels (`ap`, `bp` point at `u32` pairs, panels
+    /// `ceil(kc / 2) * MR` / `* NR` apart): each `vdpbf16ps` adds two depths' products.
+    #[target_feature(enable = "avx512f,avx512bf16")]
+    #[allow(clippy::too_many_arguments)]
+    pub(super) unsafe fn kernel_bf16_12x32(
+        kc: usize,
+        ap: *const f32,
+        bp: *const f32,
+        c: *mut f32,
+        ldc: usize,
+        accumulate: bool,
+        mr: usize,
+        nr: usize,
+    ) {
+        let (ap, bp) = (ap.cast::<u32>(), bp.cast::<u32>());
+        match (mr > MR, nr > NR) {
+            (true, true) => tile_bf16::<2, 2>(kc, ap, bp, c, ldc, accumulate, mr, nr),
+            (true, false) => tile_bf16::<2, 1>(kc, ap, bp, c, ldc, accumulate, mr, nr),
+            (false, true) => tile_bf16::<1, 2>(kc, ap, bp, c, ldc, accumulate, mr, nr),
+            (false, false) => tile_bf16::<1, 1>(kc, ap, bp, c, ldc, accumulate, mr, nr),
+        }
+    }
+
+    #[inline]
+    #[target_feature(enable = "avx512f,avx512bf16")]
+    #[allow(clippy::too_many_arguments)]
+    unsafe fn tile_bf16<const AP: usize, const BP: usize>(
+        kc: usize,
+        ap: *const u32,
+        bp: *const u32,
+        c: *mut f32,
+        ldc: usize,
+        accumulate: bool,
+        mr: usize,
+        nr: usize,
+    ) {
+        let kc2 = kc.div_ceil(2);
+        let mut acc = [[_mm512_setzero_ps(); 2]; 2 * MR];
+        let (a0, a1) = (ap, ap.add(kc2 * MR * (AP - 1)));
+        let (b0p, b1p) = (bp, bp.add(kc2 * NR * (BP - 1)));
+        for q in 0..kc2 {
+            let b0: __m512bh = std::mem::transmute(_mm512_loadu_si512(b0p.add(q * NR).cast()));
+            let b1: __m512bh = std::mem::transmute(_mm512_loadu_si512(b1p.add(q * NR).cast()));
+            for (r, acc_r) in acc.iter_mut().enumerate().take(MR * AP) {
+                let a = if r < MR { *a0.add(q * MR + r) } else { *a1.add(q * MR + r - MR) };
+                let a: __m512bh = std::mem::transmute(_mm512_set1_epi32(a as i32));
+                acc_r[0] = _mm512_dpbf16_ps(acc_r[0], a, b0);
+                if BP == 2 {
+                    acc_r[1] = _mm512_dpbf16_ps(acc_r[1], a, b1);
+                }
+            }
+        }
+        store_512::<AP, BP>(&acc, c, ldc, accumulate, mr, nr);
     }
 
     /// 6x16 tile: 12 ymm accumulators, 2 B loads and 1 broadcast per row per depth step.
@@ -718,9 +923,9 @@ mod tests {
                     // Products against f64 on the half values (both operands half, or one).
                     let want = naive(m, n, k, &af, &bf);
                     let mut c = vec![0f32; m * n];
-                    gemm(m, n, k, &a, &b, &mut c, n, false);
+                    gemm(Arith::F32, m, n, k, &a, &b, &mut c, n, false);
                     let mut c2 = vec![0f32; m * n];
-                    gemm(m, n, k, &af, &b, &mut c2, n, false);
+                    gemm(Arith::F32, m, n, k, &af, &b, &mut c2, n, false);
                     for ((x, y), w) in c.iter().zip(&c2).zip(&want) {
                         assert!((x - w).abs() < 1e-4 && (y - w).abs() < 1e-4, "{name} {m}x{n}x{k} {ta} {tb}: {x} {y} vs {w}");
                     }
@@ -758,7 +963,7 @@ mod tests {
             for &path in &paths {
                 for accumulate in [false, true] {
                     let mut c = start.clone();
-                    gemm_on(MicroKernel::for_path(path), m, n, k, &a, &b, &mut c, ldc, accumulate);
+                    gemm_on(MicroKernel::for_path(path, Arith::F32), m, n, k, &a, &b, &mut c, ldc, accumulate);
                     for i in 0..m {
                         for j in 0..ldc {
                             let (got, old) = (c[i * ldc + j], start[i * ldc + j]);
@@ -782,6 +987,90 @@ mod tests {
                     }
                 }
             }
+        }
+    }
+
+    /// f32 -> bf16 rounds to nearest even as `half` (PyTorch's rule) for every f32 class.
+    #[test]
+    fn bf16_rounding_is_round_to_nearest_even() {
+        let mut seed = 11u32;
+        let specials = [0.0f32, -0.0, 1.0, f32::INFINITY, f32::NEG_INFINITY, f32::MIN_POSITIVE, 1e-40, f32::MAX, 1.00390625, 1.01171875];
+        let randoms = (0..200_000).map(|_| {
+            seed = seed.wrapping_mul(1664525).wrapping_add(1013904223);
+            f32::from_bits(seed)
+        });
+        for x in specials.into_iter().chain(randoms) {
+            let want = half::bf16::from_f32(x);
+            let got = half::bf16::from_bits(bf16_bits(x) as u16);
+            assert!(got.to_bits() == want.to_bits() || (x.is_nan() && got.is_nan()), "{x:e}: {got} vs {want}");
+        }
+    }
+
+    /// bf16 products: every layout and edge equals f64 on the bf16-rounded operands (products of
+    /// bf16 values are exact in f32, so only the f32 sums differ), and differs from the f32
+    /// product (the operands really were rounded).
+    #[test]
+    fn bf16_products_match_f64_on_rounded_operands() {
+        use crate::kernels::CpuPath;
+        if !CpuPath::Avx512Bf16.supported() {
+            println!("skipped: CPU path avx512-bf16 (this CPU lacks it)");
+            return;
+        }
+        if CpuPath::current() < CpuPath::Avx512Bf16 {
+            println!("skipped: bf16 products (LCM_CPU_PATH={})", CpuPath::current().name());
+            return;
+        }
+        let mut seed = 13u32;
+        let mut rnd = || {
+            seed = seed.wrapping_mul(1664525).wrapping_add(1013904223);
+            (seed >> 8) as f32 / (1 << 24) as f32 - 0.5
+        };
+        let round = |v: &[f32]| -> Vec<f32> { v.iter().map(|x| f32::from_bits(bf16_bits(*x) << 16)).collect() };
+        for &(m, n, k) in &[(1, 1, 1), (5, 7, 3), (12, 32, 64), (13, 33, 301), (25, 70, 513), (150, 1100, 40), (700, 96, 90)] {
+            let av: Vec<f32> = (0..m * k).map(|_| rnd()).collect();
+            let bv: Vec<f32> = (0..k * n).map(|_| rnd()).collect();
+            let (ar, br) = (round(&av), round(&bv));
+            for (ta, tb) in [(false, false), (true, false), (false, true), (true, true)] {
+                let (ars, acs) = if ta { (1, m) } else { (k, 1) };
+                let (brs, bcs) = if tb { (1, k) } else { (n, 1) };
+                let a = Strided { data: &av[..], row_stride: ars, col_stride: acs };
+                let b = Strided { data: &bv[..], row_stride: brs, col_stride: bcs };
+                let want = naive(
+                    m,
+                    n,
+                    k,
+                    &Strided { data: &ar[..], row_stride: ars, col_stride: acs },
+                    &Strided { data: &br[..], row_stride: brs, col_stride: bcs },
+                );
+                let ldc = n + 3;
+                let start: Vec<f32> = (0..m * ldc).map(|_| rnd()).collect();
+                let mut c = start.clone();
+                gemm(Arith::Bf16, m, n, k, &a, &b, &mut c, ldc, true);
+                let mut f = vec![0f32; m * n];
+                gemm(Arith::F32, m, n, k, &a, &b, &mut f, n, false);
+                let mut differs = false;
+                for i in 0..m {
+                    for j in 0..ldc {
+                        let (got, old) = (c[i * ldc + j], start[i * ldc + j]);
+                        if j >= n {
+                            assert_eq!(got.to_bits(), old.to_bits(), "wrote past the row");
+                            continue;
+                        }
+                        let w = want[i * n + j] + old;
+                        assert!((got - w).abs() < 1e-4, "bf16 {m}x{n}x{k} {ta} {tb}: {got} vs {w}");
+                        differs |= (got - old - f[i * n + j]).abs() > 1e-6;
+                    }
+                }
+                assert!(differs || k == 1 && m * n < 4, "bf16 {m}x{n}x{k}: equal to the f32 product");
+            }
+            // A right operand packed once (attention, Winograd) gives the same as packing per call.
+            let b = Strided { data: &bv[..], row_stride: n, col_stride: 1 };
+            let a = Strided { data: &av[..], row_stride: k, col_stride: 1 };
+            let packed = PackedB::new(k, n, &b, Arith::Bf16);
+            let (mut x, mut y) = (vec![0f32; m * n], vec![0f32; m * n]);
+            gemm_single_thread(Arith::Bf16, m, n, k, &a, &packed, &mut x, n, false);
+            gemm_single_thread(Arith::Bf16, m, n, k, &a, &b, &mut y, n, false);
+            assert!(x.iter().zip(&y).all(|(p, q)| p.to_bits() == q.to_bits()), "PackedB bf16 {m}x{n}x{k}");
         }
     }
 
@@ -831,14 +1120,14 @@ mod tests {
                 };
                 let want = naive(m, n, k, &a, &b);
                 let mut c = vec![1f32; m * n];
-                gemm(m, n, k, &a, &b, &mut c, n, true);
+                gemm(Arith::F32, m, n, k, &a, &b, &mut c, n, true);
                 for (x, y) in c.iter().zip(&want) {
                     assert!(
                         (x - 1.0 - y).abs() < 1e-4,
                         "{m}x{n}x{k} {ta} {tb}: {x} vs {y}"
                     );
                 }
-                gemm(m, n, k, &a, &b, &mut c, n, false);
+                gemm(Arith::F32, m, n, k, &a, &b, &mut c, n, false);
                 for (x, y) in c.iter().zip(&want) {
                     assert!((x - y).abs() < 1e-4);
                 }

@@ -9,21 +9,25 @@ pub mod norm;
 pub mod winograd;
 
 /// The instruction set the CPU kernels use, chosen once at run time: the best the CPU has, or
-/// a lower one named by `LCM_CPU_PATH` (`portable`, `avx2`, `avx512`), for comparing paths on
-/// one machine. Every path gives the same numbers bit for bit: the wider kernels run the same
-/// multiply-add chains on more lanes at once.
+/// a lower one named by `LCM_CPU_PATH` (`portable`, `avx2`, `avx512`, `avx512-bf16`), for
+/// comparing paths on one machine. The f32 vector paths give the same numbers bit for bit (the
+/// wider kernels run the same multiply-add chains on more lanes at once); bf16 weights are
+/// computed in bf16 only from `avx512-bf16` up (below it they are widened to f32).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
 pub enum CpuPath {
     /// Plain Rust, any CPU.
     Portable,
     /// AVX2 + FMA (+ F16C for f16 weights).
     Avx2,
-    /// AVX-512 F on top of AVX2 (512-bit micro-kernel and elementwise kernels).
+    /// AVX-512 F on top of AVX2 (512-bit micro-kernel).
     Avx512,
+    /// AVX-512 with the BF16 dot products (`vdpbf16ps`): as `Avx512` for f32, and models whose
+    /// weights are kept in bf16 multiply in bf16 (operands rounded to bf16, f32 sums).
+    Avx512Bf16,
 }
 
 impl CpuPath {
-    pub const ALL: [CpuPath; 3] = [CpuPath::Portable, CpuPath::Avx2, CpuPath::Avx512];
+    pub const ALL: [CpuPath; 4] = [CpuPath::Portable, CpuPath::Avx2, CpuPath::Avx512, CpuPath::Avx512Bf16];
 
     /// The name `LCM_CPU_PATH` and `lcm bench` use.
     pub fn name(self) -> &'static str {
@@ -31,6 +35,7 @@ impl CpuPath {
             CpuPath::Portable => "portable",
             CpuPath::Avx2 => "avx2",
             CpuPath::Avx512 => "avx512",
+            CpuPath::Avx512Bf16 => "avx512-bf16",
         }
     }
 
@@ -44,6 +49,9 @@ impl CpuPath {
         {
             if is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma") {
                 if is_x86_feature_detected!("avx512f") {
+                    if is_x86_feature_detected!("avx512bf16") {
+                        return CpuPath::Avx512Bf16;
+                    }
                     return CpuPath::Avx512;
                 }
                 return CpuPath::Avx2;

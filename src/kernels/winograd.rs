@@ -12,7 +12,7 @@
 #![allow(clippy::needless_range_loop)]
 
 use super::conv::ConvShape;
-use super::gemm::{gemm_single_thread, PackedB, Strided};
+use super::gemm::{gemm_single_thread, Arith, PackedB, Strided};
 use super::{Elem, SendPtr};
 use rayon::prelude::*;
 
@@ -123,6 +123,7 @@ pub fn conv2d<W: Elem>(x: &[f32], weight: &[W], bias: Option<&[f32]>, s: &ConvSh
                     row_stride: co,
                     col_stride: 1,
                 },
+                Arith::F32,
             )
         })
         .collect();
@@ -154,7 +155,7 @@ pub fn conv2d<W: Elem>(x: &[f32], weight: &[W], bias: Option<&[f32]>, s: &ConvSh
             // The 36 products M[xi] = V[xi] · U[xi]: [tiles x c_out].
             for xi in 0..A * A {
                 let a = Strided { data: &v[xi * tiles * ci..(xi + 1) * tiles * ci], row_stride: ci, col_stride: 1 };
-                gemm_single_thread(tiles, co, ci, &a, &packed[xi], &mut m[xi * tiles * co..(xi + 1) * tiles * co], co, false);
+                gemm_single_thread(Arith::F32, tiles, co, ci, &a, &packed[xi], &mut m[xi * tiles * co..(xi + 1) * tiles * co], co, false);
             }
             // SAFETY: the output rows of tile rows r0..r1 of image b belong to this task.
             let yb = unsafe { std::slice::from_raw_parts_mut(yp.get().add(b * co * h * w), co * h * w) };
@@ -354,7 +355,7 @@ mod tests {
             let x: Vec<f32> = (0..batch * ci * h * w).map(|_| rnd() * 20.0).collect();
             let wt: Vec<f32> = (0..co * ci * 9).map(|_| rnd()).collect();
             let bias: Vec<f32> = (0..co).map(|_| rnd()).collect();
-            let want = super::super::conv::conv2d_direct(&x, &wt, Some(&bias), &s);
+            let want = super::super::conv::conv2d_direct(&x, &wt, Some(&bias), &s, Arith::F32);
             let got = conv2d(&x, &wt, Some(&bias), &s);
             let (mut num, mut den) = (0f64, 0f64);
             for (g, e) in got.iter().zip(&want) {
@@ -372,7 +373,7 @@ mod tests {
                 (conv2d(&x, &wb, Some(&bias), &s), wb.iter().map(|v| v.to_f32()).collect::<Vec<_>>()),
             ];
             for (got, widened) in cases {
-                let want = super::super::conv::conv2d_direct(&x, &widened, Some(&bias), &s);
+                let want = super::super::conv::conv2d_direct(&x, &widened, Some(&bias), &s, Arith::F32);
                 let (mut num, mut den) = (0f64, 0f64);
                 for (g, e) in got.iter().zip(&want) {
                     num += ((g - e) as f64).powi(2);
@@ -381,6 +382,33 @@ mod tests {
                 let rel = (num / den).sqrt();
                 assert!(rel < 1e-5, "half {batch} {ci} {co} {h} {w}: rel L2 {rel}");
             }
+            // bf16 products (bf16 weights, where the CPU has them): the direct convolution stays
+            // within bf16's rounding of the f32 one and does round; 3x3 convolutions keep
+            // Winograd in f32.
+            let bf16 = Arith::bf16_if(true);
+            if bf16 == Arith::Bf16 {
+                let widened: Vec<f32> = wb.iter().map(|v| v.to_f32()).collect();
+                let want = super::super::conv::conv2d_direct(&x, &widened, Some(&bias), &s, Arith::F32);
+                let got = super::super::conv::conv2d_direct(&x, &wb, Some(&bias), &s, bf16);
+                let rel = rel_l2(&got, &want);
+                assert!(rel < 5e-3 && rel > 1e-5, "bf16 {batch} {ci} {co} {h} {w}: rel L2 {rel}");
+                if applies(&s) {
+                    let via = super::super::conv::conv2d(&x, &wb, Some(&bias), &s, bf16);
+                    assert!(rel_l2(&via, &want) < 1e-5, "3x3 bf16 convolution not on f32 Winograd");
+                }
+            }
         }
+        if Arith::bf16_if(true) == Arith::F32 {
+            println!("skipped: bf16 convolutions (CPU path {})", crate::kernels::CpuPath::current().name());
+        }
+    }
+
+    fn rel_l2(got: &[f32], want: &[f32]) -> f64 {
+        let (mut num, mut den) = (0f64, 0f64);
+        for (g, e) in got.iter().zip(want) {
+            num += ((g - e) as f64).powi(2);
+            den += (*e as f64).powi(2);
+        }
+        (num / den).sqrt()
     }
 }

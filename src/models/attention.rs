@@ -110,7 +110,7 @@ impl Attention {
         let q = self.split_heads(&self.to_q.forward(hidden_states)?)?;
         let k = self.split_heads(&self.to_k.forward(context)?)?;
         let v = self.split_heads(&self.to_v.forward(context)?)?;
-        let o = ops::attention(&q, &k, &v, self.scale, false)?;
+        let o = ops::attention(&q, &k, &v, self.scale, false, &self.to_q.weight)?;
         let o = o.transpose(1, 2)?.reshape((b, n, self.heads * self.dim_head))?;
         let out = self.to_out.forward(&o)?;
         let out = if self.residual_connection { ops::add(&out, hidden_states)? } else { out };
@@ -133,7 +133,7 @@ impl Attention {
         let q = self.split_heads(&self.to_q.forward(&tokens)?)?;
         let k = self.split_heads(&self.to_k.forward(&tokens)?)?;
         let v = self.split_heads(&self.to_v.forward(&tokens)?)?;
-        let o = ops::attention(&q, &k, &v, self.scale, false)?;
+        let o = ops::attention(&q, &k, &v, self.scale, false, &self.to_q.weight)?;
         let o = o.transpose(1, 2)?.reshape((b, h * w, self.heads * self.dim_head))?;
         let out = self.to_out.forward(&o)?.transpose(1, 2)?.reshape((b, c, h, w))?;
         let out = if self.residual_connection { ops::add(&out, x)? } else { out };
