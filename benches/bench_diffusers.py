@@ -6,7 +6,8 @@
 
 The model kind (sd15, sdxl, animatediff), folder, size, frames, steps, number of runs, device and
 dtype come from lcm's JSON; the same model files, seed and warm-up. On the CPU: PyTorch in float32
-with the same thread count. On a GPU (`lcm bench --device cuda`): diffusers in lcm's weight dtype
+with the same thread count, or in bfloat16 when lcm's weights are bf16 and its CPU path multiplies
+them in bf16 (`torch_dtype=torch.bfloat16`). On a GPU (`lcm bench --device cuda`): diffusers in lcm's weight dtype
 (float16 by default, `torch_dtype=torch.float16` as in diffusers' LCM guide) on the same card,
 each stage timed to `torch.cuda.synchronize()`; SDXL's pipeline upcasts its VAE to float32 for the
 decode (`force_upcast`), so its "VAE decode" stage is timed in float32 too, as lcm runs it. sd15: StableDiffusionPipeline; sdxl: StableDiffusionXLPipeline; animatediff:
@@ -155,7 +156,11 @@ def main():
     runs = a.runs or len(lcm["stages"][0]["runs"])
     global DEV, DT
     DEV = lcm.get("device", "cpu")
-    DT = {"f32": torch.float32, "f16": torch.float16, "bf16": torch.bfloat16}[lcm.get("dtype", "f32")] if DEV != "cpu" else torch.float32
+    # diffusers in the precision lcm multiplies in: its weight dtype on a GPU; on the CPU bfloat16
+    # when lcm's CPU path multiplies bf16 weights in bf16 (e.g. avx512-bf16), else float32.
+    dtype = lcm.get("dtype", "f32")
+    cpu_bf16 = dtype == "bf16" and lcm.get("cpu_path", "").endswith("bf16")
+    DT = {"f32": torch.float32, "f16": torch.float16, "bf16": torch.bfloat16}[dtype] if DEV != "cpu" or cpu_bf16 else torch.float32
     torch.set_num_threads(lcm["threads"])
     torch.set_grad_enabled(False)
     size, steps, frames = lcm["size"], lcm["steps"], lcm.get("frames")
@@ -168,12 +173,12 @@ def main():
     else:
         raise SystemExit(f"unknown model kind {kind!r}")
     clip = f", {frames} frames" if frames else ""
-    where = f"{torch.cuda.get_device_name(DEV)}, {DT}" if DEV != "cpu" else f"{lcm['threads']} threads, float32"
+    where = f"{torch.cuda.get_device_name(DEV)}, {DT}" if DEV != "cpu" else f"{lcm['threads']} threads, {DT} (lcm CPU path {lcm.get('cpu_path')})"
     print(f"{kind}: torch {torch.__version__}, {where}, {size}x{size}{clip}, {steps} steps, median of {runs}")
     # The machine's GEMM rate as PyTorch reaches it (CPU: 2048^3 f32 with the same threads; GPU:
     # 8192^3 in the dtype); "% of GEMM peak" is relative to the better of PyTorch's and lcm's.
     n = 2048 if DEV == "cpu" else 8192
-    ga, gb = randn(n, n), randn(n, n)
+    ga, gb = randn(n, n), randn(n, n)  # in DT: on the CPU with bf16 weights, torch's bf16 GEMM
     g_s, _ = timed(lambda: torch.mm(ga, gb), 2, 5)
     torch_gemm = 2 * n ** 3 / g_s / 1e9
     peak = max(torch_gemm, lcm["gemm_gflops"])

@@ -39,6 +39,10 @@ fn main() -> candle_core::Result<()> {
             rate(&format!("gemm {s}^3 lcm::ops::linear"), fl, || {
                 lcm::ops::linear(&a, &b, None).unwrap();
             });
+            let bb = b.to_dtype(candle_core::DType::BF16)?;
+            rate(&format!("gemm {s}^3 bf16 weights"), fl, || {
+                lcm::ops::linear(&a, &bb, None).unwrap();
+            });
             rate(&format!("gemm {s}^3 candle matmul"), fl, || {
                 a.matmul(&b.t().unwrap()).unwrap();
             });

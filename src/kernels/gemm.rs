@@ -4,7 +4,7 @@
 //! arithmetic. Both operands come through packers, so transposed operands cost nothing extra
 //! and a convolution can hand in its input as an implicit im2col matrix (see `conv.rs`).
 
-use super::{parallel_chunks, Elem, SendPtr};
+use super::{parallel_chunks, parallel_pieces, Elem, SendPtr};
 
 /// Rows of the micro-tile (A panel height).
 pub const MR: usize = 6;
@@ -48,6 +48,16 @@ pub trait PackA: Sync {
     /// Write rows `i0..i0+mc`, depth `p0..p0+kc` as `ceil(mc/MR)` panels, each `kc * MR`
     /// values (`dst[p * MR + r]`), zero-padded past `mc`.
     fn pack_a(&self, i0: usize, mc: usize, p0: usize, kc: usize, dst: &mut [f32]);
+
+    /// Rows from `i0`, depth block `p0..p0 + kc` already packed, if stored packed.
+    fn packed(&self, _i0: usize, _p0: usize, _kc: usize) -> Option<&[f32]> {
+        None
+    }
+
+    /// The same as bf16 pairs, if stored so.
+    fn packed_pairs(&self, _i0: usize, _p0: usize, _kc: usize) -> Option<&[u32]> {
+        None
+    }
 }
 
 /// Something that can write blocks of the right operand `B` (`k x n`) as `NR`-column panels.
@@ -67,67 +77,115 @@ pub trait PackB: Sync {
     }
 }
 
-/// A right operand packed once in the driver's layout, for a matrix that several products
-/// share (attention's keys and values across query blocks).
-/// With [`Arith::Bf16`] it holds the bf16 pair panels the bf16 kernel reads (half the bytes).
-pub struct PackedB {
+/// An operand packed once in the driver's layout: every depth block's panels (`unit` = `MR`
+/// rows or `NR` columns each) of the whole `len`-wide side, in f32 or, for [`Arith::Bf16`], as
+/// the bf16 pair panels the bf16 kernel reads (half the bytes).
+struct Panels {
     k: usize,
-    n: usize,
+    len: usize,
+    unit: usize,
     data: Vec<f32>,
     pairs: Vec<u32>,
 }
 
-impl PackedB {
-    pub fn new(k: usize, n: usize, b: &dyn PackB, arith: Arith) -> Self {
-        let width = n.div_ceil(NR) * NR;
+impl Panels {
+    /// `pack(p0, kc, dst)` writes depth block `p0..p0 + kc` of the whole side.
+    fn new(k: usize, len: usize, unit: usize, arith: Arith, pack: impl Fn(usize, usize, &mut [f32]) + Sync) -> Self {
+        let width = len.div_ceil(unit) * unit;
         let kb = block_depth(k);
         // Blocks are independent: pack them in parallel when there are several.
         use rayon::prelude::*;
-        let pack = |data: &mut [f32], i: usize| b.pack_b(i * kb, kb.min(k - i * kb), 0, n, data);
         if arith == Arith::Bf16 {
             // Blocks of kb.div_ceil(2) pairs (a last block of odd depth is zero-padded).
             let mut pairs = vec![0u32; k.div_ceil(kb) * kb.div_ceil(2) * width];
             pairs.par_chunks_mut(kb.div_ceil(2) * width).enumerate().for_each(|(i, block)| {
                 let kc = kb.min(k - i * kb);
                 let mut f = vec![0f32; kc * width];
-                pack(&mut f, i);
-                to_pairs(&f, kc, NR, block);
+                pack(i * kb, kc, &mut f);
+                to_pairs(&f, kc, unit, block);
             });
-            return Self { k, n, data: Vec::new(), pairs };
+            return Self { k, len, unit, data: Vec::new(), pairs };
         }
         let mut data = vec![0f32; k * width];
-        data.par_chunks_mut(kb * width).enumerate().for_each(|(i, block)| pack(block, i));
-        Self { k, n, data, pairs: Vec::new() }
+        data.par_chunks_mut(kb * width).enumerate().for_each(|(i, block)| pack(i * kb, kb.min(k - i * kb), block));
+        Self { k, len, unit, data, pairs: Vec::new() }
+    }
+
+    /// Where block `p0`, panel `at` starts, in values of the block's layout (`depth_of` maps a
+    /// depth to its packed depth: itself, or its pairs).
+    fn offset(&self, p0: usize, kc: usize, at: usize, depth_of: impl Fn(usize) -> usize) -> usize {
+        // Blocks start at multiples of the block depth and panels at multiples of the unit, as
+        // the driver asks.
+        let kb = block_depth(self.k);
+        debug_assert!(p0.is_multiple_of(kb) && at.is_multiple_of(self.unit) && kc == kb.min(self.k - p0));
+        let width = self.len.div_ceil(self.unit) * self.unit;
+        (p0 / kb) * depth_of(kb) * width + at * depth_of(kc)
+    }
+
+    fn f32_at(&self, p0: usize, kc: usize, at: usize) -> Option<&[f32]> {
+        (!self.data.is_empty()).then(|| &self.data[self.offset(p0, kc, at, |d| d)..])
+    }
+
+    fn pairs_at(&self, p0: usize, kc: usize, at: usize) -> Option<&[u32]> {
+        (!self.pairs.is_empty()).then(|| &self.pairs[self.offset(p0, kc, at, |d| d.div_ceil(2))..])
+    }
+
+    fn copy(&self, p0: usize, kc: usize, at: usize, count: usize, dst: &mut [f32]) {
+        let src = self.f32_at(p0, kc, at).expect("a block packed in f32, aligned");
+        let len = count.div_ceil(self.unit) * self.unit * kc;
+        dst[..len].copy_from_slice(&src[..len]);
+    }
+}
+
+/// A right operand packed once, for a matrix that several products share (attention's keys and
+/// values across query blocks, Winograd's kernels across tiles).
+pub struct PackedB(Panels);
+
+impl PackedB {
+    pub fn new(k: usize, n: usize, b: &dyn PackB, arith: Arith) -> Self {
+        Self(Panels::new(k, n, NR, arith, |p0, kc, dst| b.pack_b(p0, kc, 0, n, dst)))
     }
 
     pub fn dims(&self) -> (usize, usize) {
-        (self.k, self.n)
-    }
-
-    /// Where block `p0` / panel `j0` starts, in values of the block's layout.
-    fn offset(&self, p0: usize, kc: usize, j0: usize, depth_of: impl Fn(usize) -> usize) -> usize {
-        // Blocks start at multiples of the block depth and panels at multiples of NR, as the
-        // driver asks.
-        let kb = block_depth(self.k);
-        debug_assert!(p0.is_multiple_of(kb) && j0.is_multiple_of(NR) && kc == kb.min(self.k - p0));
-        let width = self.n.div_ceil(NR) * NR;
-        (p0 / kb) * depth_of(kb) * width + j0 * depth_of(kc)
+        (self.0.k, self.0.len)
     }
 }
 
 impl PackB for PackedB {
     fn pack_b(&self, p0: usize, kc: usize, j0: usize, nc: usize, dst: &mut [f32]) {
-        let src = self.packed(p0, kc, j0).expect("a block packed in f32, aligned");
-        let len = nc.div_ceil(NR) * NR * kc;
-        dst[..len].copy_from_slice(&src[..len]);
+        self.0.copy(p0, kc, j0, nc, dst)
     }
 
     fn packed(&self, p0: usize, kc: usize, j0: usize) -> Option<&[f32]> {
-        (!self.data.is_empty()).then(|| &self.data[self.offset(p0, kc, j0, |d| d)..])
+        self.0.f32_at(p0, kc, j0)
     }
 
     fn packed_pairs(&self, p0: usize, kc: usize, j0: usize) -> Option<&[u32]> {
-        (!self.pairs.is_empty()).then(|| &self.pairs[self.offset(p0, kc, j0, |d| d.div_ceil(2))..])
+        self.0.pairs_at(p0, kc, j0)
+    }
+}
+
+/// A left operand packed once, shared by the column chunks of one product (each chunk would
+/// otherwise pack all of A again).
+struct PackedA(Panels);
+
+impl PackedA {
+    fn new(m: usize, k: usize, a: &dyn PackA, arith: Arith) -> Self {
+        Self(Panels::new(k, m, MR, arith, |p0, kc, dst| a.pack_a(0, m, p0, kc, dst)))
+    }
+}
+
+impl PackA for PackedA {
+    fn pack_a(&self, i0: usize, mc: usize, p0: usize, kc: usize, dst: &mut [f32]) {
+        self.0.copy(p0, kc, i0, mc, dst)
+    }
+
+    fn packed(&self, i0: usize, p0: usize, kc: usize) -> Option<&[f32]> {
+        self.0.f32_at(p0, kc, i0)
+    }
+
+    fn packed_pairs(&self, i0: usize, p0: usize, kc: usize) -> Option<&[u32]> {
+        self.0.pairs_at(p0, kc, i0)
     }
 }
 
@@ -391,6 +449,16 @@ fn gemm_on(
     // Few rows: split the columns, so each thread packs only its own part of B (a row split
     // would stream all of B through every thread for little arithmetic per value).
     if n >= m || m < 4 * MC {
+        // bf16: several chunks would each pack and round all of A, which costs as much as a
+        // chunk's arithmetic: round it once for all of them (2048^3: 380 -> 720 GFLOP/s). f32
+        // re-packs per chunk, measured faster (2048^3: 390 vs 310 GFLOP/s with a shared copy).
+        let shared;
+        let a: &dyn PackA = if tile.pairs && parallel_pieces(n, tile.cols, work) > 1 && a.packed(0, 0, block_depth(k).min(k)).is_none() {
+            shared = PackedA::new(m, k, a, tile.arith());
+            &shared
+        } else {
+            a
+        };
         parallel_chunks(n, tile.cols, work, |j0, nc| unsafe {
             gemm_serial(tile, m, nc, k, 0, j0, a, b, cp.get(), ldc, accumulate)
         });
@@ -509,12 +577,23 @@ unsafe fn gemm_serial(
                 let acc = accumulate || pc > 0;
                 for ic in (0..m).step_by(MC) {
                     let mc = MC.min(m - ic);
-                    a.pack_a(i_base + ic, mc, pc, kc, abuf);
-                    let apacked: *const f32 = if kernel.pairs {
-                        to_pairs(&abuf[..mc.div_ceil(MR) * MR * kc], kc, MR, apairs);
-                        apairs.as_ptr().cast()
-                    } else {
-                        abuf.as_ptr()
+                    let apacked: *const f32 = match (kernel.pairs, a.packed_pairs(i_base + ic, pc, kc)) {
+                        (true, Some(p)) => p.as_ptr().cast(),
+                        _ => {
+                            let f = match a.packed(i_base + ic, pc, kc) {
+                                Some(p) => p,
+                                None => {
+                                    a.pack_a(i_base + ic, mc, pc, kc, abuf);
+                                    &abuf[..]
+                                }
+                            };
+                            if kernel.pairs {
+                                to_pairs(&f[..mc.div_ceil(MR) * MR * kc], kc, MR, apairs);
+                                apairs.as_ptr().cast()
+                            } else {
+                                f.as_ptr()
+                            }
+                        }
                     };
                     for jr in (0..nc).step_by(kernel.cols) {
                         let nr = kernel.cols.min(nc - jr);
@@ -1026,7 +1105,9 @@ mod tests {
             (seed >> 8) as f32 / (1 << 24) as f32 - 0.5
         };
         let round = |v: &[f32]| -> Vec<f32> { v.iter().map(|x| f32::from_bits(bf16_bits(*x) << 16)).collect() };
-        for &(m, n, k) in &[(1, 1, 1), (5, 7, 3), (12, 32, 64), (13, 33, 301), (25, 70, 513), (150, 1100, 40), (700, 96, 90)] {
+        // (30, 2000, 301): column chunks sharing A packed once (odd depth); (700, 96, 90): row
+        // chunks sharing B packed once.
+        for &(m, n, k) in &[(1, 1, 1), (5, 7, 3), (12, 32, 64), (13, 33, 301), (25, 70, 513), (150, 1100, 40), (30, 2000, 301), (700, 96, 90)] {
             let av: Vec<f32> = (0..m * k).map(|_| rnd()).collect();
             let bv: Vec<f32> = (0..k * n).map(|_| rnd()).collect();
             let (ar, br) = (round(&av), round(&bv));

@@ -194,6 +194,21 @@ impl SendPtr {
 /// Below this many FLOPs a task runs on the calling thread: fork/join would cost more.
 const MIN_PARALLEL_WORK: usize = 4_000_000;
 
+/// How many pieces [`parallel_chunks`] cuts `0..total` into.
+pub(crate) fn parallel_pieces(total: usize, align: usize, work: usize) -> usize {
+    total.div_ceil(piece_len(total, align, work).max(1))
+}
+
+/// The length of [`parallel_chunks`]' pieces: `total` when it runs on the calling thread.
+fn piece_len(total: usize, align: usize, work: usize) -> usize {
+    let threads = rayon::current_num_threads();
+    if threads <= 1 || work < MIN_PARALLEL_WORK || total <= align {
+        return total;
+    }
+    let pieces = (threads * 4).min(total.div_ceil(align)).max(1);
+    total.div_ceil(pieces).div_ceil(align) * align
+}
+
 /// Run `f(start, len)` over `0..total` cut into pieces (multiples of `align`, except the last)
 /// on rayon's pool: a few pieces per thread so a busy core does not hold everyone up.
 pub(crate) fn parallel_chunks(
@@ -202,13 +217,11 @@ pub(crate) fn parallel_chunks(
     work: usize,
     f: impl Fn(usize, usize) + Sync,
 ) {
-    let threads = rayon::current_num_threads();
-    if threads <= 1 || work < MIN_PARALLEL_WORK || total <= align {
+    let chunk = piece_len(total, align, work);
+    if chunk >= total {
         f(0, total);
         return;
     }
-    let pieces = (threads * 4).min(total.div_ceil(align)).max(1);
-    let chunk = total.div_ceil(pieces).div_ceil(align) * align;
     use rayon::prelude::*;
     (0..total.div_ceil(chunk)).into_par_iter().for_each(|i| {
         let start = i * chunk;
