@@ -697,3 +697,42 @@ fn device_flag_errors_are_one_line() {
     assert!(o.status.success(), "{}", stderr(&o));
     assert!(out.exists());
 }
+
+/// `LCM_CPU_PATH`: every f32 path this CPU has gives diffusers' image (the vector paths the same
+/// bytes); a path the CPU lacks is skipped with its name printed; a bad name is a one-line error.
+#[test]
+fn every_cpu_path_gives_the_diffusers_image() {
+    use lcm::kernels::CpuPath;
+    let tmp = tempfile::tempdir().unwrap();
+    let model = common::fixtures().join("models/tiny-lcm");
+    let run = |path: &str, out: &Path| {
+        lcm(
+            &["generate", "--model", model.to_str().unwrap(), "--prompt", "a photo of a cat", "--seed", "0", "--output", out.to_str().unwrap()],
+            &[("LCM_CPU_PATH", path)],
+        )
+    };
+    let mut vector_image: Option<Vec<u8>> = None;
+    for path in CpuPath::ALL {
+        if !path.supported() {
+            println!("skipped: CPU path {} (this CPU lacks it)", path.name());
+            continue;
+        }
+        let out = tmp.path().join(format!("{}.png", path.name()));
+        let o = run(path.name(), &out);
+        assert!(o.status.success(), "{}: {}", path.name(), stderr(&o));
+        let img = lcm::image_io::read_png(&out).unwrap();
+        assert_close(&img.pixels, &reference_image("lcm_steps4"), path.name());
+        if path != CpuPath::Portable {
+            match &vector_image {
+                None => vector_image = Some(img.pixels),
+                Some(p) => assert!(*p == img.pixels, "{}: not the other vector paths' image", path.name()),
+            }
+        }
+    }
+    let out = tmp.path().join("bad.png");
+    assert_clean_error(&run("sse9", &out), "not a CPU path");
+    assert!(!out.exists());
+    if let Some(lacking) = CpuPath::ALL.into_iter().find(|p| !p.supported()) {
+        assert_clean_error(&run(lacking.name(), &out), "this CPU lacks it");
+    }
+}
