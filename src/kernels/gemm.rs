@@ -711,6 +711,19 @@ mod x86 {
     use super::{store_tile, MR, NR};
     use std::arch::x86_64::*;
 
+    /// `$tile::<AP, BP>(args)` with as many A and B panels (1 or 2 each) as the `mr x nr` tile
+    /// covers: the 12x32 kernels' edges read no panel past the packed ones.
+    macro_rules! by_panels {
+        ($tile:ident($kc:expr, $ap:expr, $bp:expr, $c:expr, $ldc:expr, $acc:expr, $mr:expr, $nr:expr)) => {
+            match ($mr > MR, $nr > NR) {
+                (true, true) => $tile::<2, 2>($kc, $ap, $bp, $c, $ldc, $acc, $mr, $nr),
+                (true, false) => $tile::<2, 1>($kc, $ap, $bp, $c, $ldc, $acc, $mr, $nr),
+                (false, true) => $tile::<1, 2>($kc, $ap, $bp, $c, $ldc, $acc, $mr, $nr),
+                (false, false) => $tile::<1, 1>($kc, $ap, $bp, $c, $ldc, $acc, $mr, $nr),
+            }
+        };
+    }
+
     /// AVX-512: up to 12x32 (two A panels by two B panels): 24 zmm accumulators, 2 B loads and
     /// 12 broadcasts per depth step; the same multiply-add chain per element as the 6x16 kernel.
     #[target_feature(enable = "avx512f")]
@@ -725,12 +738,7 @@ mod x86 {
         mr: usize,
         nr: usize,
     ) {
-        match (mr > MR, nr > NR) {
-            (true, true) => tile_512::<2, 2>(kc, ap, bp, c, ldc, accumulate, mr, nr),
-            (true, false) => tile_512::<2, 1>(kc, ap, bp, c, ldc, accumulate, mr, nr),
-            (false, true) => tile_512::<1, 2>(kc, ap, bp, c, ldc, accumulate, mr, nr),
-            (false, false) => tile_512::<1, 1>(kc, ap, bp, c, ldc, accumulate, mr, nr),
-        }
+        by_panels!(tile_512(kc, ap, bp, c, ldc, accumulate, mr, nr))
     }
 
     /// `AP` A panels by `BP` B panels; edges stored through lane masks.
@@ -809,12 +817,7 @@ mod x86 {
         nr: usize,
     ) {
         let (ap, bp) = (ap.cast::<u32>(), bp.cast::<u32>());
-        match (mr > MR, nr > NR) {
-            (true, true) => tile_bf16::<2, 2>(kc, ap, bp, c, ldc, accumulate, mr, nr),
-            (true, false) => tile_bf16::<2, 1>(kc, ap, bp, c, ldc, accumulate, mr, nr),
-            (false, true) => tile_bf16::<1, 2>(kc, ap, bp, c, ldc, accumulate, mr, nr),
-            (false, false) => tile_bf16::<1, 1>(kc, ap, bp, c, ldc, accumulate, mr, nr),
-        }
+        by_panels!(tile_bf16(kc, ap, bp, c, ldc, accumulate, mr, nr))
     }
 
     #[inline]
