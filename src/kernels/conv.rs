@@ -36,7 +36,6 @@ pub fn conv2d<W: Elem>(x: &[f32], weight: &[W], bias: Option<&[f32]>, s: &ConvSh
         // Winograd in f32 even for bf16 products: its transforms amplify bf16's rounding about
         // tenfold (2.5e-2 relative error against 3e-3 for the direct convolution), and it does
         // 4x fewer multiplies, more than bf16's 2x rate gives back.
-        let _ = arith;
         return super::winograd::conv2d(x, weight, bias, s);
     }
     conv2d_direct(x, weight, bias, s, arith)
