@@ -556,45 +556,17 @@ unsafe fn gemm_serial(
                 let kc = kb.min(k - pc);
                 // A value's place in a panel: `kc` deep, or `kc / 2` pairs deep for bf16.
                 let depth = if kernel.pairs { kc.div_ceil(2) } else { kc };
-                let bpacked: *const f32 = match (kernel.pairs, b.packed_pairs(pc, kc, j_base + jc)) {
-                    (true, Some(p)) => p.as_ptr().cast(),
-                    _ => {
-                        let f = match b.packed(pc, kc, j_base + jc) {
-                            Some(p) => p,
-                            None => {
-                                b.pack_b(pc, kc, j_base + jc, nc, bbuf);
-                                &bbuf[..]
-                            }
-                        };
-                        if kernel.pairs {
-                            to_pairs(&f[..nc.div_ceil(NR) * NR * kc], kc, NR, bpairs);
-                            bpairs.as_ptr().cast()
-                        } else {
-                            f.as_ptr()
-                        }
-                    }
-                };
+                let jb = j_base + jc;
+                let bpacked = block(kernel.pairs, b.packed_pairs(pc, kc, jb), b.packed(pc, kc, jb), kc, NR, nc, bbuf, bpairs, |d| {
+                    b.pack_b(pc, kc, jb, nc, d)
+                });
                 let acc = accumulate || pc > 0;
                 for ic in (0..m).step_by(MC) {
                     let mc = MC.min(m - ic);
-                    let apacked: *const f32 = match (kernel.pairs, a.packed_pairs(i_base + ic, pc, kc)) {
-                        (true, Some(p)) => p.as_ptr().cast(),
-                        _ => {
-                            let f = match a.packed(i_base + ic, pc, kc) {
-                                Some(p) => p,
-                                None => {
-                                    a.pack_a(i_base + ic, mc, pc, kc, abuf);
-                                    &abuf[..]
-                                }
-                            };
-                            if kernel.pairs {
-                                to_pairs(&f[..mc.div_ceil(MR) * MR * kc], kc, MR, apairs);
-                                apairs.as_ptr().cast()
-                            } else {
-                                f.as_ptr()
-                            }
-                        }
-                    };
+                    let ib = i_base + ic;
+                    let apacked = block(kernel.pairs, a.packed_pairs(ib, pc, kc), a.packed(ib, pc, kc), kc, MR, mc, abuf, apairs, |d| {
+                        a.pack_a(ib, mc, pc, kc, d)
+                    });
                     for jr in (0..nc).step_by(kernel.cols) {
                         let nr = kernel.cols.min(nc - jr);
                         let bp = bpacked.add(jr * depth);
@@ -614,6 +586,38 @@ unsafe fn gemm_serial(
 /// `(kc, a, b, c, ldc, accumulate, mr, nr)`: `C[..mr, ..nr] (+)= A·B` over depth `kc`, where A
 /// is `ceil(mr / MR)` packed panels `kc * MR` apart from `a` and B `ceil(nr / NR)` panels
 /// `kc * NR` apart from `b` (no panel past those is read).
+/// Where the kernel reads one operand's block of `count` rows / columns (`unit` per panel):
+/// the operand's stored bf16 pairs or f32 panels, or `pack` into `buf`; a bf16 kernel (`pairs`)
+/// gets f32 panels rounded into `pairs_buf`.
+#[allow(clippy::too_many_arguments)]
+fn block(
+    pairs: bool,
+    stored_pairs: Option<&[u32]>,
+    stored: Option<&[f32]>,
+    kc: usize,
+    unit: usize,
+    count: usize,
+    buf: &mut [f32],
+    pairs_buf: &mut [u32],
+    pack: impl FnOnce(&mut [f32]),
+) -> *const f32 {
+    if let (true, Some(p)) = (pairs, stored_pairs) {
+        return p.as_ptr().cast();
+    }
+    let f: &[f32] = match stored {
+        Some(p) => p,
+        None => {
+            pack(&mut *buf);
+            &*buf
+        }
+    };
+    if !pairs {
+        return f.as_ptr();
+    }
+    to_pairs(&f[..count.div_ceil(unit) * unit * kc], kc, unit, pairs_buf);
+    pairs_buf.as_ptr().cast()
+}
+
 type Kernel = unsafe fn(usize, *const f32, *const f32, *mut f32, usize, bool, usize, usize);
 
 /// A micro-kernel and the largest tile it computes (a whole number of packed panels, so every
@@ -949,6 +953,14 @@ mod x86 {
 mod tests {
     use super::*;
 
+    /// Uniform values in [-0.5, 0.5) from a seeded linear congruential generator.
+    fn uniform(mut seed: u32) -> impl FnMut() -> f32 {
+        move || {
+            seed = seed.wrapping_mul(1664525).wrapping_add(1013904223);
+            (seed >> 8) as f32 / (1 << 24) as f32 - 0.5
+        }
+    }
+
     fn naive(m: usize, n: usize, k: usize, a: &Strided, b: &Strided) -> Vec<f32> {
         let mut c = vec![0f32; m * n];
         for i in 0..m {
@@ -969,11 +981,7 @@ mod tests {
     #[test]
     fn half_precision_packers_widen_exactly() {
         fn check<T: Elem>(from: fn(f32) -> T, name: &str) {
-            let mut seed = 5u32;
-            let mut rnd = || {
-                seed = seed.wrapping_mul(1664525).wrapping_add(1013904223);
-                (seed >> 8) as f32 / (1 << 24) as f32 - 0.5
-            };
+            let mut rnd = uniform(5);
             // k = 600: depth blocks of 300 (> WIDEN), so the widening buffers wrap.
             for &(m, n, k) in &[(1, 1, 1), (7, 17, 3), (13, 40, 300), (77, 33, 600), (6, 16, 256), (100, 1030, 20)] {
                 let ah: Vec<T> = (0..m * k).map(|_| from(rnd())).collect();
@@ -1024,11 +1032,7 @@ mod tests {
     #[test]
     fn every_cpu_path_gives_the_same_products() {
         use crate::kernels::CpuPath;
-        let mut seed = 9u32;
-        let mut rnd = || {
-            seed = seed.wrapping_mul(1664525).wrapping_add(1013904223);
-            (seed >> 8) as f32 / (1 << 24) as f32 - 0.5
-        };
+        let mut rnd = uniform(9);
         for path in CpuPath::ALL.into_iter().filter(|p| !p.supported()) {
             println!("skipped: CPU path {} (this CPU lacks it)", path.name());
         }
@@ -1102,11 +1106,7 @@ mod tests {
             println!("skipped: bf16 products (LCM_CPU_PATH={})", CpuPath::current().name());
             return;
         }
-        let mut seed = 13u32;
-        let mut rnd = || {
-            seed = seed.wrapping_mul(1664525).wrapping_add(1013904223);
-            (seed >> 8) as f32 / (1 << 24) as f32 - 0.5
-        };
+        let mut rnd = uniform(13);
         let round = |v: &[f32]| -> Vec<f32> { v.iter().map(|x| f32::from_bits(bf16_bits(*x) << 16)).collect() };
         // (30, 2000, 301): column chunks sharing A packed once (odd depth); (700, 96, 90): row
         // chunks sharing B packed once.
@@ -1160,11 +1160,7 @@ mod tests {
 
     #[test]
     fn matches_naive_on_odd_shapes_and_strides() {
-        let mut seed = 1u32;
-        let mut rnd = || {
-            seed = seed.wrapping_mul(1664525).wrapping_add(1013904223);
-            (seed >> 8) as f32 / (1 << 24) as f32 - 0.5
-        };
+        let mut rnd = uniform(1);
         for &(m, n, k) in &[
             (1, 1, 1),
             (7, 17, 3),
