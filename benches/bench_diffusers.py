@@ -67,6 +67,25 @@ def lcm_scheduler(pipe):
     return pipe
 
 
+def with_tiny_vae(pipe, steps, size, config):
+    """The whole image with `AutoencoderTiny` (TAESD's real config, random weights, as lcm's stage)
+    in the pipeline's dtype: diffusers' fast LCM recipe, `pipe.vae = AutoencoderTiny...`."""
+    from diffusers import AutoencoderTiny
+
+    here = os.path.dirname(os.path.abspath(__file__))
+    cfg = json.load(open(os.path.join(here, "..", "tests", "fixtures", "vaes", "real_configs", config, "config.json")))
+    tiny = AutoencoderTiny.from_config(cfg).to(DEV, DT)
+    fast = copy.copy(pipe)  # a shallow copy of the pipeline: same modules, its own vae
+    fast.register_modules(vae=tiny)
+    x = randn(1, 4, size // 8, size // 8)
+    return {
+        "tiny VAE decode (TAESD)": lambda: tiny.decode(x).sample,
+        f"text-to-image, {steps} LCM steps, tiny VAE": lambda: fast(
+            PROMPT, num_inference_steps=steps, guidance_scale=1.0, height=size, width=size,
+            generator=torch.manual_seed(0), output_type="np"),
+    }
+
+
 def sd15_stages(d, size, steps):
     from diffusers import StableDiffusionPipeline
 
@@ -76,7 +95,7 @@ def sd15_stages(d, size, steps):
     pe2 = torch.cat(pipe.encode_prompt(PROMPT, DEV, 1, True)[::-1])  # [negative, prompt]
     x1 = randn(1, 4, lat, lat)
     x2 = torch.cat([x1, x1])
-    return {
+    return with_tiny_vae(pipe, steps, size, "taesd") | {
         "text encoding": lambda: pipe.encode_prompt(PROMPT, DEV, 1, False),
         "UNet step, batch 1": lambda: pipe.unet(x1, 999, encoder_hidden_states=pe).sample,
         "UNet step, batch 2 (CFG)": lambda: pipe.unet(x2, 999, encoder_hidden_states=pe2).sample,
@@ -91,6 +110,7 @@ def sdxl_stages(d, size, steps):
     from diffusers import StableDiffusionXLPipeline
 
     pipe = lcm_scheduler(load(StableDiffusionXLPipeline, d))
+    tiny = with_tiny_vae(pipe, steps, size, "taesdxl")
     lat = size // pipe.vae_scale_factor
     pe, _, pooled, _ = pipe.encode_prompt(PROMPT, device=DEV, num_images_per_prompt=1,
                                           do_classifier_free_guidance=False)
@@ -107,7 +127,7 @@ def sdxl_stages(d, size, steps):
     upcast = DT != torch.float32 and pipe.vae.config.force_upcast
     vae = pipe.vae if not upcast else copy.deepcopy(pipe.vae).to(torch.float32)
     xv = x1.to(vae.dtype)
-    return {
+    return tiny | {
         "text encoding": lambda: pipe.encode_prompt(PROMPT, device=DEV, num_images_per_prompt=1,
                                                     do_classifier_free_guidance=False),
         "UNet step, batch 1": lambda: pipe.unet(x1, 999, encoder_hidden_states=pe, added_cond_kwargs=cond1).sample,
@@ -158,8 +178,11 @@ def main():
     DEV = lcm.get("device", "cpu")
     # diffusers in the precision lcm multiplies in: its weight dtype on a GPU; on the CPU bfloat16
     # when lcm's CPU path multiplies bf16 weights in bf16 (e.g. avx512-bf16), else float32.
+    # lcm's 8-bit mode is compared with diffusers' fastest precision on the CPU: bfloat16 where
+    # the CPU multiplies it fast (AVX512-BF16 / AMX), else float32.
     dtype = lcm.get("dtype", "f32")
-    cpu_bf16 = dtype == "bf16" and lcm.get("cpu_path", "").endswith("bf16")
+    cpu_bf16 = dtype in ("bf16", "int8") and lcm.get("cpu_path", "").endswith("bf16")
+    dtype = "bf16" if dtype == "int8" else dtype
     DT = {"f32": torch.float32, "f16": torch.float16, "bf16": torch.bfloat16}[dtype] if DEV != "cpu" or cpu_bf16 else torch.float32
     torch.set_num_threads(lcm["threads"])
     torch.set_grad_enabled(False)

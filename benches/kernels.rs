@@ -52,6 +52,10 @@ fn main() -> candle_core::Result<()> {
         for &(rows, i, o) in &[
             (4096usize, 320usize, 320usize),
             (4096, 320, 2560),
+            (4096, 320, 1280),
+            (1024, 320, 2560),
+            (4096, 320, 2048),
+            (4096, 320, 2576),
             (4096, 1280, 320),
             (1024, 640, 5120),
             (77, 768, 3072),
@@ -70,6 +74,11 @@ fn main() -> candle_core::Result<()> {
             let wb = w.to_dtype(candle_core::DType::BF16)?;
             rate(&format!("linear {rows}x{i}->{o} bf16 weights"), fl, || {
                 lcm::ops::linear(&x, &wb, None).unwrap();
+            });
+            let xs: Vec<f32> = x.flatten_all()?.to_vec1()?;
+            let wq = lcm::kernels::int8::Int8Matrix::quantize(&w.flatten_all()?.to_vec1::<f32>()?, o, i, lcm::kernels::int8::Side::Right);
+            rate(&format!("linear {rows}x{i}->{o} int8 weights"), fl, || {
+                lcm::kernels::int8::linear(&xs, rows, &wq, None);
             });
         }
     }
@@ -93,6 +102,12 @@ fn main() -> candle_core::Result<()> {
                     lcm::ops::conv2d(&x, &w, None, 1, 1).unwrap();
                 },
             );
+            let (xs, ws): (Vec<f32>, Vec<f32>) = (x.flatten_all()?.to_vec1()?, w.flatten_all()?.to_vec1()?);
+            let wq = lcm::kernels::int8::Int8Matrix::quantize(&ws, co, c * 9, lcm::kernels::int8::Side::Left);
+            let shape = lcm::kernels::conv::ConvShape { batch: 1, c_in: c, h: hw, w: hw, c_out: co, kh: 3, kw: 3, stride: 1, padding: 1 };
+            rate(&format!("conv3x3 {c}->{co} {hw}^2 int8 weights"), fl, || {
+                lcm::kernels::int8::conv2d(&xs, &wq, None, &shape);
+            });
             rate(&format!("conv3x3 {c}->{co} {hw}^2 candle"), fl, || {
                 x.conv2d(&w, 1, 1, 1, 1).unwrap();
             });
@@ -106,12 +121,12 @@ fn main() -> candle_core::Result<()> {
                 &format!("attention {heads}x{l}x{d} lcm::ops::attention"),
                 fl,
                 || {
-                    lcm::ops::attention(&q, &q, &q, 0.1, false, &q).unwrap();
+                    lcm::ops::attention(&q, &q, &q, 0.1, false, q.dtype()).unwrap();
                 },
             );
             let bf16 = q.to_dtype(candle_core::DType::BF16)?;
             rate(&format!("attention {heads}x{l}x{d} bf16 products"), fl, || {
-                lcm::ops::attention(&q, &q, &q, 0.1, false, &bf16).unwrap();
+                lcm::ops::attention(&q, &q, &q, 0.1, false, bf16.dtype()).unwrap();
             });
         }
     }

@@ -8,6 +8,7 @@
 //! threads, and peak memory.
 
 use crate::loaders::weights::{random_var_builder, recording_random_var_builder};
+use crate::models::autoencoder::Autoencoder;
 use crate::models::autoencoder_tiny::{AutoencoderTiny, AutoencoderTinyConfig};
 use crate::models::autoencoder_kl::{AutoencoderKL, AutoencoderKLConfig};
 use crate::models::clip_text_model::{ClipTextConfig, ClipTextModel, ClipTextModelWithProjection};
@@ -529,11 +530,11 @@ pub fn run(dir: &Path, opts: &BenchOptions) -> Result<BenchReport> {
     let frames = match opts.model {
         BenchModel::Sd15 | BenchModel::Sdxl => {
             let pipe = LcmPipeline::load(dir_str, &LoadOptions { dtype: opts.dtype, device: opts.device.clone().into(), ..Default::default() })?;
-            let pipe = match opts.model {
+            let mut pipe = match opts.model {
                 BenchModel::Sd15 => pipe.with_kind(PipelineKind::StableDiffusion),
                 _ => pipe,
             };
-            time_image_stages(&pipe, opts, &mut stages)?;
+            time_image_stages(&mut pipe, opts, &mut stages)?;
             None
         }
         BenchModel::AnimateDiff => {
@@ -575,7 +576,7 @@ pub fn run(dir: &Path, opts: &BenchOptions) -> Result<BenchReport> {
 
 /// SD1.5 / SDXL: text encoding (SDXL: both encoders), one UNet step at batch 1 and 2, VAE decode,
 /// the whole text-to-image.
-fn time_image_stages(pipe: &LcmPipeline, opts: &BenchOptions, stages: &mut Stages) -> Result<()> {
+fn time_image_stages(pipe: &mut LcmPipeline, opts: &BenchOptions, stages: &mut Stages) -> Result<()> {
     let c = &pipe.components;
     let (dev, dt) = (c.device().clone(), c.compute_dtype());
     let size = (opts.size, opts.size);
@@ -621,6 +622,12 @@ fn time_image_stages(pipe: &LcmPipeline, opts: &BenchOptions, stages: &mut Stage
         ..Default::default()
     };
     stages.add(&format!("text-to-image, {} LCM steps", opts.steps), time(opts, || {
+        pipe.generate(&req, |_, _| {})?;
+        Ok(())
+    })?);
+    // The fast mode's whole image: the same with the tiny autoencoder (`--vae madebyollin/taesd`).
+    pipe.components.vae = Autoencoder::Tiny(tiny);
+    stages.add(&format!("text-to-image, {} LCM steps, tiny VAE", opts.steps), time(opts, || {
         pipe.generate(&req, |_, _| {})?;
         Ok(())
     })?);

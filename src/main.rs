@@ -44,9 +44,12 @@ struct ModelArgs {
     /// Weight variant, e.g. fp16 picks *.fp16.safetensors.
     #[arg(long)]
     variant: Option<String>,
-    /// Precision the weights are kept in: f32, f16 or bf16 (any stored files are converted).
-    /// On the CPU the computation stays f32 (f16 / bf16 halve the weights' memory); on a GPU it
-    /// runs in this dtype, as diffusers' torch_dtype. Default: f32 on the CPU, f16 on a GPU.
+    /// Precision the weights are kept in: f32, f16, bf16 or int8 (any stored files are
+    /// converted). On the CPU activations stay f32: f16 / bf16 halve the weights' memory, bf16
+    /// multiplies in bf16 where the CPU has AVX512-BF16; int8 (CPU only) quantizes the UNet's
+    /// layers to 8 bits per output channel (the fast mode, with --vae a tiny autoencoder). On a
+    /// GPU everything runs in this dtype, as diffusers' torch_dtype. Default: f32 on the CPU,
+    /// f16 on a GPU.
     #[arg(long)]
     dtype: Option<String>,
     /// Where to run: cpu, cuda or cuda:N (needs a build with the `cuda` feature).
@@ -190,8 +193,8 @@ enum Command {
         warmup: usize,
         #[arg(long, default_value_t = 3)]
         runs: usize,
-        /// Precision the weights are kept in: f32, f16 or bf16 (default: f32 on the CPU, f16
-        /// on a GPU, where the computation runs in it too).
+        /// Precision the weights are kept in: f32, f16, bf16 or int8 (as for `generate`;
+        /// default: f32 on the CPU, f16 on a GPU).
         #[arg(long)]
         dtype: Option<String>,
         /// cpu, cuda or cuda:N.

@@ -98,6 +98,48 @@ pub fn linear(x: &Tensor, weight: &Tensor, bias: Option<&Tensor>) -> Result<Tens
     y.reshape(out_dims)
 }
 
+/// [`linear`] with 8-bit weights (CPU f32 activations).
+pub fn linear_int8(x: &Tensor, weight: &kernels::int8::Int8Matrix, bias: Option<&Tensor>) -> Result<Tensor> {
+    let _t = profile::timer(0);
+    let dims = x.dims();
+    let in_features = dims[dims.len() - 1];
+    if in_features != weight.depth() {
+        candle_core::bail!("linear: input has {in_features} features but the weight expects {}", weight.depth());
+    }
+    let rows: usize = dims[..dims.len() - 1].iter().product();
+    flops::add(2 * rows * in_features * weight.rows());
+    let mut out_dims = dims.to_vec();
+    *out_dims.last_mut().unwrap() = weight.rows();
+    let Some(xs) = cpu_f32(&x.to_dtype(DType::F32)?)? else { candle_core::bail!("8-bit layers run on the CPU only") };
+    let b = bias_f32(bias)?;
+    let y = kernels::int8::linear(&xs, rows, weight, b.as_deref());
+    Tensor::from_vec(y, out_dims, x.device())?.to_dtype(x.dtype())
+}
+
+/// [`conv2d`] with 8-bit weights; `dims`: the float kernel's `[c_out, c_in, kh, kw]`.
+pub fn conv2d_int8(
+    x: &Tensor,
+    weight: &kernels::int8::Int8Matrix,
+    dims: &[usize],
+    bias: Option<&Tensor>,
+    stride: usize,
+    padding: usize,
+) -> Result<Tensor> {
+    let _t = profile::timer(1);
+    let (batch, c_in, h, w) = x.dims4()?;
+    let &[c_out, w_in, kh, kw] = dims else { candle_core::bail!("conv2d: kernel of shape {dims:?}") };
+    if c_in != w_in {
+        candle_core::bail!("conv2d: input has {c_in} channels but the kernel {dims:?} expects {w_in}");
+    }
+    let shape = kernels::conv::ConvShape { batch, c_in, h, w, c_out, kh, kw, stride, padding };
+    let (ho, wo) = shape.out_hw();
+    flops::add(2 * batch * c_out * ho * wo * c_in * kh * kw);
+    let Some(xs) = cpu_f32(&x.to_dtype(DType::F32)?)? else { candle_core::bail!("8-bit layers run on the CPU only") };
+    let b = bias_f32(bias)?;
+    let y = kernels::int8::conv2d(&xs, weight, b.as_deref(), &shape);
+    Tensor::from_vec(y, (batch, c_out, ho, wo), x.device())?.to_dtype(x.dtype())
+}
+
 /// How our kernels multiply by a weight: bf16 weights in bf16 where the CPU has bf16 products
 /// (diffusers' `torch_dtype=torch.bfloat16`, with f32 sums and f32 activations between layers),
 /// everything else in f32.
@@ -297,16 +339,16 @@ pub fn layer_norm(x: &Tensor, weight: &Tensor, bias: Option<&Tensor>, eps: f64) 
 }
 
 /// Scaled dot-product attention: q `[b, heads, lq, d]`, k/v `[b, heads, lk, d]`.
-/// `causal` masks future positions (CLIP's text encoder). `weights`: the layer's projection
-/// weight (whose dtype sets the products' precision, as for every product of the model).
-pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, scale: f64, causal: bool, weights: &Tensor) -> Result<Tensor> {
+/// `causal` masks future positions (CLIP's text encoder). `weights`: the dtype of the layer's
+/// projection weight, which sets the products' precision as for every product of the model.
+pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, scale: f64, causal: bool, weights: DType) -> Result<Tensor> {
     let _t = profile::timer(2);
     let (lq, d) = (q.dim(D::Minus2)?, q.dim(D::Minus1)?);
     let batch_heads: usize = q.dims()[..q.rank() - 2].iter().product();
     let (lk, dv) = (k.dim(D::Minus2)?, v.dim(D::Minus1)?);
     flops::add(2 * batch_heads * lq * lk * (d + dv));
     if let (Some(qs), Some(ks), Some(vs)) = (cpu_f32(q)?, cpu_f32(k)?, cpu_f32(v)?) {
-        let out = kernels::attention::attention(&qs, &ks, &vs, batch_heads, lq, lk, d, dv, scale as f32, causal, products(weights));
+        let out = kernels::attention::attention(&qs, &ks, &vs, batch_heads, lq, lk, d, dv, scale as f32, causal, kernels::gemm::Arith::bf16_if(weights == DType::BF16));
         let mut dims = q.dims().to_vec();
         *dims.last_mut().unwrap() = dv;
         return Tensor::from_vec(out, dims, q.device());

@@ -700,6 +700,40 @@ fn device_flag_errors_are_one_line() {
 
 /// `LCM_CPU_PATH`: every f32 path this CPU has gives diffusers' image (the vector paths the same
 /// bytes); a path the CPU lacks is skipped with its name printed; a bad name is a one-line error.
+/// `--dtype int8` on every CPU path the machine has: the 8-bit kernel's paths (AVX512-VNNI on
+/// `avx512` and up) give one image bit for bit; the others multiply dequantized weights in f32;
+/// all stay near the f32 image.
+#[test]
+fn int8_runs_on_every_cpu_path() {
+    use lcm::kernels::CpuPath;
+    let tmp = tempfile::tempdir().unwrap();
+    let model = common::fixtures().join("models/tiny-lcm");
+    let run = |path: &str, dtype: &str, out: &Path| {
+        let args = ["generate", "--model", model.to_str().unwrap(), "--prompt", "a photo of a cat", "--seed", "0", "--dtype", dtype, "--output", out.to_str().unwrap()];
+        let o = lcm(&args, &[("LCM_CPU_PATH", path)]);
+        assert!(o.status.success(), "{path} {dtype}: {}", stderr(&o));
+        lcm::image_io::read_png(out).unwrap().pixels
+    };
+    let full = run("portable", "f32", &tmp.path().join("f32.png"));
+    let mut vnni_image: Option<Vec<u8>> = None;
+    for path in CpuPath::ALL {
+        if !path.supported() {
+            println!("skipped: CPU path {} (this CPU lacks it)", path.name());
+            continue;
+        }
+        let img = run(path.name(), "int8", &tmp.path().join(format!("{}.png", path.name())));
+        let max = img.iter().zip(&full).map(|(a, b)| a.abs_diff(*b)).max().unwrap();
+        println!("{}: int8 vs f32 max {max}/255", path.name());
+        assert!(max <= 16, "{}: int8 vs f32 max {max}/255", path.name());
+        if path >= CpuPath::Avx512 && lcm::kernels::int8::Int8Path::current() == lcm::kernels::int8::Int8Path::Vnni {
+            match &vnni_image {
+                None => vnni_image = Some(img),
+                Some(p) => assert!(*p == img, "{}: not the other 8-bit paths' image", path.name()),
+            }
+        }
+    }
+}
+
 #[test]
 fn every_cpu_path_gives_the_diffusers_image() {
     use lcm::kernels::CpuPath;

@@ -140,7 +140,7 @@ fn vae_upcast_follows_force_upcast_in_sdxl_pipelines_only() {
     let bf16 = Precision::from(DType::BF16);
     assert_eq!(vae_precision(PipelineKind::StableDiffusionXL, true, bf16), upcast);
     // CPU: f32 activations with half weights are already f32 compute: nothing to upcast.
-    let cpu_half_weights = Precision { compute: DType::F32, weights: DType::F16 };
+    let cpu_half_weights = Precision { compute: DType::F32, weights: DType::F16, int8: false };
     assert_eq!(vae_precision(PipelineKind::StableDiffusionXL, true, cpu_half_weights), cpu_half_weights);
 
     // A replacement SDXL VAE with force_upcast false (fp16-fix) stays in f16 through LoadOptions.

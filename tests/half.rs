@@ -121,7 +121,7 @@ fn unet_parameter_bytes_halve() {
     let weights = ComponentWeights::open(&dir, None).unwrap();
     let build = |weights_dtype: DType| {
         let seen: Seen = Default::default();
-        let p = Precision { compute: DType::F32, weights: weights_dtype };
+        let p = Precision { compute: DType::F32, weights: weights_dtype, int8: false };
         let tally = Tally { inner: weights.var_builder(None, p, &Device::Cpu), seen: seen.clone() };
         UNet2DConditionModel::new(VarBuilder::from_backend(Box::new(tally), DType::F32, Device::Cpu), &cfg).unwrap();
         let seen = seen.lock().unwrap().clone();
@@ -195,11 +195,11 @@ fn fp16_files_load_for_any_dtype() {
 
 #[test]
 fn dtype_names_parse() {
-    for (s, d) in [("f32", WeightDType::F32), ("FP32", WeightDType::F32), ("float32", WeightDType::F32), ("f16", WeightDType::F16), ("fp16", WeightDType::F16), ("float16", WeightDType::F16), ("bf16", WeightDType::BF16), ("bfloat16", WeightDType::BF16)] {
+    for (s, d) in [("f32", WeightDType::F32), ("FP32", WeightDType::F32), ("float32", WeightDType::F32), ("f16", WeightDType::F16), ("fp16", WeightDType::F16), ("float16", WeightDType::F16), ("bf16", WeightDType::BF16), ("bfloat16", WeightDType::BF16), ("int8", WeightDType::Int8), ("q8", WeightDType::Int8)] {
         assert_eq!(s.parse::<WeightDType>().unwrap(), d, "{s}");
     }
     let e = "f64".parse::<WeightDType>().unwrap_err();
-    assert_eq!(e, "unknown dtype `f64`: f32, f16 or bf16");
+    assert_eq!(e, "unknown dtype `f64`: f32, f16, bf16 or int8");
     assert_eq!(WeightDType::default(), WeightDType::F32);
 }
 
@@ -257,7 +257,7 @@ fn cli_dtype_flag() {
     let err = String::from_utf8_lossy(&o.stderr);
     assert_eq!(o.status.code(), Some(1), "{err}");
     let lines: Vec<&str> = err.lines().filter(|l| !l.trim().is_empty()).collect();
-    assert_eq!(lines, ["error: unknown dtype `f64`: f32, f16 or bf16"]);
+    assert_eq!(lines, ["error: unknown dtype `f64`: f32, f16, bf16 or int8"]);
 }
 
 /// bf16 weights where the CPU multiplies in bf16 (AVX512-BF16): our bf16 image is no further from

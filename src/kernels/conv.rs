@@ -76,10 +76,10 @@ pub fn conv2d_direct<W: Elem>(x: &[f32], weight: &[W], bias: Option<&[f32]>, s: 
 }
 
 /// The im2col matrix of one image, `[c_in*kh*kw, ho*wo]`, read on demand.
-struct ImplicitIm2col<'a> {
-    x: &'a [f32],
-    s: &'a ConvShape,
-    wo: usize,
+pub(super) struct ImplicitIm2col<'a> {
+    pub(super) x: &'a [f32],
+    pub(super) s: &'a ConvShape,
+    pub(super) wo: usize,
 }
 
 /// A run of output pixels on one output row: panel columns `col..col+len` are pixels

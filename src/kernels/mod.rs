@@ -5,6 +5,7 @@
 pub mod attention;
 pub mod conv;
 pub mod gemm;
+pub mod int8;
 pub mod norm;
 pub mod winograd;
 

@@ -62,6 +62,10 @@ pub enum WeightDType {
     F32,
     F16,
     BF16,
+    /// 8-bit fast mode: the UNet's linear and convolution weights (and those of ControlNets,
+    /// T2I-Adapters and motion modules) quantized per output channel at load, multiplied in 8
+    /// bits where the CPU has VNNI; everything else f32. CPU only.
+    Int8,
 }
 
 impl std::str::FromStr for WeightDType {
@@ -71,7 +75,8 @@ impl std::str::FromStr for WeightDType {
             "f32" | "fp32" | "float32" => Ok(Self::F32),
             "f16" | "fp16" | "float16" | "half" => Ok(Self::F16),
             "bf16" | "bfloat16" => Ok(Self::BF16),
-            _ => Err(format!("unknown dtype `{s}`: f32, f16 or bf16")),
+            "int8" | "q8" | "qint8" => Ok(Self::Int8),
+            _ => Err(format!("unknown dtype `{s}`: f32, f16, bf16 or int8")),
         }
     }
 }
@@ -82,6 +87,7 @@ impl std::fmt::Display for WeightDType {
             Self::F32 => "f32",
             Self::F16 => "f16",
             Self::BF16 => "bf16",
+            Self::Int8 => "int8",
         })
     }
 }
@@ -92,6 +98,8 @@ impl WeightDType {
             Self::F32 => DType::F32,
             Self::F16 => DType::F16,
             Self::BF16 => DType::BF16,
+            // What is not quantized stays f32.
+            Self::Int8 => DType::F32,
         }
     }
 
@@ -100,7 +108,7 @@ impl WeightDType {
     /// everything is in this dtype.
     pub fn precision(self, device: &Device) -> Precision {
         if device.is_cpu() {
-            Precision { compute: DType::F32, weights: self.dtype() }
+            Precision { compute: DType::F32, weights: self.dtype(), int8: self == Self::Int8 }
         } else {
             Precision::from(self.dtype())
         }
@@ -115,12 +123,32 @@ impl WeightDType {
 pub struct Precision {
     pub compute: DType,
     pub weights: DType,
+    /// Linear and convolution layers quantize their weights to 8 bits ([`quantized_layers`]).
+    pub int8: bool,
 }
 
 impl From<DType> for Precision {
     fn from(dtype: DType) -> Self {
-        Self { compute: dtype, weights: dtype }
+        Self { compute: dtype, weights: dtype, int8: false }
     }
+}
+
+impl Precision {
+    /// The same without 8-bit layers (components kept in floating point: text encoders, VAEs).
+    pub fn float(self) -> Self {
+        Self { int8: false, ..self }
+    }
+}
+
+/// The name a layer asks its `VarBuilder` about (`vb.contains_tensor`) to learn whether its
+/// weight is to be quantized to 8 bits: candle's `VarBuilder` carries only a dtype, and this
+/// question reaches our weights backend, which knows the [`Precision`]. No stored tensor name
+/// contains a NUL.
+const INT8_QUERY: &str = "\0int8";
+
+/// Whether the layers built from `vb` keep their weights in 8 bits.
+pub fn quantized_layers(vb: &VarBuilder) -> bool {
+    vb.contains_tensor(INT8_QUERY)
 }
 
 /// The weights of a component folder as a `VarBuilder` (diffusers' names).
@@ -463,6 +491,9 @@ impl SimpleBackend for FusedWeights {
     }
 
     fn contains_tensor(&self, name: &str) -> bool {
+        if name.ends_with(INT8_QUERY) {
+            return self.precision.int8;
+        }
         self.base.index.contains_key(name)
     }
 }

@@ -1,7 +1,8 @@
 //! Attention layers (diffusers `attention_processor.Attention`, `attention.BasicTransformerBlock`,
 //! `attention.FeedForward` with GEGLU, `transformers/transformer_2d.Transformer2DModel`).
 
-use crate::nn::{GroupNorm, LayerNorm, Linear};
+use crate::kernels::int8::Side;
+use crate::nn::{GroupNorm, LayerNorm, Linear, Weight};
 use crate::ops;
 use candle_core::{Result, Tensor};
 use candle_nn::VarBuilder;
@@ -110,7 +111,7 @@ impl Attention {
         let q = self.split_heads(&self.to_q.forward(hidden_states)?)?;
         let k = self.split_heads(&self.to_k.forward(context)?)?;
         let v = self.split_heads(&self.to_v.forward(context)?)?;
-        let o = ops::attention(&q, &k, &v, self.scale, false, &self.to_q.weight)?;
+        let o = ops::attention(&q, &k, &v, self.scale, false, self.to_q.weight.dtype())?;
         let o = o.transpose(1, 2)?.reshape((b, n, self.heads * self.dim_head))?;
         let out = self.to_out.forward(&o)?;
         let out = if self.residual_connection { ops::add(&out, hidden_states)? } else { out };
@@ -133,7 +134,7 @@ impl Attention {
         let q = self.split_heads(&self.to_q.forward(&tokens)?)?;
         let k = self.split_heads(&self.to_k.forward(&tokens)?)?;
         let v = self.split_heads(&self.to_v.forward(&tokens)?)?;
-        let o = ops::attention(&q, &k, &v, self.scale, false, &self.to_q.weight)?;
+        let o = ops::attention(&q, &k, &v, self.scale, false, self.to_q.weight.dtype())?;
         let o = o.transpose(1, 2)?.reshape((b, h * w, self.heads * self.dim_head))?;
         let out = self.to_out.forward(&o)?.transpose(1, 2)?.reshape((b, c, h, w))?;
         let out = if self.residual_connection { ops::add(&out, x)? } else { out };
@@ -149,10 +150,8 @@ impl Attention {
 /// `net.2` (inner -> dim).
 #[derive(Clone, Debug)]
 pub struct FeedForward {
-    /// `net.0.proj`, kept whole under its diffusers name.
-    pub proj: Linear,
-    /// The two halves of `proj` (views of the same weights, no copy), so each matmul writes a
-    /// contiguous result instead of chunking one output.
+    /// The two halves of `net.0.proj` (views of the same weights, no copy; quantized apart
+    /// when 8-bit), so each matmul writes a contiguous result instead of chunking one output.
     hidden: Linear,
     gate: Linear,
     pub out: Linear,
@@ -160,16 +159,18 @@ pub struct FeedForward {
 
 impl FeedForward {
     pub fn new(vb: VarBuilder, dim: usize, inner_dim: usize) -> Result<Self> {
-        let proj = Linear::new(vb.pp("net").pp("0").pp("proj"), dim, inner_dim * 2, true)?;
+        let vb_proj = vb.pp("net").pp("0").pp("proj");
+        let weight = vb_proj.get((inner_dim * 2, dim), "weight")?;
+        let bias = vb_proj.get(inner_dim * 2, "bias")?;
         let half = |i: usize| -> Result<Linear> {
             Ok(Linear {
-                weight: proj.weight.narrow(0, i * inner_dim, inner_dim)?,
-                bias: proj.bias.as_ref().map(|b| b.narrow(0, i * inner_dim, inner_dim)).transpose()?,
+                weight: Weight::from_loaded(weight.narrow(0, i * inner_dim, inner_dim)?, &vb_proj, Side::Right)?,
+                bias: Some(bias.narrow(0, i * inner_dim, inner_dim)?),
             })
         };
         let (hidden, gate) = (half(0)?, half(1)?);
         let out = Linear::new(vb.pp("net").pp("2"), inner_dim, dim, true)?;
-        Ok(Self { proj, hidden, gate, out })
+        Ok(Self { hidden, gate, out })
     }
 
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
@@ -248,7 +249,7 @@ impl Projection {
             // squeeze keeps the loaded storage (a view), whatever its layout.
             let weight = vb.get((cout, cin, 1, 1), "weight")?.squeeze(3)?.squeeze(2)?;
             let bias = Some(vb.get(cout, "bias")?);
-            Ok(Self { linear: Linear { weight, bias }, is_conv: true })
+            Ok(Self { linear: Linear { weight: Weight::from_loaded(weight, &vb, Side::Right)?, bias }, is_conv: true })
         } else {
             Ok(Self { linear: Linear::new(vb, cin, cout, true)?, is_conv: false })
         }

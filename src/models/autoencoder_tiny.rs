@@ -211,7 +211,7 @@ impl<'a> LayersBuilder<'a> {
         let conv = if bias {
             Conv2d::new(vb, c_in, c_out, 3, stride, 1)?
         } else {
-            Conv2d { weight: vb.get((c_out, c_in, 3, 3), "weight")?, bias: None, stride, padding: 1 }
+            Conv2d { weight: vb.get((c_out, c_in, 3, 3), "weight")?.into(), bias: None, stride, padding: 1 }
         };
         self.layers.push(TinyLayer::Conv(conv));
         Ok(())

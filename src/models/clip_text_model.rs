@@ -158,7 +158,7 @@ impl ClipAttention {
         let q = heads(self.q_proj.forward(x)?)?;
         let k = heads(self.k_proj.forward(x)?)?;
         let v = heads(self.v_proj.forward(x)?)?;
-        let y = ops::attention(&q, &k, &v, self.scale, true, &self.q_proj.weight)?;
+        let y = ops::attention(&q, &k, &v, self.scale, true, self.q_proj.weight.dtype())?;
         let y = y.transpose(1, 2)?.contiguous()?.reshape((b, seq, hidden))?;
         self.out_proj.forward(&y)
     }

@@ -72,6 +72,8 @@ impl LoadOptions {
 /// sets `force_upcast` in float32 when the model is in float16 / bfloat16 (`upcast_vae`); the
 /// SD1.x / SD2.x and AnimateDiff pipelines keep it in the model's dtype.
 pub fn vae_precision(pipeline: PipelineKind, force_upcast: bool, p: Precision) -> Precision {
+    // Autoencoders are never 8-bit: the decoded pixels are the output.
+    let p = p.float();
     if pipeline == PipelineKind::StableDiffusionXL && force_upcast && p.compute != DType::F32 {
         Precision::from(DType::F32)
     } else {
@@ -293,6 +295,9 @@ impl StableDiffusionComponents {
         let (unet_config, unet_weights) = unet;
         let (vae_config, vae_weights) = vae;
         let precision = opts.precision(device);
+        if opts.dtype == WeightDType::Int8 && !device.is_cpu() {
+            anyhow::bail!("dtype int8 runs on the CPU only; on a GPU use f16 or bf16");
+        }
         let kind = PipelineKind::from_class_name(&pipeline_class);
         let vae = match &opts.vae {
             // A replacement autoencoder has its own files; the model's variant need not exist there.
@@ -402,7 +407,8 @@ impl StableDiffusionComponents {
 }
 
 fn build_text_encoder(w: &ComponentWeights, cfg: &ClipTextConfig, adapters: &AdapterSet, precision: Precision, device: &Device) -> Result<ClipTextModel> {
-    let vb = w.var_builder(adapters.combined(LoraComponent::TextEncoder), precision, device);
+    // Text encoders stay in floating point in 8-bit mode: they run once per prompt.
+    let vb = w.var_builder(adapters.combined(LoraComponent::TextEncoder), precision.float(), device);
     ClipTextModel::new(vb, cfg).context("text_encoder")
 }
 
@@ -413,7 +419,7 @@ fn build_text_encoder_2(
     precision: Precision,
     device: &Device,
 ) -> Result<ClipTextModelWithProjection> {
-    let vb = w.var_builder(adapters.combined(LoraComponent::TextEncoder2), precision, device);
+    let vb = w.var_builder(adapters.combined(LoraComponent::TextEncoder2), precision.float(), device);
     ClipTextModelWithProjection::new(vb, cfg).context("text_encoder_2")
 }
 
