@@ -577,6 +577,17 @@ pub fn run(dir: &Path, opts: &BenchOptions) -> Result<BenchReport> {
 /// SD1.5 / SDXL: text encoding (SDXL: both encoders), one UNet step at batch 1 and 2, VAE decode,
 /// the whole text-to-image.
 fn time_image_stages(pipe: &mut LcmPipeline, opts: &BenchOptions, stages: &mut Stages) -> Result<()> {
+    let req = GenerateRequest {
+        prompt: PROMPT.into(),
+        num_inference_steps: opts.steps,
+        guidance_scale: Some(1.0),
+        width: Some(opts.size),
+        height: Some(opts.size),
+        seed: 0,
+        ..Default::default()
+    };
+    // Sizes that cannot fit in memory are refused before any stage allocates.
+    pipe.validate(&req)?;
     let c = &pipe.components;
     let (dev, dt) = (c.device().clone(), c.compute_dtype());
     let size = (opts.size, opts.size);
@@ -612,15 +623,6 @@ fn time_image_stages(pipe: &mut LcmPipeline, opts: &BenchOptions, stages: &mut S
         tiny.decode(&x1)?;
         Ok(())
     })?);
-    let req = GenerateRequest {
-        prompt: PROMPT.into(),
-        num_inference_steps: opts.steps,
-        guidance_scale: Some(1.0),
-        width: Some(opts.size),
-        height: Some(opts.size),
-        seed: 0,
-        ..Default::default()
-    };
     stages.add(&format!("text-to-image, {} LCM steps", opts.steps), time(opts, || {
         pipe.generate(&req, |_, _| {})?;
         Ok(())
@@ -643,6 +645,17 @@ fn time_animation_stages(pipe: &LcmPipeline, opts: &BenchOptions, stages: &mut S
     if f == 0 {
         bail!("--frames must be at least 1");
     }
+    let req = GenerateRequest {
+        prompt: PROMPT.into(),
+        num_inference_steps: opts.steps,
+        guidance_scale: Some(1.0),
+        width: Some(opts.size),
+        height: Some(opts.size),
+        seed: 0,
+        num_frames: Some(f),
+        ..Default::default()
+    };
+    pipe.validate(&req)?;
     let lat = opts.size / pipe.vae_scale_factor();
     let text = conditioning::encode_text(c, PROMPT, None, false, 1, (opts.size, opts.size), &dev)?;
     let ehs = crate::ops::repeat_interleave(&text.prompt_embeds, f)?;
@@ -658,16 +671,6 @@ fn time_animation_stages(pipe: &LcmPipeline, opts: &BenchOptions, stages: &mut S
         }
         Ok(())
     })?);
-    let req = GenerateRequest {
-        prompt: PROMPT.into(),
-        num_inference_steps: opts.steps,
-        guidance_scale: Some(1.0),
-        width: Some(opts.size),
-        height: Some(opts.size),
-        seed: 0,
-        num_frames: Some(f),
-        ..Default::default()
-    };
     stages.add(&format!("animation, {f} frames, {} LCM steps", opts.steps), time(opts, || {
         pipe.animate(&req, |_, _| {})?;
         Ok(())

@@ -40,6 +40,20 @@ fn first_line(s: &str) -> &str {
 
 /// The dtype diffusers' guide loads models in on this device when none is asked for:
 /// `torch_dtype=torch.float16` on a GPU; f32 on the CPU.
+/// Bytes of memory new allocations can take on `device` without swapping out what runs: on the
+/// CPU, Linux's `MemAvailable` plus free swap; `None` where unknown (other systems, GPUs).
+pub fn available_memory(device: &Device) -> Option<u64> {
+    if !device.is_cpu() {
+        return None;
+    }
+    let info = std::fs::read_to_string("/proc/meminfo").ok()?;
+    let field = |name: &str| -> Option<u64> {
+        let line = info.lines().find(|l| l.starts_with(name))?;
+        line.split_whitespace().nth(1)?.parse::<u64>().ok().map(|kb| kb * 1024)
+    };
+    Some(field("MemAvailable:")? + field("SwapFree:").unwrap_or(0))
+}
+
 pub fn default_dtype(device: &Device) -> WeightDType {
     if device.is_cpu() {
         WeightDType::F32

@@ -47,35 +47,137 @@ pub fn numbered_paths(path: &Path, count: usize) -> Vec<PathBuf> {
     (1..=count).map(|i| path.with_file_name(format!("{stem}-{i}.{ext}"))).collect()
 }
 
-/// Write a PNG carrying an A1111-style `parameters` text chunk. Refuses to replace an existing
-/// file unless `overwrite`.
-/// Create an output file; an existing one is replaced only with `overwrite`.
-fn create_output(path: &Path, overwrite: bool) -> Result<std::fs::File> {
-    let file = if overwrite {
-        std::fs::File::create(path)
-    } else {
-        std::fs::OpenOptions::new().write(true).create_new(true).open(path)
-    };
-    file.map_err(|e| match e.kind() {
-        std::io::ErrorKind::AlreadyExists => {
-            anyhow::anyhow!("{} already exists; pass --overwrite to replace it", path.display())
-        }
-        _ => anyhow::anyhow!("cannot create {}: {e}", path.display()),
-    })
+/// The formats outputs are written in, chosen by the file's extension as PIL's `Image.save`
+/// does (PNG carries the A1111 `parameters` text; JPEG at PIL's default quality 75; WebP
+/// lossless; GIF for one image or an animation).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum OutputFormat {
+    Png,
+    Jpeg,
+    WebP,
+    Gif,
 }
 
-pub fn write_png(path: &Path, image: &RgbImage, parameters: Option<&str>, overwrite: bool) -> Result<()> {
-    let file = create_output(path, overwrite)?;
-    let mut enc = png::Encoder::new(std::io::BufWriter::new(file), image.width as u32, image.height as u32);
-    enc.set_color(png::ColorType::Rgb);
-    enc.set_depth(png::BitDepth::Eight);
-    if let Some(p) = parameters {
-        enc.add_text_chunk("parameters".to_string(), p.to_string())?;
+impl OutputFormat {
+    /// The format `path`'s extension names; an unknown or missing extension is an error, so
+    /// nothing is generated for an output that cannot be written.
+    pub fn for_path(path: &Path) -> Result<Self> {
+        const KNOWN: &str = "use .png, .jpg, .jpeg, .webp or .gif";
+        let ext = path.extension().and_then(|e| e.to_str()).map(|e| e.to_ascii_lowercase());
+        Ok(match ext.as_deref() {
+            Some("png") => Self::Png,
+            Some("jpg" | "jpeg") => Self::Jpeg,
+            Some("webp") => Self::WebP,
+            Some("gif") => Self::Gif,
+            Some(other) => bail!("cannot write {}: unknown image extension .{other} ({KNOWN})", path.display()),
+            None => bail!("cannot write {}: no file extension ({KNOWN})", path.display()),
+        })
     }
-    let mut writer = enc.write_header().with_context(|| format!("cannot write {}", path.display()))?;
-    writer.write_image_data(&image.pixels).with_context(|| format!("cannot write {}", path.display()))?;
-    writer.finish().with_context(|| format!("cannot write {}", path.display()))?;
+}
+
+/// Checks, before any compute, that every output can be written: a known image extension, an
+/// existing folder, and (without `overwrite`) no file of that name already there.
+pub fn check_outputs(paths: &[PathBuf], overwrite: bool) -> Result<()> {
+    for p in paths {
+        OutputFormat::for_path(p)?;
+        let dir = folder_of(p);
+        if !dir.is_dir() {
+            bail!("cannot write {}: folder {} does not exist", p.display(), dir.display());
+        }
+        if p.is_dir() {
+            bail!("cannot write {}: it is a folder", p.display());
+        }
+        if !overwrite && p.exists() {
+            bail!("{} already exists; pass --overwrite to replace it", p.display());
+        }
+    }
     Ok(())
+}
+
+fn folder_of(path: &Path) -> &Path {
+    match path.parent() {
+        Some(d) if !d.as_os_str().is_empty() => d,
+        _ => Path::new("."),
+    }
+}
+
+/// Write an image in the format its extension names (see [`OutputFormat`]); PNGs carry an
+/// A1111-style `parameters` text chunk. Written atomically ([`write_atomic`]): refuses to replace
+/// an existing file unless `overwrite`.
+pub fn write_image(path: &Path, image: &RgbImage, parameters: Option<&str>, overwrite: bool) -> Result<()> {
+    let bytes = encode_image(image, OutputFormat::for_path(path)?, parameters).with_context(|| format!("cannot write {}", path.display()))?;
+    write_atomic(path, &bytes, overwrite)
+}
+
+/// [`write_image`] for a `.png` path (kept for library users).
+pub fn write_png(path: &Path, image: &RgbImage, parameters: Option<&str>, overwrite: bool) -> Result<()> {
+    write_image(path, image, parameters, overwrite)
+}
+
+/// The file's bytes, encoded in memory: an encoding failure never touches the file system.
+pub fn encode_image(image: &RgbImage, format: OutputFormat, parameters: Option<&str>) -> Result<Vec<u8>> {
+    use image::ImageEncoder;
+    if image.pixels.len() != image.width * image.height * 3 {
+        bail!("image buffer does not match its size {}x{}", image.width, image.height);
+    }
+    let (w, h) = (image.width as u32, image.height as u32);
+    let mut out = Vec::new();
+    match format {
+        OutputFormat::Png => {
+            let mut enc = png::Encoder::new(&mut out, w, h);
+            enc.set_color(png::ColorType::Rgb);
+            enc.set_depth(png::BitDepth::Eight);
+            if let Some(p) = parameters {
+                // Latin-1 text as `tEXt`, anything else as UTF-8 `iTXt` (what PIL's `PngInfo`
+                // and AUTOMATIC1111 do), so a prompt in any language can be written.
+                if p.chars().all(|c| (c as u32) < 256) {
+                    enc.add_text_chunk("parameters".to_string(), p.to_string())?;
+                } else {
+                    enc.add_itxt_chunk("parameters".to_string(), p.to_string())?;
+                }
+            }
+            let mut writer = enc.write_header()?;
+            writer.write_image_data(&image.pixels)?;
+            writer.finish()?;
+        }
+        OutputFormat::Jpeg => {
+            image::codecs::jpeg::JpegEncoder::new_with_quality(&mut out, 75).write_image(&image.pixels, w, h, image::ExtendedColorType::Rgb8)?;
+        }
+        OutputFormat::WebP => {
+            image::codecs::webp::WebPEncoder::new_lossless(&mut out).write_image(&image.pixels, w, h, image::ExtendedColorType::Rgb8)?;
+        }
+        OutputFormat::Gif => out = encode_gif(std::slice::from_ref(image), 1)?,
+    }
+    Ok(out)
+}
+
+/// Writes `bytes` to `path` so that, whatever happens (an error, Ctrl+C, a kill), `path` holds
+/// either what it held before or all of `bytes`: they go to a temporary file in the same folder,
+/// are flushed to disk, and the file is renamed into place. Without `overwrite` the rename refuses
+/// to replace an existing file (two runs racing for one name cannot clobber each other). After an
+/// error the temporary file is removed.
+pub fn write_atomic(path: &Path, bytes: &[u8], overwrite: bool) -> Result<()> {
+    use std::io::Write;
+    let fail = |e: &dyn std::fmt::Display| anyhow::anyhow!("cannot write {}: {e}", path.display());
+    let mut builder = tempfile::Builder::new();
+    builder.prefix(".lcm-").suffix(".tmp");
+    #[cfg(unix)]
+    {
+        // What `File::create` gives under the usual umask (a temporary file is owner-only).
+        use std::os::unix::fs::PermissionsExt;
+        builder.permissions(std::fs::Permissions::from_mode(0o644));
+    }
+    let mut tmp = builder.tempfile_in(folder_of(path)).map_err(|e| fail(&e))?;
+    tmp.write_all(bytes).map_err(|e| fail(&e))?;
+    tmp.as_file().sync_all().map_err(|e| fail(&e))?;
+    let persisted = if overwrite { tmp.persist(path) } else { tmp.persist_noclobber(path) };
+    match persisted {
+        Ok(_) => Ok(()),
+        Err(e) if e.error.kind() == std::io::ErrorKind::AlreadyExists => {
+            bail!("{} already exists; pass --overwrite to replace it", path.display())
+        }
+        Err(e) => Err(fail(&e.error)),
+    }
 }
 
 /// Read a PNG's `parameters` text chunk (what A1111-compatible tools read).
@@ -102,24 +204,30 @@ pub fn read_png(path: &Path) -> Result<RgbImage> {
 }
 
 /// Write an animated GIF as diffusers' `export_to_gif` does: every frame shown `1000 / fps` ms,
-/// looping forever (frames quantized to a 256-colour palette each). Refuses to replace an
-/// existing file unless `overwrite`.
+/// looping forever (frames quantized to a 256-colour palette each). Written atomically; refuses
+/// to replace an existing file unless `overwrite`.
 pub fn write_gif(path: &Path, frames: &[RgbImage], fps: u32, overwrite: bool) -> Result<()> {
-    use image::codecs::gif::{GifEncoder, Repeat};
-    use image::{Delay, Frame, RgbaImage};
     if frames.is_empty() {
         bail!("no frames to write to {}", path.display());
     }
-    let file = create_output(path, overwrite)?;
-    let mut enc = GifEncoder::new_with_speed(std::io::BufWriter::new(file), 10);
-    enc.set_repeat(Repeat::Infinite).map_err(|e| anyhow::anyhow!("cannot write {}: {e}", path.display()))?;
-    let delay = Delay::from_numer_denom_ms(1000 / fps.max(1), 1);
-    for f in frames {
-        let rgba: Vec<u8> = f.pixels.chunks(3).flat_map(|p| [p[0], p[1], p[2], 255]).collect();
-        let img = RgbaImage::from_raw(f.width as u32, f.height as u32, rgba)
-            .ok_or_else(|| anyhow::anyhow!("frame buffer does not match its size"))?;
-        enc.encode_frame(Frame::from_parts(img, 0, 0, delay))
-            .map_err(|e| anyhow::anyhow!("cannot write {}: {e}", path.display()))?;
+    let bytes = encode_gif(frames, fps).with_context(|| format!("cannot write {}", path.display()))?;
+    write_atomic(path, &bytes, overwrite)
+}
+
+fn encode_gif(frames: &[RgbImage], fps: u32) -> Result<Vec<u8>> {
+    use image::codecs::gif::{GifEncoder, Repeat};
+    use image::{Delay, Frame, RgbaImage};
+    let mut out = Vec::new();
+    {
+        let mut enc = GifEncoder::new_with_speed(&mut out, 10);
+        enc.set_repeat(Repeat::Infinite)?;
+        let delay = Delay::from_numer_denom_ms(1000 / fps.max(1), 1);
+        for f in frames {
+            let rgba: Vec<u8> = f.pixels.chunks(3).flat_map(|p| [p[0], p[1], p[2], 255]).collect();
+            let img = RgbaImage::from_raw(f.width as u32, f.height as u32, rgba)
+                .ok_or_else(|| anyhow::anyhow!("frame buffer does not match its size"))?;
+            enc.encode_frame(Frame::from_parts(img, 0, 0, delay))?;
+        }
     }
-    Ok(())
+    Ok(out)
 }

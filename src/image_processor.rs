@@ -184,10 +184,8 @@ pub fn default_size(image: &Image8, width: Option<usize>, height: Option<usize>,
 
 /// `image_processor.preprocess(image, height, width)`: resized, `[1, 3, h, w]` in `[-1, 1]`.
 pub fn preprocess_image(image: &Image8, width: usize, height: usize, device: &Device) -> Result<Tensor> {
-    if image.channels != 3 {
-        bail!("the init image must be RGB");
-    }
-    let r = image.resize_lanczos(width, height);
+    // Grayscale becomes RGB, as diffusers' `load_image` converts every image.
+    let r = image.to_rgb().resize_lanczos(width, height);
     let mut data = vec![0f32; 3 * width * height];
     for (i, p) in r.pixels.chunks(3).enumerate() {
         for ch in 0..3 {

@@ -7,7 +7,7 @@ use anyhow::{bail, Context, Result};
 static ALLOC: lcm::alloc::CachingAllocator = lcm::alloc::CachingAllocator;
 
 use clap::{Parser, Subcommand, ValueEnum};
-use lcm::image_io::{numbered_paths, write_gif, write_png};
+use lcm::image_io::{check_outputs, numbered_paths, write_gif, write_image};
 use lcm::image_processor::Image8;
 use lcm::loaders::model_index::resolve_component;
 use lcm::models::autoencoder::Autoencoder;
@@ -110,7 +110,8 @@ enum Command {
         sampling: SamplingArgs,
         #[arg(long, default_value_t = 1)]
         num_images: usize,
-        /// Output PNG; several images become NAME-1.png, NAME-2.png, ...
+        /// Output image, in the format its extension names (.png with the generation parameters,
+        /// .jpg/.jpeg, .webp, .gif); several images become NAME-1.png, NAME-2.png, ...
         #[arg(long, short, default_value = "output.png")]
         output: PathBuf,
         #[arg(long, value_enum, default_value = "auto")]
@@ -160,8 +161,8 @@ enum Command {
         /// Videos to make from the prompt (num_videos_per_prompt).
         #[arg(long, default_value_t = 1)]
         num_videos: usize,
-        /// `.gif`: an animated GIF as diffusers' export_to_gif (looping, --fps); `.png`: one
-        /// numbered PNG per frame (NAME-1.png, ...).
+        /// `.gif`: an animated GIF as diffusers' export_to_gif (looping, --fps); another image
+        /// extension (`.png`, `.jpg`, `.webp`): one numbered file per frame (NAME-1.png, ...).
         #[arg(long, short, default_value = "animation.gif")]
         output: PathBuf,
         #[arg(long, default_value_t = 10)]
@@ -327,7 +328,7 @@ fn canny_command(input: &std::path::Path, output: &std::path::Path, low: f64, hi
     let img = Image8::read(input)?;
     let edges = lcm::canny::canny(&img, low, high)?.to_rgb();
     let rgb = lcm::image_io::RgbImage { width: edges.width, height: edges.height, pixels: edges.pixels };
-    write_png(output, &rgb, None, overwrite)?;
+    write_image(output, &rgb, None, overwrite)?;
     eprintln!("wrote {}", output.display());
     Ok(())
 }
@@ -356,15 +357,6 @@ impl SamplingArgs {
     }
 }
 
-/// Existing outputs are never replaced unless asked.
-fn check_outputs(paths: &[PathBuf], overwrite: bool) -> Result<()> {
-    if !overwrite {
-        if let Some(p) = paths.iter().find(|p| p.exists()) {
-            bail!("{} already exists; pass --overwrite to replace it", p.display());
-        }
-    }
-    Ok(())
-}
 
 /// `--device` and `--dtype`, checked before anything is loaded (an unknown name is a one-line
 /// error); the dtype defaults to the device's (f16 on a GPU, as diffusers' guide loads models).
@@ -456,7 +448,7 @@ impl Previews {
     fn write(&self, pipe: &LcmPipeline, step: &Step) -> Result<()> {
         let images = pipe.decode_latents(&self.vae, step.denoised, step.num_frames)?;
         for (img, path) in images.iter().zip(self.paths(step.index)) {
-            write_png(&path, img, None, self.overwrite)?;
+            write_image(&path, img, None, self.overwrite)?;
         }
         Ok(())
     }
@@ -510,8 +502,9 @@ fn run(cli: Cli) -> Result<()> {
             if num_images == 0 {
                 bail!("--num-images must be at least 1");
             }
-            let paths = numbered_paths(&output, num_images);
-            check_outputs(&paths, sampling.overwrite)?;
+            // The outputs' names are checked now (extension, folder); whether numbered files
+            // already exist, once the request is validated (their count is then bounded).
+            check_outputs(&numbered_paths(&output, num_images.min(64)), sampling.overwrite)?;
             if let Some(dir) = &preview {
                 Previews::check(dir, sampling.overwrite)?;
             }
@@ -539,6 +532,9 @@ fn run(cli: Cli) -> Result<()> {
                 adapter_conditioning_factor: control.adapter_conditioning_factor,
                 ..sampling.request()?
             };
+            pipe.validate(&req)?;
+            let paths = numbered_paths(&output, num_images);
+            check_outputs(&paths, sampling.overwrite)?;
             let previews = match &preview {
                 Some(dir) => Some(Previews::load(dir, preview_vae.as_deref(), &pipe, num_images, sampling.overwrite)?),
                 None => None,
@@ -553,7 +549,7 @@ fn run(cli: Cli) -> Result<()> {
                 })
             })?;
             for (i, (img, path)) in images.iter().zip(&paths).enumerate() {
-                write_png(path, img, Some(&pipe.parameters_text(&req, i)), sampling.overwrite)?;
+                write_image(path, img, Some(&pipe.parameters_text(&req, i)), sampling.overwrite)?;
                 eprintln!("wrote {} (seed {})", path.display(), req.seed);
             }
             Ok(())
@@ -565,29 +561,35 @@ fn run(cli: Cli) -> Result<()> {
             if fps == 0 {
                 bail!("--fps must be at least 1");
             }
-            let ext = output.extension().and_then(|e| e.to_str()).map(str::to_ascii_lowercase);
-            let gif = match ext.as_deref() {
-                Some("gif") => true,
-                Some("png") => false,
-                _ => bail!("--output must end in .gif (animated GIF) or .png (one PNG per frame), got {}", output.display()),
+            // .gif: one animated GIF per video; another image format: one file per frame.
+            let gif = lcm::image_io::OutputFormat::for_path(&output)? == lcm::image_io::OutputFormat::Gif;
+            let frame_paths = |count: usize| -> Vec<PathBuf> {
+                let videos = numbered_paths(&output, count);
+                videos.iter().flat_map(|v| if gif { vec![v.clone()] } else { numbered_paths(v, frames.max(2)).into_iter().take(frames).collect() }).collect()
             };
-            let videos = numbered_paths(&output, num_videos);
-            let frame_paths: Vec<Vec<PathBuf>> =
-                videos.iter().map(|v| if gif { vec![v.clone()] } else { numbered_paths(v, frames.max(2)).into_iter().take(frames).collect() }).collect();
-            check_outputs(&frame_paths.concat(), sampling.overwrite)?;
+            // The first output's name now; all of them once the request is validated (their
+            // count is then bounded).
+            let first_video = numbered_paths(&output, num_videos.min(2)).remove(0);
+            let first = if gif { first_video } else { numbered_paths(&first_video, 2).remove(0) };
+            check_outputs(&[first], sampling.overwrite)?;
             let mut pipe = load_pipeline(&model, Some(motion_adapter))?;
             if let Some(b) = beta_schedule {
                 pipe.components.scheduler_config.beta_schedule = b;
             }
             let req = GenerateRequest { num_images_per_prompt: num_videos, num_frames: Some(frames), ..sampling.request()? };
+            pipe.validate(&req)?;
+            let per_video = if gif { 1 } else { frames };
+            let all_paths = frame_paths(num_videos);
+            check_outputs(&all_paths, sampling.overwrite)?;
+            let frame_paths: Vec<&[PathBuf]> = all_paths.chunks(per_video).collect();
             let clips = with_progress(|on_step| pipe.animate(&req, on_step))?;
-            for (i, (clip, paths)) in clips.iter().zip(&frame_paths).enumerate() {
+            for (i, (clip, paths)) in clips.iter().zip(frame_paths).enumerate() {
                 if gif {
                     write_gif(&paths[0], clip, fps, sampling.overwrite)?;
                     eprintln!("wrote {} ({} frames, seed {})", paths[0].display(), clip.len(), req.seed);
                 } else {
                     for (img, path) in clip.iter().zip(paths) {
-                        write_png(path, img, Some(&pipe.parameters_text(&req, i)), sampling.overwrite)?;
+                        write_image(path, img, Some(&pipe.parameters_text(&req, i)), sampling.overwrite)?;
                     }
                     eprintln!("wrote {} frames {} .. {} (seed {})", clip.len(), paths[0].display(), paths[paths.len() - 1].display(), req.seed);
                 }

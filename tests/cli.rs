@@ -399,10 +399,13 @@ fn image_to_image_and_inpainting_flags() {
     let img = lcm::image_io::read_png(&out).unwrap();
     assert_eq!((img.width, img.height), (32, 32));
 
-    // Errors: mismatched mask, strength out of range, mask without image, unreadable image.
+    // A mask of another size is resized to the output, as diffusers' mask processor does.
     let other_mask = fx.join("images/mask_50x30.png");
-    let (o, _) = run("e.png", &["--image", photo.to_str().unwrap(), "--mask-image", other_mask.to_str().unwrap()]);
-    assert_clean_error(&o, "same size");
+    let (o, out) = run("other-mask.png", &["--image", photo.to_str().unwrap(), "--mask-image", other_mask.to_str().unwrap(), "--steps", "2"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert_eq!(lcm::image_io::read_png(&out).unwrap().width, 32);
+
+    // Errors: strength out of range, mask without image, unreadable image.
     for s in ["--strength=0", "--strength=1.5", "--strength=-0.2"] {
         let (o, _) = run("e.png", &["--image", photo.to_str().unwrap(), s]);
         assert_clean_error(&o, "strength");
@@ -769,4 +772,192 @@ fn every_cpu_path_gives_the_diffusers_image() {
     if let Some(lacking) = CpuPath::ALL.into_iter().find(|p| !p.supported()) {
         assert_clean_error(&run(lacking.name(), &out), "this CPU lacks it");
     }
+}
+
+/// Generates with the tiny LCM into `out`, with `extra` flags.
+fn tiny_generate(out: &Path, extra: &[&str]) -> Output {
+    let model = common::fixtures().join("models/tiny-lcm");
+    let mut args = vec!["generate", "--model", model.to_str().unwrap(), "--prompt", "a photo of a cat", "--seed", "0", "--steps", "2", "--output", out.to_str().unwrap()];
+    args.extend_from_slice(extra);
+    lcm(&args, &[])
+}
+
+/// Temporary files a write left in `dir`.
+fn litter(dir: &Path) -> Vec<PathBuf> {
+    std::fs::read_dir(dir).unwrap().map(|e| e.unwrap().path()).filter(|p| p.file_name().unwrap().to_string_lossy().starts_with(".lcm-")).collect()
+}
+
+/// Prompts in any language are written (as PNG `iTXt`), over an existing file with --overwrite,
+/// and read back whole.
+#[test]
+fn unicode_prompts_are_written_as_itxt() {
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("fox.png");
+    std::fs::write(&out, b"the user's old image").unwrap();
+    let model = common::fixtures().join("models/tiny-lcm");
+    let prompt = "一只红色的狐狸 🦊 dans la neige, ёлка";
+    let o = lcm(&["generate", "--model", model.to_str().unwrap(), "--prompt", prompt, "--steps", "2", "--overwrite", "--output", out.to_str().unwrap()], &[]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let params = lcm::image_io::read_png_parameters(&out).unwrap().unwrap();
+    assert!(params.starts_with(prompt), "{params}");
+    // A Latin-1 prompt still goes in a tEXt chunk, as PIL writes it.
+    let latin = tmp.path().join("latin.png");
+    let o = lcm(&["generate", "--model", model.to_str().unwrap(), "--prompt", "crème brûlée", "--steps", "2", "--output", latin.to_str().unwrap()], &[]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let bytes = std::fs::read(&latin).unwrap();
+    assert!(bytes.windows(4).any(|w| w == b"tEXt") && !bytes.windows(4).any(|w| w == b"iTXt"));
+    assert!(litter(tmp.path()).is_empty());
+}
+
+/// The extension names the format (as PIL's `save`); an unknown one, a missing folder or an
+/// output that is a folder is refused before anything is generated.
+#[test]
+fn outputs_take_the_format_their_extension_names() {
+    let tmp = tempfile::tempdir().unwrap();
+    for (name, magic) in [("a.jpg", &b"\xff\xd8\xff"[..]), ("b.JPEG", b"\xff\xd8\xff"), ("c.webp", b"RIFF"), ("d.gif", b"GIF8"), ("e.png", b"\x89PNG")] {
+        let out = tmp.path().join(name);
+        let o = tiny_generate(&out, &[]);
+        assert!(o.status.success(), "{name}: {}", stderr(&o));
+        assert!(std::fs::read(&out).unwrap().starts_with(magic), "{name}");
+        let img = lcm::image_processor::Image8::read(&out).unwrap();
+        assert_eq!((img.width, img.height), (32, 32), "{name}");
+    }
+    for (name, msg) in [("out.xyz", "unknown image extension .xyz"), ("noext", "no file extension"), ("missing/out.png", "does not exist")] {
+        let out = tmp.path().join(name);
+        let t = std::time::Instant::now();
+        assert_clean_error(&tiny_generate(&out, &[]), msg);
+        assert!(!out.exists(), "{name}");
+        assert!(t.elapsed().as_secs_f64() < 20.0);
+    }
+    let dir = tmp.path().join("taken.png");
+    std::fs::create_dir(&dir).unwrap();
+    std::fs::write(dir.join("keep"), b"x").unwrap();
+    assert_clean_error(&tiny_generate(&dir, &["--overwrite"]), "is a folder");
+    assert!(dir.join("keep").exists());
+    // Several images: every numbered name is checked before generating.
+    let many = tmp.path().join("many.png");
+    std::fs::write(tmp.path().join("many-2.png"), b"old").unwrap();
+    assert_clean_error(&tiny_generate(&many, &["--num-images", "3"]), "already exists");
+    assert!(!tmp.path().join("many-1.png").exists());
+    assert_eq!(std::fs::read(tmp.path().join("many-2.png")).unwrap(), b"old");
+    assert!(litter(tmp.path()).is_empty());
+}
+
+/// A write that fails leaves what was there and no temporary file; without overwrite, a file
+/// that appeared meanwhile is not replaced.
+#[test]
+fn failed_writes_keep_the_old_file() {
+    let tmp = tempfile::tempdir().unwrap();
+    let img = lcm::image_io::RgbImage { width: 2, height: 1, pixels: vec![1, 2, 3, 4, 5, 6] };
+    let path = tmp.path().join("old.png");
+    std::fs::write(&path, b"old").unwrap();
+    let e = lcm::image_io::write_image(&path, &img, None, false).unwrap_err().to_string();
+    assert!(e.contains("already exists"), "{e}");
+    assert_eq!(std::fs::read(&path).unwrap(), b"old");
+    // The rename onto a non-empty folder fails after the temporary file was written.
+    let dir = tmp.path().join("dir.png");
+    std::fs::create_dir(&dir).unwrap();
+    std::fs::write(dir.join("inside"), b"x").unwrap();
+    assert!(lcm::image_io::write_image(&dir, &img, None, true).is_err());
+    assert!(dir.join("inside").exists());
+    // A buffer that does not match its size is refused before any file is touched.
+    let bad = lcm::image_io::RgbImage { width: 3, height: 3, pixels: vec![0; 5] };
+    assert!(lcm::image_io::write_image(&path, &bad, None, true).is_err());
+    assert_eq!(std::fs::read(&path).unwrap(), b"old");
+    assert!(litter(tmp.path()).is_empty(), "{:?}", litter(tmp.path()));
+    lcm::image_io::write_image(&path, &img, Some("p"), true).unwrap();
+    assert_eq!(lcm::image_io::read_png(&path).unwrap(), img);
+}
+
+/// A process killed at any moment leaves either the old file or the complete new image.
+#[test]
+fn a_killed_run_leaves_the_old_or_the_new_file() {
+    let tmp = tempfile::tempdir().unwrap();
+    let model = common::fixtures().join("models/tiny-lcm");
+    let out = tmp.path().join("out.png");
+    let (mut old, mut new) = (0, 0);
+    for i in 0..12u64 {
+        std::fs::write(&out, b"OLD").unwrap();
+        let mut child = Command::new(env!("CARGO_BIN_EXE_lcm"))
+            .args(["generate", "--model", model.to_str().unwrap(), "--prompt", "a photo of a cat", "--steps", "2", "--width", "64", "--height", "64", "--overwrite", "--output", out.to_str().unwrap()])
+            .env("HF_HUB_OFFLINE", "1")
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap();
+        std::thread::sleep(std::time::Duration::from_millis(i * i * 8));
+        let _ = child.kill();
+        let _ = child.wait();
+        let bytes = std::fs::read(&out).unwrap();
+        if bytes == b"OLD" {
+            old += 1;
+        } else {
+            let img = lcm::image_io::read_png(&out).unwrap_or_else(|e| panic!("kill after {} ms left a broken file: {e}", i * i * 8));
+            assert_eq!((img.width, img.height), (64, 64));
+            new += 1;
+        }
+    }
+    println!("killed runs: {old} left the old file, {new} the new image");
+    assert!(old > 0, "no kill landed before the write");
+}
+
+/// Sizes and counts that cannot fit in memory are refused at once, naming the limit.
+#[test]
+fn absurd_sizes_are_refused_before_allocating() {
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("big.png");
+    for extra in [&["--width", "100000", "--height", "100000"][..], &["--num-images", "100000000"], &["--width", "262144", "--height", "262144", "--num-images", "3"]] {
+        let t = std::time::Instant::now();
+        assert_clean_error(&tiny_generate(&out, extra), "GB available");
+        assert!(t.elapsed().as_secs_f64() < 20.0, "{extra:?} took {:?}", t.elapsed());
+        assert!(!out.exists());
+    }
+    let model = common::fixtures().join("models/tiny-lcm");
+    let motion = common::fixtures().join("motion_adapters/tiny_lcm");
+    let gif = tmp.path().join("v.gif");
+    let o = lcm(&["animate", "--model", model.to_str().unwrap(), "--motion-adapter", motion.to_str().unwrap(), "--prompt", "p", "--num-videos", "1000000000", "--output", gif.to_str().unwrap()], &[]);
+    assert_clean_error(&o, "GB available");
+    let o = lcm(&["animate", "--model", model.to_str().unwrap(), "--motion-adapter", motion.to_str().unwrap(), "--prompt", "p", "--output", tmp.path().join("v.xyz").to_str().unwrap()], &[]);
+    assert_clean_error(&o, "unknown image extension");
+}
+
+/// A pipeline class we do not run is named, not run as Stable Diffusion; a grayscale init image
+/// is converted to RGB; a missing LoRA file is "no such file", not a hub lookup.
+#[test]
+fn unsupported_classes_grayscale_images_and_missing_files() {
+    let tmp = tempfile::tempdir().unwrap();
+    let model = fresh_model(tmp.path(), "tiny-lcm");
+    let index = model.join("model_index.json");
+    let text = std::fs::read_to_string(&index).unwrap();
+    let out = tmp.path().join("o.png");
+    for class in ["FluxPipeline", "StableDiffusion3Pipeline", "KandinskyV22Pipeline"] {
+        std::fs::write(&index, text.replace("LatentConsistencyModelPipeline", class)).unwrap();
+        let o = lcm(&["generate", "--model", model.to_str().unwrap(), "--prompt", "p", "--output", out.to_str().unwrap()], &[]);
+        assert_clean_error(&o, class);
+        assert!(stderr(&o).contains("supported"), "{}", stderr(&o));
+    }
+    std::fs::write(&index, &text).unwrap();
+
+    let gray_path = tmp.path().join("gray.png");
+    let gray = lcm::image_processor::Image8 { width: 40, height: 24, channels: 1, pixels: (0..40 * 24).map(|i| (i % 251) as u8).collect() };
+    let rgb = gray.to_rgb();
+    lcm::image_io::write_image(&gray_path, &lcm::image_io::RgbImage { width: 40, height: 24, pixels: rgb.pixels.clone() }, None, false).unwrap();
+    // Re-encode as an 8-bit grayscale PNG.
+    {
+        let f = std::fs::File::create(&gray_path).unwrap();
+        let mut enc = png::Encoder::new(f, 40, 24);
+        enc.set_color(png::ColorType::Grayscale);
+        enc.write_header().unwrap().write_image_data(&gray.pixels).unwrap();
+    }
+    assert_eq!(lcm::image_processor::Image8::read(&gray_path).unwrap().channels, 1);
+    let run = |image: &Path, out: &Path| tiny_generate(out, &["--image", image.to_str().unwrap(), "--strength", "0.5"]);
+    let (a, b) = (tmp.path().join("from-gray.png"), tmp.path().join("from-rgb.png"));
+    let rgb_path = tmp.path().join("rgb.png");
+    lcm::image_io::write_image(&rgb_path, &lcm::image_io::RgbImage { width: 40, height: 24, pixels: rgb.pixels }, None, false).unwrap();
+    let (oa, ob) = (run(&gray_path, &a), run(&rgb_path, &b));
+    assert!(oa.status.success() && ob.status.success(), "{} {}", stderr(&oa), stderr(&ob));
+    // The same image as its RGB conversion.
+    assert_eq!(lcm::image_io::read_png(&a).unwrap(), lcm::image_io::read_png(&b).unwrap());
+
+    let o = tiny_generate(&out, &["--lora", "no-such-style.safetensors"]);
+    assert_clean_error(&o, "no such file: no-such-style.safetensors");
 }

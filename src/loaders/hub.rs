@@ -31,6 +31,14 @@ impl ModelSource {
         if looks_like_path {
             bail!("model folder {arg} does not exist");
         }
+        // A file name (`style.safetensors`, `model.ckpt`) is never a hub repo id: say it is
+        // missing rather than asking the network (repo ids may hold dots, as `...-sdxl-1.0`,
+        // so only file extensions count).
+        const FILE_EXTENSIONS: [&str; 10] = ["safetensors", "ckpt", "pt", "pth", "bin", "json", "gguf", "png", "jpg", "jpeg"];
+        let ext = path.extension().and_then(|e| e.to_str()).map(|e| e.to_ascii_lowercase());
+        if ext.is_some_and(|e| FILE_EXTENSIONS.contains(&e.as_str())) {
+            bail!("no such file: {arg}");
+        }
         Ok(Self::Hub(arg.to_string()))
     }
 }
@@ -135,10 +143,7 @@ pub fn snapshot(repo_id: &str, folders: &[&str], variant: Option<&str>, marker: 
     let cache = cache();
     let cache_dir = cache.path().clone();
     let cached = cache.repo(Repo::new(repo_id.to_string(), RepoType::Model)).get(marker);
-    let hint = format!(
-        "pass a local diffusers folder instead (e.g. --model /path/to/folder), or download `{repo_id}` where the hub is reachable into the Hugging Face cache ({})",
-        cache_dir.display()
-    );
+    let hint = format!("give a local path instead, or download it into {} where the hub is reachable", cache_dir.display());
     if offline() {
         return match cached {
             Some(p) => Ok(p.parent().unwrap_or(Path::new(".")).to_path_buf()),
@@ -162,8 +167,12 @@ pub fn snapshot(repo_id: &str, folders: &[&str], variant: Option<&str>, marker: 
         // The hub is unreachable but a previous download (ours or diffusers') is there.
         (Err(_), Some(p)) => Ok(p.parent().unwrap_or(Path::new(".")).to_path_buf()),
         (Err(e), None) => {
-            let e = super::weights::one_line(&e);
-            bail!("cannot reach the Hugging Face hub for `{repo_id}` ({e}) and it is not in the local cache; {hint}")
+            // The one line stays short; the network's own words only on request.
+            let why = match std::env::var_os("RUST_LOG") {
+                Some(_) => format!(" ({})", super::weights::one_line(&e)),
+                None => String::new(),
+            };
+            bail!("cannot reach the Hugging Face hub for `{repo_id}`{why}, and it is not in the cache; {hint}")
         }
     }
 }

@@ -64,6 +64,14 @@ impl Autoencoder {
         matches!(self, Self::Tiny(_))
     }
 
+    /// Channels of the decoder's activations at full resolution (its widest buffers per image).
+    pub fn full_resolution_channels(&self) -> usize {
+        match self {
+            Self::Kl(v) => v.config.block_out_channels.first().copied().unwrap_or(128),
+            Self::Tiny(v) => v.config.decoder_block_out_channels.last().copied().unwrap_or(64),
+        }
+    }
+
     pub fn latent_channels(&self) -> usize {
         match self {
             Self::Kl(v) => v.config.latent_channels,

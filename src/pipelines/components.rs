@@ -182,6 +182,7 @@ fn folder_parts(model: &str, opts: &LoadOptions) -> Result<ModelParts> {
     let variant = opts.variant.as_deref();
     let root = pipeline_root(model, variant, opts.unet.is_some())?;
     let index = ModelIndex::read(&root)?;
+    PipelineKind::check_class_name(&index.class_name).with_context(|| format!("{}", root.join("model_index.json").display()))?;
     let tokenizer = ClipTokenizer::from_dir(index.component_dir("tokenizer", None)?)?;
     let text_encoder = component_parts(&index.component_dir("text_encoder", Some("config.json"))?, variant)?;
     let text_encoder_2 = if index.has("text_encoder_2") {

@@ -44,7 +44,24 @@ pub enum PipelineKind {
 }
 
 impl PipelineKind {
-    /// The pipeline a `model_index.json` `_class_name` asks for.
+    /// An error naming the class when a `model_index.json` `_class_name` is a pipeline we do
+    /// not run (another architecture: SD3, Flux, Kandinsky, upscalers, ...), instead of running
+    /// its files as Stable Diffusion.
+    pub fn check_class_name(name: &str) -> Result<()> {
+        const FAMILIES: [&str; 4] = ["LatentConsistencyModel", "StableDiffusionXL", "StableDiffusion", "AnimateDiff"];
+        const OTHER_ARCHITECTURES: [&str; 6] =
+            ["StableDiffusion3", "StableDiffusionUpscale", "StableDiffusionLatentUpscale", "StableDiffusionDepth2Img", "StableDiffusionGLIGEN", "StableDiffusionLDM3D"];
+        let supported = name.is_empty() || FAMILIES.iter().any(|f| name.starts_with(f));
+        if !supported || OTHER_ARCHITECTURES.iter().any(|o| name.starts_with(o)) {
+            bail!(
+                "the model is a `{}`, which lcm does not run; supported: LatentConsistencyModel*, StableDiffusion* (SD1.x/2.x), StableDiffusionXL* (incl. SSD-1B) and AnimateDiff* pipelines",
+                name.chars().take(80).collect::<String>()
+            );
+        }
+        Ok(())
+    }
+
+    /// The pipeline a `model_index.json` `_class_name` asks for (see [`Self::check_class_name`]).
     pub fn from_class_name(name: &str) -> Self {
         if name.starts_with("LatentConsistencyModel") {
             Self::LatentConsistencyModel
@@ -349,7 +366,56 @@ impl LcmPipeline {
         Ok((w, h))
     }
 
-    fn check(&self, req: &GenerateRequest) -> Result<(usize, usize)> {
+    /// A lower estimate of the memory a request's activations take, in bytes: the UNet's widest
+    /// activations for every image (and frame, and CFG half) at once, or the decoder's
+    /// full-resolution buffers for the images decoded together, whichever is larger, plus the
+    /// decoded images. Computed in floating point, so absurd sizes cannot overflow.
+    pub fn activation_bytes(&self, req: &GenerateRequest, (w, h): (usize, usize)) -> f64 {
+        let c = &self.components;
+        let video = self.num_frames(req);
+        let (images, frames) = (req.num_images_per_prompt as f64, video.unwrap_or(1) as f64);
+        let cfg = if self.uses_cfg(self.guidance_scale(req)) { 2.0 } else { 1.0 };
+        let pixels = w as f64 * h as f64;
+        let f = self.vae_scale_factor() as f64;
+        let unet_channels = c.unet_config.block_out_channels.first().copied().unwrap_or(320) as f64;
+        let bytes = c.compute_dtype().size_in_bytes() as f64;
+        // A block's input, output and intermediates.
+        let unet = images * frames * cfg * pixels / (f * f) * unet_channels * 8.0 * bytes;
+        // Frames are decoded one by one, still images together. At full resolution a resnet
+        // block holds its input, the norm's, the convolutions' and the residual sum, and a 3x3
+        // convolution's Winograd tiles 2.25 times its input: 8 buffers (a 8192² image on a
+        // 16-channel decoder peaked above 24 GB, 8 buffers' worth is 34 GB).
+        let decoded_together = if video.is_some() { 1.0 } else { images };
+        let decode = decoded_together * pixels * c.vae.full_resolution_channels() as f64 * 8.0 * bytes;
+        // The f32 decoded tensor and the 8-bit images.
+        let outputs = images * frames * pixels * (3.0 * 4.0 + 3.0);
+        unet.max(decode) + outputs
+    }
+
+    /// Refuses, before anything is allocated, a request whose activations cannot fit in the
+    /// memory this machine has free.
+    fn check_memory(&self, req: &GenerateRequest, size: (usize, usize)) -> Result<()> {
+        let need = self.activation_bytes(req, size);
+        let Some(available) = crate::device::available_memory(self.components.device()) else { return Ok(()) };
+        if need > available as f64 {
+            let gb = |b: f64| b / 1e9;
+            let what = match self.num_frames(req) {
+                Some(f) => format!("{} video(s) of {f} frames", req.num_images_per_prompt),
+                None => format!("{} image(s)", req.num_images_per_prompt),
+            };
+            bail!(
+                "{what} of {}x{} need about {:.1} GB of memory for the activations, more than the {:.1} GB available; lower the size or the count",
+                size.0,
+                size.1,
+                gb(need),
+                gb(available as f64)
+            );
+        }
+        Ok(())
+    }
+
+    /// Every check of a request, before any compute; the output size.
+    pub fn validate(&self, req: &GenerateRequest) -> Result<(usize, usize)> {
         let (w, h) = self.output_size(req)?;
         if req.num_inference_steps == 0 && req.timesteps.is_none() {
             bail!("the number of steps must be at least 1");
@@ -365,14 +431,8 @@ impl LcmPipeline {
         if !(s > 0.0 && s <= 1.0) {
             bail!("strength must be in (0, 1], got {s}");
         }
-        if let (Some(img), Some(mask)) = (&req.image, &req.mask_image) {
-            if (img.width, img.height) != (mask.width, mask.height) {
-                bail!(
-                    "the mask is {}x{} but the image is {}x{}; they must be the same size",
-                    mask.width, mask.height, img.width, img.height
-                );
-            }
-        }
+        // A mask of another size than the image is resized to the output size, as diffusers'
+        // mask processor does.
         if let Some(f) = self.num_frames(req) {
             if self.components.unet.motion.is_none() {
                 bail!("video generation (num_frames) needs a motion adapter");
@@ -431,6 +491,7 @@ impl LcmPipeline {
             _ if unet_in != latent => bail!("this UNet takes {unet_in} input channels but the VAE has {latent} latent channels"),
             _ => {}
         }
+        self.check_memory(req, (w, h))?;
         Ok((w, h))
     }
 
@@ -467,7 +528,7 @@ impl LcmPipeline {
         req: &GenerateRequest,
         mut on_step: impl FnMut(&Step) -> Result<()>,
     ) -> Result<Vec<RgbImage>> {
-        let (width, height) = self.check(req)?;
+        let (width, height) = self.validate(req)?;
         let c = &self.components;
         let device = c.device();
         let n = req.num_images_per_prompt;
