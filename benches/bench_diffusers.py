@@ -1,8 +1,8 @@
 #!/usr/bin/env python
 """Time diffusers on the folder `lcm bench` wrote, stage by stage, and print lcm / diffusers.
 
-    ./target/release/lcm bench --json > lcm.json                  # writes /tmp/lcm-bench-sd15 once
-    /work/venv/bin/python benches/bench_diffusers.py lcm.json [--dir /tmp/lcm-bench-sd15]
+    ./target/release/lcm bench --json > lcm.json                  # writes the bench folder once
+    $VENV/bin/python benches/bench_diffusers.py lcm.json [--dir FOLDER]   # $VENV: torch + diffusers
 
 The model kind (sd15, sdxl, animatediff), folder, size, frames, steps, number of runs, device and
 dtype come from lcm's JSON; the same model files, seed and warm-up. On the CPU: PyTorch in float32

@@ -574,18 +574,24 @@ pub fn run(dir: &Path, opts: &BenchOptions) -> Result<BenchReport> {
     })
 }
 
-/// SD1.5 / SDXL: text encoding (SDXL: both encoders), one UNet step at batch 1 and 2, VAE decode,
-/// the whole text-to-image.
-fn time_image_stages(pipe: &mut LcmPipeline, opts: &BenchOptions, stages: &mut Stages) -> Result<()> {
-    let req = GenerateRequest {
+/// The whole image (or clip of `frames`) the benchmark times: the bench prompt, seed 0, no CFG.
+fn bench_request(opts: &BenchOptions, frames: Option<usize>) -> GenerateRequest {
+    GenerateRequest {
         prompt: PROMPT.into(),
         num_inference_steps: opts.steps,
         guidance_scale: Some(1.0),
         width: Some(opts.size),
         height: Some(opts.size),
         seed: 0,
+        num_frames: frames,
         ..Default::default()
-    };
+    }
+}
+
+/// SD1.5 / SDXL: text encoding (SDXL: both encoders), one UNet step at batch 1 and 2, VAE decode,
+/// the whole text-to-image.
+fn time_image_stages(pipe: &mut LcmPipeline, opts: &BenchOptions, stages: &mut Stages) -> Result<()> {
+    let req = bench_request(opts, None);
     // Sizes that cannot fit in memory are refused before any stage allocates.
     pipe.validate(&req)?;
     let c = &pipe.components;
@@ -645,16 +651,7 @@ fn time_animation_stages(pipe: &LcmPipeline, opts: &BenchOptions, stages: &mut S
     if f == 0 {
         bail!("--frames must be at least 1");
     }
-    let req = GenerateRequest {
-        prompt: PROMPT.into(),
-        num_inference_steps: opts.steps,
-        guidance_scale: Some(1.0),
-        width: Some(opts.size),
-        height: Some(opts.size),
-        seed: 0,
-        num_frames: Some(f),
-        ..Default::default()
-    };
+    let req = bench_request(opts, Some(f));
     pipe.validate(&req)?;
     let lat = opts.size / pipe.vae_scale_factor();
     let text = conditioning::encode_text(c, PROMPT, None, false, 1, (opts.size, opts.size), &dev)?;

@@ -45,12 +45,26 @@ pub fn conv2d<W: Elem>(x: &[f32], weight: &[W], bias: Option<&[f32]>, s: &ConvSh
 pub fn conv2d_direct<W: Elem>(x: &[f32], weight: &[W], bias: Option<&[f32]>, s: &ConvShape, arith: Arith) -> Vec<f32> {
     let (ho, wo) = s.out_hw();
     let (pixels, depth) = (ho * wo, s.c_in * s.kh * s.kw);
-    let mut y = vec![0f32; s.batch * s.c_out * pixels];
     let a = Strided {
         data: weight,
         row_stride: depth,
         col_stride: 1,
     };
+    per_image(x, bias, s, |_, yb, b| gemm(arith, s.c_out, pixels, depth, &a, b, yb, pixels, bias.is_some()))
+}
+
+/// The output of a convolution built image by image: `f(image, output, im2col)` for each image
+/// of the batch, with its output block (`[c_out, pixels]`) filled with the bias and the image
+/// read as its im2col matrix (`[c_in*kh*kw, pixels]`; a 1x1 stride-1 convolution's is the image).
+pub(super) fn per_image(
+    x: &[f32],
+    bias: Option<&[f32]>,
+    s: &ConvShape,
+    mut f: impl FnMut(&[f32], &mut [f32], &dyn PackB),
+) -> Vec<f32> {
+    let (ho, wo) = s.out_hw();
+    let pixels = ho * wo;
+    let mut y = vec![0f32; s.batch * s.c_out * pixels];
     for (xb, yb) in x
         .chunks_exact(s.c_in * s.h * s.w)
         .zip(y.chunks_exact_mut(s.c_out * pixels))
@@ -61,15 +75,9 @@ pub fn conv2d_direct<W: Elem>(x: &[f32], weight: &[W], bias: Option<&[f32]>, s: 
             }
         }
         if s.kh == 1 && s.kw == 1 && s.stride == 1 && s.padding == 0 {
-            let b = Strided {
-                data: xb,
-                row_stride: pixels,
-                col_stride: 1,
-            };
-            gemm(arith, s.c_out, pixels, depth, &a, &b, yb, pixels, bias.is_some());
+            f(xb, yb, &Strided { data: xb, row_stride: pixels, col_stride: 1 });
         } else {
-            let b = ImplicitIm2col { x: xb, s, wo };
-            gemm(arith, s.c_out, pixels, depth, &a, &b, yb, pixels, bias.is_some());
+            f(xb, yb, &ImplicitIm2col { x: xb, s, wo });
         }
     }
     y

@@ -9,7 +9,7 @@
 //! the weights are instead dequantized as they are packed and multiplied by the f32 GEMM (the
 //! memory saving stays; the activations are then not rounded).
 
-use super::conv::{ConvShape, ImplicitIm2col};
+use super::conv::{per_image, ConvShape};
 use super::gemm::{self, Arith, PackA, PackB, Strided};
 use super::{parallel_chunks, Elem, SendPtr};
 
@@ -334,30 +334,11 @@ pub fn conv2d_on(path: Int8Path, x: &[f32], w: &Int8Matrix, bias: Option<&[f32]>
     let (ho, wo) = s.out_hw();
     let (pixels, depth) = (ho * wo, s.c_in * s.kh * s.kw);
     assert_eq!((w.rows, w.k), (s.c_out, depth), "convolution weight shape");
-    let mut y = vec![0f32; s.batch * s.c_out * pixels];
-    for (xb, yb) in x
-        .chunks_exact(s.c_in * s.h * s.w)
-        .zip(y.chunks_exact_mut(s.c_out * pixels))
-    {
-        if let Some(bias) = bias {
-            for (row, b) in yb.chunks_exact_mut(pixels).zip(bias) {
-                row.fill(*b);
-            }
-        }
-        let direct = Strided {
-            data: xb,
-            row_stride: pixels,
-            col_stride: 1,
-        };
-        let im2col = ImplicitIm2col { x: xb, s, wo };
-        let b: &dyn PackB = if s.kh == 1 && s.kw == 1 && s.stride == 1 && s.padding == 0 {
-            &direct
-        } else {
-            &im2col
-        };
+
+    per_image(x, bias, s, |xb, yb, b| {
         if path == Int8Path::Dequantized {
             gemm::gemm(Arith::F32, s.c_out, pixels, depth, &Dequantized(w), b, yb, pixels, true);
-            continue;
+            return;
         }
         // One scale per image.
         let (scale, inv) = scale_of(max_abs(xb));
@@ -403,8 +384,7 @@ pub fn conv2d_on(path: Int8Path, x: &[f32], w: &Int8Matrix, bias: Option<&[f32]>
                 }
             });
         });
-    }
-    y
+    })
 }
 
 /// Rows `i0..i0 + mc` of `x` (`k` wide), quads `q0..q0 + kqb`, as u8 panels of `MR` rows
@@ -703,6 +683,18 @@ mod tests {
         (num / den).sqrt()
     }
 
+    /// Runs every path this CPU has: each within 2e-2 relative of `exact`, the integer paths
+    /// bit-identical.
+    fn check_paths(run: impl Fn(Int8Path) -> Vec<f32>, exact: &[f64], what: &str) {
+        let runs: Vec<(Int8Path, Vec<f32>)> = Int8Path::available().into_iter().map(|p| (p, run(p))).collect();
+        for (p, y) in &runs {
+            let e = rel_l2(y, exact);
+            assert!(e < 2e-2, "{p:?} {what}: relative error {e}");
+        }
+        let ints: Vec<&Vec<f32>> = runs.iter().filter(|(p, _)| *p != Int8Path::Dequantized).map(|(_, y)| y).collect();
+        assert!(ints.windows(2).all(|w| w[0] == w[1]), "{what}: integer paths differ");
+    }
+
     /// Every path against f64 on the float weights: within 8-bit rounding (about 1e-2 relative),
     /// the integer paths bit-identical, the weights rounded to their nearest level.
     #[test]
@@ -723,20 +715,7 @@ mod tests {
                     bias[j] as f64 + (0..k).map(|p| x[i * k + p] as f64 * w[j * k + p] as f64).sum::<f64>()
                 })
                 .collect();
-            let runs: Vec<(Int8Path, Vec<f32>)> = Int8Path::available()
-                .into_iter()
-                .map(|p| (p, linear_on(p, &x, rows, &q, Some(&bias))))
-                .collect();
-            for (p, y) in &runs {
-                let e = rel_l2(y, &exact);
-                assert!(e < 2e-2, "{p:?} {rows}x{k}x{n}: relative error {e}");
-            }
-            let ints: Vec<&Vec<f32>> = runs
-                .iter()
-                .filter(|(p, _)| *p != Int8Path::Dequantized)
-                .map(|(_, y)| y)
-                .collect();
-            assert!(ints.windows(2).all(|w| w[0] == w[1]), "integer paths differ");
+            check_paths(|p| linear_on(p, &x, rows, &q, Some(&bias)), &exact, &format!("{rows}x{k}x{n}"));
         }
     }
 
@@ -769,20 +748,7 @@ mod tests {
                 .iter()
                 .map(|v| *v as f64)
                 .collect();
-            let runs: Vec<(Int8Path, Vec<f32>)> = Int8Path::available()
-                .into_iter()
-                .map(|p| (p, conv2d_on(p, &x, &q, Some(&bias), &s)))
-                .collect();
-            for (p, y) in &runs {
-                let e = rel_l2(y, &exact);
-                assert!(e < 2e-2, "{p:?} {s:?}: relative error {e}");
-            }
-            let ints: Vec<&Vec<f32>> = runs
-                .iter()
-                .filter(|(p, _)| *p != Int8Path::Dequantized)
-                .map(|(_, y)| y)
-                .collect();
-            assert!(ints.windows(2).all(|w| w[0] == w[1]), "integer paths differ");
+            check_paths(|p| conv2d_on(p, &x, &q, Some(&bias), &s), &exact, &format!("{s:?}"));
         }
     }
 
