@@ -1,6 +1,6 @@
 """PyTorch/diffusers counterpart of benches/unet_step.rs (run by hand, same machine).
 
-/work/venv/bin/python benches/unet_step_torch.py sd15 64 1
+$VENV/bin/python benches/unet_step_torch.py sd15 64 1   # $VENV: torch + diffusers
 """
 import json, sys, time
 from pathlib import Path

@@ -6,7 +6,7 @@
 set -euo pipefail
 cd "$(dirname "$0")"
 secs="${1:-60}"; shift || true
-targets=("$@"); [ ${#targets[@]} -gt 0 ] || targets=(safetensors configs tokenizer image keys)
+targets=("$@"); [ ${#targets[@]} -gt 0 ] || targets=(safetensors configs tokenizer tokenizer_files image keys)
 export RUSTFLAGS="-Cpasses=sancov-module -Cllvm-args=-sanitizer-coverage-level=4 \
   -Cllvm-args=-sanitizer-coverage-inline-8bit-counters -Cllvm-args=-sanitizer-coverage-pc-table \
   -Cllvm-args=-sanitizer-coverage-trace-compares --cfg fuzzing -Cdebug-assertions -Coverflow-checks"
@@ -21,6 +21,8 @@ seed_into configs $(find $fx -name '*.json' -size -50k | head -80)
 seed_into image $(find $fx/images -type f | head -20)
 # Key listings of real checkpoints and LoRAs (`name [d0,d1] DTYPE` lines).
 seed_into keys $(find $fx/real_configs -name 'keys.txt' -size -200k | head -40)
+# Small CLIP tokenizer folders (made by seeds/make_tokenizer_seeds.py).
+seed_into tokenizer_files seeds/tokenizer_files/*
 mkdir -p corpus/tokenizer && printf 'a photograph of an astronaut riding a horse' > corpus/tokenizer/p1 \
   && printf '一只红色的狐狸 🦊, <|endoftext|> (masterpiece:1.2)' > corpus/tokenizer/p2
 failed=0

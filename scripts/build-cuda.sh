@@ -80,8 +80,8 @@ for l in sys.stdin:
         print(m["executable"])' | tail -1)"
 echo "built $CARGO_TARGET_DIR/release/lcm and $tests_exe (CUDA 13.0, sm_$CUDA_COMPUTE_CAP)" >&2
 
-# What a GPU machine with no network needs (scripts/device-check.sh, via the device tool's
-# `carry`): both executables stripped and xz-compressed, and the diffusers wheel (pure Python;
+# What a GPU machine with no network needs (scripts/device-check.sh; copy dist/ along with the
+# checkout): both executables stripped and xz-compressed, and the diffusers wheel (pure Python;
 # the GPU image has PyTorch but not diffusers). dist/ is git-ignored.
 if [[ "${LCM_CUDA_DIST:-1}" == 1 ]]; then
   dist="$repo/dist/cuda"

@@ -1,11 +1,11 @@
 #!/usr/bin/env bash
-# The GPU check (issue 10), for a machine with an NVIDIA GPU, PyTorch (CUDA 13 wheels) and no
-# network. Everything it needs travels with the checkout: build first, here, with
+# The GPU check of CUDA support, for a machine with an NVIDIA GPU, PyTorch (CUDA 13 wheels) and no
+# network. Everything it needs travels with the checkout. Build first (no GPU needed) with
 #   scripts/build-cuda.sh            # writes dist/cuda/{lcm.xz, device-tests.xz, wheels/}
-# then run this in the checkout's root on the GPU machine (the device tool: carry ["dist"]):
+# then copy the checkout with its dist/ to the GPU machine and run this in its root:
 #   scripts/device-check.sh [sd15|sdxl|parity ...]     # default: parity sd15 sdxl
-# Within a 10-minute call (times estimated, not yet measured): `parity sd15` (SD1.5's 4 GB of
-# random weights are written first), then `sdxl` (14 GB) in a second call on the warm machine.
+# Within 10 minutes (times estimated, not yet measured): `parity sd15` (SD1.5's 4 GB of random
+# weights are written first), then `sdxl` (14 GB) in a second run on the same machine.
 # Results go to $OUT (default /tmp/lcm-device-check): gpu.txt, rng.txt, parity.txt, and per model
 # lcm_<model>.json (lcm bench) and <model>.md (lcm vs diffusers, same card, same weights).
 set -uo pipefail

@@ -48,3 +48,13 @@ impl<T: Clone> PerBlock<T> {
         }
     }
 }
+
+/// As the config writes it: `20` or `[1, 2]`.
+impl<T: std::fmt::Debug> std::fmt::Display for PerBlock<T> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::One(v) => write!(f, "{v:?}"),
+            Self::Each(v) => write!(f, "{v:?}"),
+        }
+    }
+}

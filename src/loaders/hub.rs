@@ -130,8 +130,8 @@ pub fn download(repo_id: &str, variant: Option<&str>) -> Result<PathBuf> {
     });
     result.map_err(|e| {
         anyhow::anyhow!(
-            "cannot download `{repo_id}` from the Hugging Face hub ({}); check the network, the repo id and HF_TOKEN for gated repos",
-            super::weights::one_line(&e)
+            "cannot download `{repo_id}` from the Hugging Face hub{}; check the network, the repo id and HF_TOKEN",
+            network_words(&e)
         )
     })
 }
@@ -167,12 +167,17 @@ pub fn snapshot(repo_id: &str, folders: &[&str], variant: Option<&str>, marker: 
         // The hub is unreachable but a previous download (ours or diffusers') is there.
         (Err(_), Some(p)) => Ok(p.parent().unwrap_or(Path::new(".")).to_path_buf()),
         (Err(e), None) => {
-            // The one line stays short; the network's own words only on request.
-            let why = match std::env::var_os("RUST_LOG") {
-                Some(_) => format!(" ({})", super::weights::one_line(&e)),
-                None => String::new(),
-            };
+            let why = network_words(&e);
             bail!("cannot reach the Hugging Face hub for `{repo_id}`{why}, and it is not in the cache; {hint}")
         }
+    }
+}
+
+/// The network's own words about a failed request, ` (...)`, only when `RUST_LOG` is set: the one
+/// line of an error stays short.
+fn network_words(error: &str) -> String {
+    match std::env::var_os("RUST_LOG") {
+        Some(_) => format!(" ({})", super::weights::one_line(error)),
+        None => String::new(),
     }
 }

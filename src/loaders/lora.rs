@@ -233,7 +233,7 @@ impl LoraFile {
             let shape = weights.shape(&weight_name).unwrap_or_default();
             if up2.dim(0)? * down2.dim(1)? != shape.iter().product::<usize>() || shape.first() != Some(&up2.dim(0)?) {
                 bail!(
-                    "LoRA {} does not fit this model: {}.{module} has shape {shape:?} but the LoRA changes [{}, {}]; is it for another base model (e.g. SDXL vs SD1.5)?",
+                    "LoRA {} does not fit this model ({}.{module} is {shape:?}, the LoRA changes [{}, {}]): is it for another base model?",
                     self.source,
                     comp.name(),
                     up2.dim(0)?,

@@ -161,7 +161,7 @@ impl SingleFile {
     pub fn open(path: &Path) -> Result<Self> {
         if is_pickle(path) {
             bail!(
-                "{} is a pickled PyTorch checkpoint; lcm does not unpickle files (loading one can run arbitrary code). Use the model's .safetensors file, or convert it once with a tool you trust",
+                "{} is a pickled PyTorch checkpoint, which lcm never unpickles (that can run code); use the model's .safetensors file",
                 path.display()
             );
         }

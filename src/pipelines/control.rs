@@ -87,25 +87,23 @@ pub fn check_controlnet_fits(name: &str, cn: &ControlNetModel, unet: &UNet2DCond
     let n = unet.down_block_types.len();
     let cross = |c: &UNet2DConditionConfig| c.cross_attention_dim.expand(n, "cross_attention_dim").ok();
     let layers = |c: &UNet2DConditionConfig| c.layers_per_block.expand(n, "layers_per_block").ok();
-    let describe = |c: &UNet2DConditionConfig| {
-        format!(
-            "block_out_channels {:?}, cross_attention_dim {:?}, addition_embed_type {:?}",
-            c.block_out_channels,
-            c.cross_attention_dim,
-            c.addition_embed_type.as_deref().unwrap_or("none")
-        )
-    };
-    if c.block_out_channels != unet.block_out_channels
-        || cross(c) != cross(unet)
-        || layers(c) != layers(unet)
-        || c.addition_embed_type != unet.addition_embed_type
-        || c.down_block_types.len() != n
-    {
-        bail!(
-            "ControlNet {name} was built for another base model ({}) than this UNet ({})",
-            describe(c),
-            describe(unet)
-        )
+    // Name only what differs: the message stays one short line.
+    let mut differs = Vec::new();
+    if c.block_out_channels != unet.block_out_channels || c.down_block_types.len() != n {
+        differs.push(format!("block_out_channels {:?} vs {:?}", c.block_out_channels, unet.block_out_channels));
+    }
+    if cross(c) != cross(unet) {
+        differs.push(format!("cross_attention_dim {} vs {}", c.cross_attention_dim, unet.cross_attention_dim));
+    }
+    if layers(c) != layers(unet) {
+        differs.push(format!("layers_per_block {} vs {}", c.layers_per_block, unet.layers_per_block));
+    }
+    if c.addition_embed_type != unet.addition_embed_type {
+        let kind = |c: &UNet2DConditionConfig| c.addition_embed_type.clone().unwrap_or_else(|| "none".into());
+        differs.push(format!("addition_embed_type {} vs {}", kind(c), kind(unet)));
+    }
+    if !differs.is_empty() {
+        bail!("ControlNet {name} was built for another base model than this UNet ({})", differs.join(", "))
     }
     Ok(())
 }
@@ -171,7 +169,7 @@ impl<'a> ControlState<'a> {
             for (i, f) in features.iter().enumerate().take(expected.len()) {
                 if f.dims()[1..] != expected[i] {
                     bail!(
-                        "T2I-Adapter {} does not fit this UNet: its feature {i} has shape {:?} where the UNet's down block {i} needs {:?}; it was built for another base model",
+                        "T2I-Adapter {} was built for another base model: its feature {i} is {:?}, this UNet's down block {i} needs {:?}",
                         ad.name,
                         &f.dims()[1..],
                         expected[i]

@@ -54,7 +54,7 @@ impl PipelineKind {
         let supported = name.is_empty() || FAMILIES.iter().any(|f| name.starts_with(f));
         if !supported || OTHER_ARCHITECTURES.iter().any(|o| name.starts_with(o)) {
             bail!(
-                "the model is a `{}`, which lcm does not run; supported: LatentConsistencyModel*, StableDiffusion* (SD1.x/2.x), StableDiffusionXL* (incl. SSD-1B) and AnimateDiff* pipelines",
+                "the model is a `{}`, which lcm does not run (it runs LatentConsistencyModel, StableDiffusion, StableDiffusionXL and AnimateDiff pipelines)",
                 name.chars().take(80).collect::<String>()
             );
         }
