@@ -10,23 +10,14 @@ use lcm::benchmark::peak_rss_mb;
 use lcm::loaders::weights::random_var_builder;
 use lcm::models::autoencoder_kl::{AutoencoderKL, AutoencoderKLConfig};
 use lcm::models::motion_adapter::{read_motion_config, MotionModules};
-use lcm::models::unet_2d_condition::{
-    UNet2DConditionConfig, UNet2DConditionModel, UNetConditioning,
-};
+use lcm::models::unet_2d_condition::{UNet2DConditionConfig, UNet2DConditionModel, UNetConditioning};
 use std::time::Instant;
 
 fn main() -> anyhow::Result<()> {
-    let args: Vec<usize> = std::env::args()
-        .skip(1)
-        .filter(|a| !a.starts_with("--"))
-        .map(|a| a.parse())
-        .collect::<Result<_, _>>()?;
+    let args: Vec<usize> =
+        std::env::args().skip(1).filter(|a| !a.starts_with("--")).map(|a| a.parse()).collect::<Result<_, _>>()?;
     let latent = args.first().copied().unwrap_or(32);
-    let mut frames: Vec<usize> = args
-        .get(1..)
-        .map(|f| f.to_vec())
-        .filter(|f| !f.is_empty())
-        .unwrap_or(vec![8, 16]);
+    let mut frames: Vec<usize> = args.get(1..).map(|f| f.to_vec()).filter(|f| !f.is_empty()).unwrap_or(vec![8, 16]);
     frames.sort();
     let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/real_configs");
     let dev = Device::Cpu;

@@ -16,18 +16,11 @@ fn rate(name: &str, flops: f64, mut f: impl FnMut()) {
         total += s;
         n += 1;
     }
-    println!(
-        "{name:<48} {:>8.1} GFLOP/s  (best {:.4} s of {n})",
-        flops / best / 1e9,
-        best
-    );
+    println!("{name:<48} {:>8.1} GFLOP/s  (best {:.4} s of {n})", flops / best / 1e9, best);
 }
 
 fn main() -> candle_core::Result<()> {
-    let args: Vec<String> = std::env::args()
-        .skip(1)
-        .filter(|a| !a.starts_with('-'))
-        .collect();
+    let args: Vec<String> = std::env::args().skip(1).filter(|a| !a.starts_with('-')).collect();
     let want = |n: &str| args.is_empty() || args.iter().any(|a| n.contains(a.as_str()));
     println!("CPU path {}", lcm::kernels::CpuPath::current().name());
     let dev = Device::Cpu;
@@ -63,20 +56,21 @@ fn main() -> candle_core::Result<()> {
             let x = Tensor::randn(0f32, 1., (rows, i), &dev)?;
             let w = Tensor::randn(0f32, 1., (o, i), &dev)?;
             let fl = 2.0 * (rows * i * o) as f64;
-            rate(
-                &format!("linear {rows}x{i}->{o} lcm::ops::linear"),
-                fl,
-                || {
-                    lcm::ops::linear(&x, &w, None).unwrap();
-                },
-            );
+            rate(&format!("linear {rows}x{i}->{o} lcm::ops::linear"), fl, || {
+                lcm::ops::linear(&x, &w, None).unwrap();
+            });
             // bf16 weights: bf16 products where the CPU has them, else widened to f32.
             let wb = w.to_dtype(candle_core::DType::BF16)?;
             rate(&format!("linear {rows}x{i}->{o} bf16 weights"), fl, || {
                 lcm::ops::linear(&x, &wb, None).unwrap();
             });
             let xs: Vec<f32> = x.flatten_all()?.to_vec1()?;
-            let wq = lcm::kernels::int8::Int8Matrix::quantize(&w.flatten_all()?.to_vec1::<f32>()?, o, i, lcm::kernels::int8::Side::Right);
+            let wq = lcm::kernels::int8::Int8Matrix::quantize(
+                &w.flatten_all()?.to_vec1::<f32>()?,
+                o,
+                i,
+                lcm::kernels::int8::Side::Right,
+            );
             rate(&format!("linear {rows}x{i}->{o} int8 weights"), fl, || {
                 lcm::kernels::int8::linear(&xs, rows, &wq, None);
             });
@@ -95,16 +89,22 @@ fn main() -> candle_core::Result<()> {
             let x = Tensor::randn(0f32, 1., (1, c, hw, hw), &dev)?;
             let w = Tensor::randn(0f32, 1., (co, c, 3, 3), &dev)?;
             let fl = 2.0 * (co * c * 9 * hw * hw) as f64;
-            rate(
-                &format!("conv3x3 {c}->{co} {hw}^2 lcm::ops::conv2d"),
-                fl,
-                || {
-                    lcm::ops::conv2d(&x, &w, None, 1, 1).unwrap();
-                },
-            );
+            rate(&format!("conv3x3 {c}->{co} {hw}^2 lcm::ops::conv2d"), fl, || {
+                lcm::ops::conv2d(&x, &w, None, 1, 1).unwrap();
+            });
             let (xs, ws): (Vec<f32>, Vec<f32>) = (x.flatten_all()?.to_vec1()?, w.flatten_all()?.to_vec1()?);
             let wq = lcm::kernels::int8::Int8Matrix::quantize(&ws, co, c * 9, lcm::kernels::int8::Side::Left);
-            let shape = lcm::kernels::conv::ConvShape { batch: 1, c_in: c, h: hw, w: hw, c_out: co, kh: 3, kw: 3, stride: 1, padding: 1 };
+            let shape = lcm::kernels::conv::ConvShape {
+                batch: 1,
+                c_in: c,
+                h: hw,
+                w: hw,
+                c_out: co,
+                kh: 3,
+                kw: 3,
+                stride: 1,
+                padding: 1,
+            };
             rate(&format!("conv3x3 {c}->{co} {hw}^2 int8 weights"), fl, || {
                 lcm::kernels::int8::conv2d(&xs, &wq, None, &shape);
             });
@@ -117,13 +117,9 @@ fn main() -> candle_core::Result<()> {
         for &(l, heads, d) in &[(4096usize, 8usize, 40usize), (1024, 8, 80)] {
             let q = Tensor::randn(0f32, 1., (1, heads, l, d), &dev)?;
             let fl = 4.0 * (heads * l * l * d) as f64;
-            rate(
-                &format!("attention {heads}x{l}x{d} lcm::ops::attention"),
-                fl,
-                || {
-                    lcm::ops::attention(&q, &q, &q, 0.1, false, q.dtype()).unwrap();
-                },
-            );
+            rate(&format!("attention {heads}x{l}x{d} lcm::ops::attention"), fl, || {
+                lcm::ops::attention(&q, &q, &q, 0.1, false, q.dtype()).unwrap();
+            });
             let bf16 = q.to_dtype(candle_core::DType::BF16)?;
             rate(&format!("attention {heads}x{l}x{d} bf16 products"), fl, || {
                 lcm::ops::attention(&q, &q, &q, 0.1, false, bf16.dtype()).unwrap();
@@ -137,10 +133,7 @@ fn main() -> candle_core::Result<()> {
         for _ in 0..3 {
             lcm::ops::group_norm(&x, 32, &w, &w, 1e-6).unwrap();
         }
-        println!(
-            "group_norm 128x512^2: {:.4} s",
-            t.elapsed().as_secs_f64() / 3.0
-        );
+        println!("group_norm 128x512^2: {:.4} s", t.elapsed().as_secs_f64() / 3.0);
     }
     Ok(())
 }

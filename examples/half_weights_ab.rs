@@ -29,7 +29,17 @@ fn main() -> anyhow::Result<()> {
     let x = Tensor::randn(0f32, 1.0, (1, c0.vae.latent_channels(), lat, lat), &dev)?;
     let text: Vec<_> = pipes
         .iter()
-        .map(|p| conditioning::encode_text(&p.components, "a photograph of an astronaut riding a horse", None, false, 1, (size, size), &dev))
+        .map(|p| {
+            conditioning::encode_text(
+                &p.components,
+                "a photograph of an astronaut riding a horse",
+                None,
+                false,
+                1,
+                (size, size),
+                &dev,
+            )
+        })
         .collect::<anyhow::Result<_>>()?;
     let mut unet = vec![Vec::new(); dtypes.len()];
     let mut vae = vec![Vec::new(); dtypes.len()];

@@ -9,8 +9,8 @@
 
 use crate::loaders::weights::{random_var_builder, recording_random_var_builder};
 use crate::models::autoencoder::Autoencoder;
-use crate::models::autoencoder_tiny::{AutoencoderTiny, AutoencoderTinyConfig};
 use crate::models::autoencoder_kl::{AutoencoderKL, AutoencoderKLConfig};
+use crate::models::autoencoder_tiny::{AutoencoderTiny, AutoencoderTinyConfig};
 use crate::models::clip_text_model::{ClipTextConfig, ClipTextModel, ClipTextModelWithProjection};
 use crate::models::motion_adapter::{MotionAdapterConfig, MotionModules};
 use crate::models::unet_2d_condition::{UNet2DConditionConfig, UNet2DConditionModel, UNetConditioning};
@@ -38,9 +38,12 @@ const SDXL_TEXT_ENCODER_2_CONFIG: &str = include_str!("../tests/fixtures/real_co
 /// (the tiny fixture carries the real stabilityai/stable-diffusion-xl-base-1.0 files).
 const SDXL_TOKENIZER_CONFIG: &str = include_str!("../tests/fixtures/models/tiny-sdxl/tokenizer/tokenizer_config.json");
 const SDXL_SPECIAL_TOKENS: &str = include_str!("../tests/fixtures/models/tiny-sdxl/tokenizer/special_tokens_map.json");
-const SDXL_TOKENIZER_2_CONFIG: &str = include_str!("../tests/fixtures/models/tiny-sdxl/tokenizer_2/tokenizer_config.json");
-const SDXL_SPECIAL_TOKENS_2: &str = include_str!("../tests/fixtures/models/tiny-sdxl/tokenizer_2/special_tokens_map.json");
-const MOTION_ADAPTER_CONFIG: &str = include_str!("../tests/fixtures/real_configs/guoyww__animatediff-motion-adapter-v1-5-2/config.json");
+const SDXL_TOKENIZER_2_CONFIG: &str =
+    include_str!("../tests/fixtures/models/tiny-sdxl/tokenizer_2/tokenizer_config.json");
+const SDXL_SPECIAL_TOKENS_2: &str =
+    include_str!("../tests/fixtures/models/tiny-sdxl/tokenizer_2/special_tokens_map.json");
+const MOTION_ADAPTER_CONFIG: &str =
+    include_str!("../tests/fixtures/real_configs/guoyww__animatediff-motion-adapter-v1-5-2/config.json");
 const SCHEDULER_CONFIG: &str = r#"{
   "_class_name": "LCMScheduler",
   "beta_start": 0.00085,
@@ -193,7 +196,12 @@ pub fn write_sd15_folder(dir: &Path) -> Result<()> {
 
 /// Build one component on recording random weights and save them to `dir/file`; the weights
 /// are dropped before the next component, so only one is ever in memory.
-fn save_random(dir: &Path, file: &str, seed: u64, build: impl FnOnce(candle_nn::VarBuilder<'static>) -> Result<()>) -> Result<()> {
+fn save_random(
+    dir: &Path,
+    file: &str,
+    seed: u64,
+    build: impl FnOnce(candle_nn::VarBuilder<'static>) -> Result<()>,
+) -> Result<()> {
     let (vb, rec) = recording_random_var_builder(seed, &Device::Cpu);
     build(vb)?;
     save_weights(&rec, &dir.join(file))
@@ -282,7 +290,10 @@ pub fn parse_key_listing(text: &str) -> Result<Vec<ListedTensor>> {
         let shape = if dims.is_empty() {
             Vec::new()
         } else {
-            dims.split(',').map(|d| d.parse::<usize>()).collect::<std::result::Result<_, _>>().with_context(|| format!("bad shape in `{line}`"))?
+            dims.split(',')
+                .map(|d| d.parse::<usize>())
+                .collect::<std::result::Result<_, _>>()
+                .with_context(|| format!("bad shape in `{line}`"))?
         };
         out.push(ListedTensor { name: name.to_string(), shape, dtype: dtype.to_string() });
     }
@@ -310,7 +321,10 @@ pub fn write_random_checkpoint(listing: &[ListedTensor], path: &Path, seed: u64,
     for t in listing {
         let dtype = stored(t);
         let len = t.shape.iter().product::<usize>() * size(&dtype)?;
-        header.insert(t.name.clone(), serde_json::json!({"dtype": dtype, "shape": t.shape, "data_offsets": [offset, offset + len]}));
+        header.insert(
+            t.name.clone(),
+            serde_json::json!({"dtype": dtype, "shape": t.shape, "data_offsets": [offset, offset + len]}),
+        );
         offset += len;
     }
     header.insert("__metadata__".into(), serde_json::json!({"format": "pt"}));
@@ -338,7 +352,11 @@ pub fn write_random_checkpoint(listing: &[ListedTensor], path: &Path, seed: u64,
         if !t.dtype.starts_with('F') {
             let width = size(&dtype)?;
             for i in 0..n {
-                let v = if t.name.ends_with("position_ids") { (i % t.shape.last().copied().unwrap_or(1)) as u64 } else { 0 };
+                let v = if t.name.ends_with("position_ids") {
+                    (i % t.shape.last().copied().unwrap_or(1)) as u64
+                } else {
+                    0
+                };
                 buf.extend_from_slice(&v.to_le_bytes()[..width]);
             }
         } else {
@@ -529,11 +547,12 @@ pub fn run(dir: &Path, opts: &BenchOptions) -> Result<BenchReport> {
     let dir_str = dir.to_str().context("folder path is not UTF-8")?;
     let frames = match opts.model {
         BenchModel::Sd15 | BenchModel::Sdxl => {
-            let pipe = LcmPipeline::load(dir_str, &LoadOptions { dtype: opts.dtype, device: opts.device.clone().into(), ..Default::default() })?;
-            let mut pipe = match opts.model {
-                BenchModel::Sd15 => pipe.with_kind(PipelineKind::StableDiffusion),
-                _ => pipe,
-            };
+            // The SD1.5 folder is a Stable Diffusion one whatever its model_index says.
+            let pipeline = (opts.model == BenchModel::Sd15).then_some(PipelineKind::StableDiffusion);
+            let mut pipe = LcmPipeline::load(
+                dir_str,
+                &LoadOptions { dtype: opts.dtype, device: opts.device.clone().into(), pipeline, ..Default::default() },
+            )?;
             time_image_stages(&mut pipe, opts, &mut stages)?;
             None
         }
@@ -593,15 +612,18 @@ fn bench_request(opts: &BenchOptions, frames: Option<usize>) -> GenerateRequest 
 fn time_image_stages(pipe: &mut LcmPipeline, opts: &BenchOptions, stages: &mut Stages) -> Result<()> {
     let req = bench_request(opts, None);
     // Sizes that cannot fit in memory are refused before any stage allocates.
-    pipe.validate(&req)?;
+    pipe.plan(&req)?;
     let c = &pipe.components;
     let (dev, dt) = (c.device().clone(), c.compute_dtype());
     let size = (opts.size, opts.size);
     let lat = opts.size / pipe.vae_scale_factor();
-    stages.add("text encoding", time(opts, || {
-        conditioning::encode_text(c, PROMPT, None, false, 1, size, &dev)?;
-        Ok(())
-    })?);
+    stages.add(
+        "text encoding",
+        time(opts, || {
+            conditioning::encode_text(c, PROMPT, None, false, 1, size, &dev)?;
+            Ok(())
+        })?,
+    );
     let text1 = conditioning::encode_text(c, PROMPT, None, false, 1, size, &dev)?;
     // Batch 2 as under CFG: [negative, prompt] with their SDXL pooled embeddings and ids.
     let text2 = conditioning::encode_text(c, PROMPT, None, true, 1, size, &dev)?;
@@ -609,36 +631,57 @@ fn time_image_stages(pipe: &mut LcmPipeline, opts: &BenchOptions, stages: &mut S
     let x2 = Tensor::cat(&[&x1, &x1], 0)?;
     let cond1 = UNetConditioning { added_cond: text1.added_cond.clone(), ..Default::default() };
     let cond2 = UNetConditioning { added_cond: text2.added_cond.clone(), ..Default::default() };
-    stages.add("UNet step, batch 1", time(opts, || {
-        c.unet.forward(&x1, 999.0, &text1.prompt_embeds, &cond1)?;
-        Ok(())
-    })?);
-    stages.add("UNet step, batch 2 (CFG)", time(opts, || {
-        c.unet.forward(&x2, 999.0, &text2.prompt_embeds, &cond2)?;
-        Ok(())
-    })?);
-    stages.add("VAE decode", time(opts, || {
-        c.vae.decode(&x1)?;
-        Ok(())
-    })?);
+    stages.add(
+        "UNet step, batch 1",
+        time(opts, || {
+            c.unet.forward(&x1, 999.0, &text1.prompt_embeds, &cond1)?;
+            Ok(())
+        })?,
+    );
+    stages.add(
+        "UNet step, batch 2 (CFG)",
+        time(opts, || {
+            c.unet.forward(&x2, 999.0, &text2.prompt_embeds, &cond2)?;
+            Ok(())
+        })?,
+    );
+    stages.add(
+        "VAE decode",
+        time(opts, || {
+            c.vae.decode(&x1)?;
+            Ok(())
+        })?,
+    );
     // The tiny autoencoder `--vae madebyollin/taesd(xl)` / `--preview` decode with (real config,
     // random weights: the speed does not depend on them).
     let tiny_config = if opts.model == BenchModel::Sdxl { TAESDXL_CONFIG } else { TAESD_CONFIG };
-    let tiny = AutoencoderTiny::new(random_var_builder(5, dt, &dev), &serde_json::from_str::<AutoencoderTinyConfig>(tiny_config)?)?;
-    stages.add("tiny VAE decode (TAESD)", time(opts, || {
-        tiny.decode(&x1)?;
-        Ok(())
-    })?);
-    stages.add(&format!("text-to-image, {} LCM steps", opts.steps), time(opts, || {
-        pipe.generate(&req, |_, _| {})?;
-        Ok(())
-    })?);
+    let tiny = AutoencoderTiny::new(
+        random_var_builder(5, dt, &dev),
+        &serde_json::from_str::<AutoencoderTinyConfig>(tiny_config)?,
+    )?;
+    stages.add(
+        "tiny VAE decode (TAESD)",
+        time(opts, || {
+            tiny.decode(&x1)?;
+            Ok(())
+        })?,
+    );
+    stages.add(
+        &format!("text-to-image, {} LCM steps", opts.steps),
+        time(opts, || {
+            pipe.generate(&req, |_, _| {})?;
+            Ok(())
+        })?,
+    );
     // The fast mode's whole image: the same with the tiny autoencoder (`--vae madebyollin/taesd`).
     pipe.components.vae = Autoencoder::Tiny(tiny);
-    stages.add(&format!("text-to-image, {} LCM steps, tiny VAE", opts.steps), time(opts, || {
-        pipe.generate(&req, |_, _| {})?;
-        Ok(())
-    })?);
+    stages.add(
+        &format!("text-to-image, {} LCM steps, tiny VAE", opts.steps),
+        time(opts, || {
+            pipe.generate(&req, |_, _| {})?;
+            Ok(())
+        })?,
+    );
     Ok(())
 }
 
@@ -652,26 +695,35 @@ fn time_animation_stages(pipe: &LcmPipeline, opts: &BenchOptions, stages: &mut S
         bail!("--frames must be at least 1");
     }
     let req = bench_request(opts, Some(f));
-    pipe.validate(&req)?;
+    pipe.plan(&req)?;
     let lat = opts.size / pipe.vae_scale_factor();
     let text = conditioning::encode_text(c, PROMPT, None, false, 1, (opts.size, opts.size), &dev)?;
     let ehs = crate::ops::repeat_interleave(&text.prompt_embeds, f)?;
     let x = Tensor::randn(0f32, 1.0, (1, c.vae.latent_channels(), f, lat, lat), &dev)?.to_dtype(dt)?;
     let cond = UNetConditioning { num_frames: Some(f), ..Default::default() };
-    stages.add(&format!("UNet step, {f} frames"), time(opts, || {
-        c.unet.forward_frames(&x, 999.0, &ehs, &cond)?;
-        Ok(())
-    })?);
-    stages.add(&format!("VAE decode, {f} frames one by one"), time(opts, || {
-        for k in 0..f {
-            c.vae.decode(&x.narrow(2, k, 1)?.squeeze(2)?)?;
-        }
-        Ok(())
-    })?);
-    stages.add(&format!("animation, {f} frames, {} LCM steps", opts.steps), time(opts, || {
-        pipe.animate(&req, |_, _| {})?;
-        Ok(())
-    })?);
+    stages.add(
+        &format!("UNet step, {f} frames"),
+        time(opts, || {
+            c.unet.forward_frames(&x, 999.0, &ehs, &cond)?;
+            Ok(())
+        })?,
+    );
+    stages.add(
+        &format!("VAE decode, {f} frames one by one"),
+        time(opts, || {
+            for k in 0..f {
+                c.vae.decode(&x.narrow(2, k, 1)?.squeeze(2)?)?;
+            }
+            Ok(())
+        })?,
+    );
+    stages.add(
+        &format!("animation, {f} frames, {} LCM steps", opts.steps),
+        time(opts, || {
+            pipe.animate(&req, |_, _| {})?;
+            Ok(())
+        })?,
+    );
     Ok(())
 }
 

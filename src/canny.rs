@@ -43,7 +43,14 @@ pub fn canny(image: &Image8, low: f64, high: f64) -> Result<Image8> {
 /// `channels` interleaved channels (row-major, `height × width × channels`; any channel count,
 /// like OpenCV). Errors on an empty image, a pixel count that does not match, or thresholds
 /// that are negative or not finite.
-pub fn canny_edges(pixels: &[u8], width: usize, height: usize, channels: usize, low: f64, high: f64) -> Result<Vec<u8>> {
+pub fn canny_edges(
+    pixels: &[u8],
+    width: usize,
+    height: usize,
+    channels: usize,
+    low: f64,
+    high: f64,
+) -> Result<Vec<u8>> {
     if width == 0 || height == 0 || channels == 0 {
         bail!("canny: empty image ({width}x{height}, {channels} channels)");
     }

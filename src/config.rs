@@ -6,10 +6,8 @@ use std::path::Path;
 
 /// Parse a JSON config file; errors name the file and the offending key.
 pub fn read_config<T: DeserializeOwned>(path: &Path) -> Result<T> {
-    let text = std::fs::read_to_string(path)
-        .with_context(|| format!("cannot read config {}", path.display()))?;
-    serde_json::from_str(&text)
-        .map_err(|e| anyhow::anyhow!("invalid config {}: {e}", path.display()))
+    let text = std::fs::read_to_string(path).with_context(|| format!("cannot read config {}", path.display()))?;
+    serde_json::from_str(&text).map_err(|e| anyhow::anyhow!("invalid config {}: {e}", path.display()))
 }
 
 /// `null` in a config reads as `false`, as diffusers' truthiness checks treat `None`

@@ -1,7 +1,7 @@
 //! Where a pipeline runs: `--device cpu`, `cuda` or `cuda:N`, as PyTorch names devices.
 
-use anyhow::{bail, Result};
 use crate::loaders::weights::WeightDType;
+use anyhow::{bail, Result};
 use candle_core::Device;
 
 /// The device named like PyTorch's `torch.device`: `cpu`, `cuda` (GPU 0) or `cuda:N`.
@@ -25,7 +25,8 @@ pub fn parse(name: &str) -> Result<Device> {
 
 #[cfg(feature = "cuda")]
 fn cuda(ordinal: usize) -> Result<Device> {
-    Device::new_cuda(ordinal).map_err(|e| anyhow::anyhow!("cannot open CUDA device {ordinal}: {}", first_line(&e.to_string())))
+    Device::new_cuda(ordinal)
+        .map_err(|e| anyhow::anyhow!("cannot open CUDA device {ordinal}: {}", first_line(&e.to_string())))
 }
 
 #[cfg(not(feature = "cuda"))]

@@ -105,7 +105,8 @@ fn folder_of(path: &Path) -> &Path {
 /// A1111-style `parameters` text chunk. Written atomically ([`write_atomic`]): refuses to replace
 /// an existing file unless `overwrite`.
 pub fn write_image(path: &Path, image: &RgbImage, parameters: Option<&str>, overwrite: bool) -> Result<()> {
-    let bytes = encode_image(image, OutputFormat::for_path(path)?, parameters).with_context(|| format!("cannot write {}", path.display()))?;
+    let bytes = encode_image(image, OutputFormat::for_path(path)?, parameters)
+        .with_context(|| format!("cannot write {}", path.display()))?;
     write_atomic(path, &bytes, overwrite)
 }
 
@@ -141,10 +142,20 @@ pub fn encode_image(image: &RgbImage, format: OutputFormat, parameters: Option<&
             writer.finish()?;
         }
         OutputFormat::Jpeg => {
-            image::codecs::jpeg::JpegEncoder::new_with_quality(&mut out, 75).write_image(&image.pixels, w, h, image::ExtendedColorType::Rgb8)?;
+            image::codecs::jpeg::JpegEncoder::new_with_quality(&mut out, 75).write_image(
+                &image.pixels,
+                w,
+                h,
+                image::ExtendedColorType::Rgb8,
+            )?;
         }
         OutputFormat::WebP => {
-            image::codecs::webp::WebPEncoder::new_lossless(&mut out).write_image(&image.pixels, w, h, image::ExtendedColorType::Rgb8)?;
+            image::codecs::webp::WebPEncoder::new_lossless(&mut out).write_image(
+                &image.pixels,
+                w,
+                h,
+                image::ExtendedColorType::Rgb8,
+            )?;
         }
         OutputFormat::Gif => out = encode_gif(std::slice::from_ref(image), 1)?,
     }

@@ -109,8 +109,8 @@ impl Image8 {
             for xx in 0..w {
                 for ch in 0..c {
                     let mut ss: i32 = 1 << (PRECISION_BITS - 1);
-                    for y in 0..n {
-                        ss += self.pixels[((y + ymin) * w + xx) * c + ch] as i32 * k[y];
+                    for (y, &ky) in k[..n].iter().enumerate() {
+                        ss += self.pixels[((y + ymin) * w + xx) * c + ch] as i32 * ky;
                     }
                     out[(yy * w + xx) * c + ch] = clip8(ss);
                 }
@@ -177,7 +177,12 @@ impl Coeffs {
 
 /// diffusers' `get_default_height_width`: the image's size unless given, rounded down to a
 /// multiple of the VAE scale factor.
-pub fn default_size(image: &Image8, width: Option<usize>, height: Option<usize>, vae_scale_factor: usize) -> (usize, usize) {
+pub fn default_size(
+    image: &Image8,
+    width: Option<usize>,
+    height: Option<usize>,
+    vae_scale_factor: usize,
+) -> (usize, usize) {
     let (w, h) = (width.unwrap_or(image.width), height.unwrap_or(image.height));
     (w - w % vae_scale_factor, h - h % vae_scale_factor)
 }
@@ -206,7 +211,13 @@ pub fn preprocess_mask(mask: &Image8, width: usize, height: usize, device: &Devi
 /// A ControlNet / T2I-Adapter conditioning image: converted to `channels` (3: RGB as the
 /// ControlNet pipelines' `do_convert_rgb`, 1: grayscale), Lanczos-resized to `width x height`,
 /// `[1, channels, h, w]` in `[0, 1]` (no normalisation).
-pub fn preprocess_control_image(image: &Image8, width: usize, height: usize, channels: usize, device: &Device) -> Result<Tensor> {
+pub fn preprocess_control_image(
+    image: &Image8,
+    width: usize,
+    height: usize,
+    channels: usize,
+    device: &Device,
+) -> Result<Tensor> {
     let converted = match channels {
         1 => image.to_grayscale(),
         3 => image.to_rgb(),

@@ -11,7 +11,12 @@ use lcm::image_io::{check_outputs, numbered_paths, write_gif, write_image};
 use lcm::image_processor::Image8;
 use lcm::loaders::model_index::resolve_component;
 use lcm::models::autoencoder::Autoencoder;
-use lcm::pipelines::{AdapterInput, ControlNetInput, GenerateRequest, LcmPipeline, LoadOptions, LoraSpec, PipelineKind, Step};
+use lcm::pipelines::components::load_vae;
+use lcm::pipelines::WeightDType;
+use lcm::pipelines::{
+    AdapterInput, ControlNetInput, GenerateRequest, LcmPipeline, LoadOptions, LoraSpec, PipelineKind, Step,
+};
+use lcm::schedulers::BetaSchedule;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
@@ -51,7 +56,7 @@ struct ModelArgs {
     /// GPU everything runs in this dtype, as diffusers' torch_dtype. Default: f32 on the CPU,
     /// f16 on a GPU.
     #[arg(long)]
-    dtype: Option<String>,
+    dtype: Option<WeightDType>,
     /// Where to run: cpu, cuda or cuda:N (needs a build with the `cuda` feature).
     #[arg(long, default_value = "cpu")]
     device: String,
@@ -100,123 +105,140 @@ struct SamplingArgs {
     overwrite: bool,
 }
 
+// Parsed once per process: the size difference between subcommands does not matter.
+#[allow(clippy::large_enum_variant)]
 #[derive(Subcommand)]
 enum Command {
     /// Text-to-image, image-to-image and inpainting, with LoRAs, ControlNets and T2I-Adapters.
-    Generate {
-        #[command(flatten)]
-        model: ModelArgs,
-        #[command(flatten)]
-        sampling: SamplingArgs,
-        #[arg(long, default_value_t = 1)]
-        num_images: usize,
-        /// Output image, in the format its extension names (.png with the generation parameters,
-        /// .jpg/.jpeg, .webp, .gif); several images become NAME-1.png, NAME-2.png, ...
-        #[arg(long, short, default_value = "output.png")]
-        output: PathBuf,
-        #[arg(long, value_enum, default_value = "auto")]
-        pipeline: PipelineArg,
-        /// Init image: selects image-to-image (with --mask-image: inpainting). Without
-        /// --width/--height the output takes its size, rounded down to the VAE factor.
-        #[arg(long)]
-        image: Option<PathBuf>,
-        /// Inpainting mask (white = repaint), same size as --image.
-        #[arg(long)]
-        mask_image: Option<PathBuf>,
-        /// How much of the init image to replace, in (0, 1]. Default: diffusers' per pipeline
-        /// (0.8 image-to-image, 1.0 inpainting; SDXL 0.3 and 0.9999).
-        #[arg(long)]
-        strength: Option<f64>,
-        #[command(flatten)]
-        control: ControlArgs,
-        /// Write each step's predicted image to DIR/step-NN.png, decoded by a tiny autoencoder.
-        #[arg(long, value_name = "DIR")]
-        preview: Option<PathBuf>,
-        /// The tiny autoencoder for --preview (default madebyollin/taesd, madebyollin/taesdxl for
-        /// SDXL).
-        #[arg(long, value_name = "SOURCE", requires = "preview")]
-        preview_vae: Option<String>,
-    },
+    Generate(GenerateArgs),
     /// Fetch a model (pipeline repo, LoRA, VAE, ControlNet, ...) from the Hugging Face hub into
     /// the standard cache ahead of time, as diffusers' from_pretrained would.
-    Download {
-        /// Hub repo id, e.g. SimianLuo/LCM_Dreamshaper_v7.
-        repo: String,
-        /// Weight variant, e.g. fp16.
-        #[arg(long)]
-        variant: Option<String>,
-    },
+    Download(DownloadArgs),
     /// Text-to-video with an AnimateDiff motion adapter (AnimateDiffPipeline + LCMScheduler).
-    Animate {
-        #[command(flatten)]
-        model: ModelArgs,
-        /// MotionAdapter folder or hub id, e.g. guoyww/animatediff-motion-adapter-v1-5-2.
-        #[arg(long)]
-        motion_adapter: String,
-        #[command(flatten)]
-        sampling: SamplingArgs,
-        /// Frames per video (AnimateDiffPipeline's default 16).
-        #[arg(long, default_value_t = 16)]
-        frames: usize,
-        /// Videos to make from the prompt (num_videos_per_prompt).
-        #[arg(long, default_value_t = 1)]
-        num_videos: usize,
-        /// `.gif`: an animated GIF as diffusers' export_to_gif (looping, --fps); another image
-        /// extension (`.png`, `.jpg`, `.webp`): one numbered file per frame (NAME-1.png, ...).
-        #[arg(long, short, default_value = "animation.gif")]
-        output: PathBuf,
-        #[arg(long, default_value_t = 10)]
-        fps: u32,
-        /// Override the scheduler's beta_schedule, as diffusers' LCM guide does for AnimateDiff
-        /// (`LCMScheduler.from_config(config, beta_schedule="linear")`).
-        #[arg(long)]
-        beta_schedule: Option<String>,
-    },
+    Animate(AnimateArgs),
     /// Benchmark: a real architecture (SD1.5, SDXL, AnimateDiff) with random weights, stage by
     /// stage (see BENCHMARKS.md; benches/bench_diffusers.py times diffusers on the same folder).
-    Bench {
-        /// sd15, sdxl (text-to-image) or animatediff (SD1.5 + motion adapter v1-5-2).
-        #[arg(long, default_value = "sd15")]
-        model: lcm::benchmark::BenchModel,
-        /// Where the random-weight diffusers folder is written once and reused (default
-        /// $TMPDIR/lcm-bench-sd15, or lcm-bench-sdxl; AnimateDiff adds DIR/motion_adapter).
-        #[arg(long)]
-        dir: Option<PathBuf>,
-        /// Image size (default: 512, SDXL 1024).
-        #[arg(long)]
-        size: Option<usize>,
-        /// AnimateDiff: frames per clip.
-        #[arg(long, default_value_t = 16)]
-        frames: usize,
-        #[arg(long, default_value_t = 4)]
-        steps: usize,
-        #[arg(long, default_value_t = 1)]
-        warmup: usize,
-        #[arg(long, default_value_t = 3)]
-        runs: usize,
-        /// Precision the weights are kept in: f32, f16, bf16 or int8 (as for `generate`;
-        /// default: f32 on the CPU, f16 on a GPU).
-        #[arg(long)]
-        dtype: Option<String>,
-        /// cpu, cuda or cuda:N.
-        #[arg(long, default_value = "cpu")]
-        device: String,
-        /// Print JSON (for benches/bench_diffusers.py) instead of a table.
-        #[arg(long)]
-        json: bool,
-    },
+    Bench(BenchArgs),
     /// Canny edge map of an image, as OpenCV's cv2.Canny(image, low, high) in diffusers' guide.
-    Canny {
-        input: PathBuf,
-        output: PathBuf,
-        #[arg(long, default_value_t = 100.0)]
-        low: f64,
-        #[arg(long, default_value_t = 200.0)]
-        high: f64,
-        /// Replace an existing output file.
-        #[arg(long)]
-        overwrite: bool,
-    },
+    Canny(CannyArgs),
+}
+
+#[derive(clap::Args)]
+struct GenerateArgs {
+    #[command(flatten)]
+    model: ModelArgs,
+    #[command(flatten)]
+    sampling: SamplingArgs,
+    #[arg(long, default_value_t = 1)]
+    num_images: usize,
+    /// Output image, in the format its extension names (.png with the generation parameters,
+    /// .jpg/.jpeg, .webp, .gif); several images become NAME-1.png, NAME-2.png, ...
+    #[arg(long, short, default_value = "output.png")]
+    output: PathBuf,
+    #[arg(long, value_enum, default_value = "auto")]
+    pipeline: PipelineArg,
+    /// Init image: selects image-to-image (with --mask-image: inpainting). Without
+    /// --width/--height the output takes its size, rounded down to the VAE factor.
+    #[arg(long)]
+    image: Option<PathBuf>,
+    /// Inpainting mask (white = repaint), same size as --image.
+    #[arg(long)]
+    mask_image: Option<PathBuf>,
+    /// How much of the init image to replace, in (0, 1]. Default: diffusers' per pipeline
+    /// (0.8 image-to-image, 1.0 inpainting; SDXL 0.3 and 0.9999).
+    #[arg(long)]
+    strength: Option<f64>,
+    #[command(flatten)]
+    control: ControlArgs,
+    /// Write each step's predicted image to DIR/step-NN.png, decoded by a tiny autoencoder.
+    #[arg(long, value_name = "DIR")]
+    preview: Option<PathBuf>,
+    /// The tiny autoencoder for --preview (default madebyollin/taesd, madebyollin/taesdxl for
+    /// SDXL).
+    #[arg(long, value_name = "SOURCE", requires = "preview")]
+    preview_vae: Option<String>,
+}
+
+#[derive(clap::Args)]
+struct DownloadArgs {
+    /// Hub repo id, e.g. SimianLuo/LCM_Dreamshaper_v7.
+    repo: String,
+    /// Weight variant, e.g. fp16.
+    #[arg(long)]
+    variant: Option<String>,
+}
+
+#[derive(clap::Args)]
+struct AnimateArgs {
+    #[command(flatten)]
+    model: ModelArgs,
+    /// MotionAdapter folder or hub id, e.g. guoyww/animatediff-motion-adapter-v1-5-2.
+    #[arg(long)]
+    motion_adapter: String,
+    #[command(flatten)]
+    sampling: SamplingArgs,
+    /// Frames per video (AnimateDiffPipeline's default 16).
+    #[arg(long, default_value_t = 16)]
+    frames: usize,
+    /// Videos to make from the prompt (num_videos_per_prompt).
+    #[arg(long, default_value_t = 1)]
+    num_videos: usize,
+    /// `.gif`: an animated GIF as diffusers' export_to_gif (looping, --fps); another image
+    /// extension (`.png`, `.jpg`, `.webp`): one numbered file per frame (NAME-1.png, ...).
+    #[arg(long, short, default_value = "animation.gif")]
+    output: PathBuf,
+    #[arg(long, default_value_t = 10)]
+    fps: u32,
+    /// Override the scheduler's beta_schedule, as diffusers' LCM guide does for AnimateDiff
+    /// (`LCMScheduler.from_config(config, beta_schedule="linear")`).
+    #[arg(long)]
+    beta_schedule: Option<BetaSchedule>,
+}
+
+#[derive(clap::Args)]
+struct BenchArgs {
+    /// sd15, sdxl (text-to-image) or animatediff (SD1.5 + motion adapter v1-5-2).
+    #[arg(long, default_value = "sd15")]
+    model: lcm::benchmark::BenchModel,
+    /// Where the random-weight diffusers folder is written once and reused (default
+    /// $TMPDIR/lcm-bench-sd15, or lcm-bench-sdxl; AnimateDiff adds DIR/motion_adapter).
+    #[arg(long)]
+    dir: Option<PathBuf>,
+    /// Image size (default: 512, SDXL 1024).
+    #[arg(long)]
+    size: Option<usize>,
+    /// AnimateDiff: frames per clip.
+    #[arg(long, default_value_t = 16)]
+    frames: usize,
+    #[arg(long, default_value_t = 4)]
+    steps: usize,
+    #[arg(long, default_value_t = 1)]
+    warmup: usize,
+    #[arg(long, default_value_t = 3)]
+    runs: usize,
+    /// Precision the weights are kept in: f32, f16, bf16 or int8 (as for `generate`;
+    /// default: f32 on the CPU, f16 on a GPU).
+    #[arg(long)]
+    dtype: Option<WeightDType>,
+    /// cpu, cuda or cuda:N.
+    #[arg(long, default_value = "cpu")]
+    device: String,
+    /// Print JSON (for benches/bench_diffusers.py) instead of a table.
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(clap::Args)]
+struct CannyArgs {
+    input: PathBuf,
+    output: PathBuf,
+    #[arg(long, default_value_t = 100.0)]
+    low: f64,
+    #[arg(long, default_value_t = 200.0)]
+    high: f64,
+    /// Replace an existing output file.
+    #[arg(long)]
+    overwrite: bool,
 }
 
 /// ControlNet and T2I-Adapter options of `generate`.
@@ -285,7 +307,8 @@ fn read_control_image(path: &std::path::Path, args: &ControlArgs) -> Result<Imag
 }
 
 impl ControlArgs {
-    fn inputs(&self) -> Result<(Vec<ControlNetInput>, Vec<AdapterInput>)> {
+    /// Flags that only make sense with a ControlNet or T2I-Adapter, and one image per model.
+    fn check(&self) -> Result<()> {
         let (n, m) = (self.controlnets.len(), self.adapters.len());
         if self.control_images.len() != n {
             bail!("{n} --controlnet but {} --control-image; give one image per ControlNet", self.control_images.len());
@@ -293,15 +316,24 @@ impl ControlArgs {
         if self.adapter_images.len() != m {
             bail!("{m} --adapter but {} --adapter-image; give one image per adapter", self.adapter_images.len());
         }
-        if n == 0 && !(self.controlnet_scales.is_empty() && self.control_guidance_start.is_empty() && self.control_guidance_end.is_empty() && !self.guess_mode) {
+        let controlnet_flags = !(self.controlnet_scales.is_empty()
+            && self.control_guidance_start.is_empty()
+            && self.control_guidance_end.is_empty()
+            && !self.guess_mode);
+        if n == 0 && controlnet_flags {
             bail!("--controlnet-scale, --control-guidance-start/-end and --guess-mode need --controlnet");
         }
         if m == 0 && !self.adapter_scales.is_empty() {
             bail!("--adapter-scale needs --adapter");
         }
-        if !(0.0..=1.0).contains(&self.adapter_conditioning_factor) {
-            bail!("--adapter-conditioning-factor must be in [0, 1], got {}", self.adapter_conditioning_factor);
-        }
+        Ok(())
+    }
+
+    /// The request's control inputs: each image read (and turned into edges with `--canny`),
+    /// each scale given once for all models or once per model.
+    fn inputs(&self) -> Result<(Vec<ControlNetInput>, Vec<AdapterInput>)> {
+        self.check()?;
+        let (n, m) = (self.controlnets.len(), self.adapters.len());
         let scales = per_unit(&self.controlnet_scales, n, 1.0, "--controlnet-scale")?;
         let starts = per_unit(&self.control_guidance_start, n, 0.0, "--control-guidance-start")?;
         let ends = per_unit(&self.control_guidance_end, n, 1.0, "--control-guidance-end")?;
@@ -323,26 +355,13 @@ impl ControlArgs {
     }
 }
 
-fn canny_command(input: &std::path::Path, output: &std::path::Path, low: f64, high: f64, overwrite: bool) -> Result<()> {
-    check_outputs(&[output.to_path_buf()], overwrite)?;
-    let img = Image8::read(input)?;
-    let edges = lcm::canny::canny(&img, low, high)?.to_rgb();
-    let rgb = lcm::image_io::RgbImage { width: edges.width, height: edges.height, pixels: edges.pixels };
-    write_image(output, &rgb, None, overwrite)?;
-    eprintln!("wrote {}", output.display());
-    Ok(())
-}
-
 impl SamplingArgs {
     /// The request fields these flags set (the rest default).
-    fn request(&self) -> Result<GenerateRequest> {
-        if self.steps == 0 {
-            bail!("--steps must be at least 1");
-        }
+    fn request(&self) -> GenerateRequest {
         let seed = self.seed.unwrap_or_else(|| {
             std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_nanos() as u64)
         });
-        Ok(GenerateRequest {
+        GenerateRequest {
             prompt: self.prompt.clone(),
             negative_prompt: self.negative_prompt.clone(),
             num_inference_steps: self.steps,
@@ -353,22 +372,20 @@ impl SamplingArgs {
             original_inference_steps: self.original_inference_steps,
             timesteps: self.timesteps.clone(),
             ..Default::default()
-        })
+        }
     }
 }
 
-
-/// `--device` and `--dtype`, checked before anything is loaded (an unknown name is a one-line
-/// error); the dtype defaults to the device's (f16 on a GPU, as diffusers' guide loads models).
-fn parse_device_dtype(device: &str, dtype: Option<&str>) -> Result<(candle_core::Device, lcm::loaders::weights::WeightDType)> {
-    let dtype = dtype.map(|s| s.parse().map_err(anyhow::Error::msg)).transpose()?;
+/// `--device` (an unknown name is a one-line error before anything is loaded) and the dtype,
+/// which defaults to the device's (f16 on a GPU, as diffusers' guide loads models).
+fn parse_device_dtype(device: &str, dtype: Option<WeightDType>) -> Result<(candle_core::Device, WeightDType)> {
     let device = lcm::device::parse(device)?;
     let dtype = dtype.unwrap_or(lcm::device::default_dtype(&device));
     Ok((device, dtype))
 }
 
-fn load_pipeline(m: &ModelArgs, motion_adapter: Option<String>) -> Result<LcmPipeline> {
-    let (device, dtype) = parse_device_dtype(&m.device, m.dtype.as_deref())?;
+fn load_pipeline(m: &ModelArgs, motion_adapter: Option<String>, pipeline: Option<PipelineKind>) -> Result<LcmPipeline> {
+    let (device, dtype) = parse_device_dtype(&m.device, m.dtype)?;
     let loras = m.loras.iter().map(|l| LoraSpec::parse(l)).collect::<Result<Vec<_>>>()?;
     let opts = LoadOptions {
         variant: m.variant.clone(),
@@ -379,6 +396,7 @@ fn load_pipeline(m: &ModelArgs, motion_adapter: Option<String>) -> Result<LcmPip
         vae: m.vae.clone(),
         device: device.into(),
         compute_dtype: None,
+        pipeline,
     };
     let pipe = LcmPipeline::load(&m.model, &opts)?;
     for warning in pipe.components.lora_reports.iter().filter_map(|r| r.warning()) {
@@ -413,12 +431,20 @@ struct Previews {
 
 impl Previews {
     fn load(dir: &Path, source: Option<&str>, pipe: &LcmPipeline, num_images: usize, overwrite: bool) -> Result<Self> {
-        let source = source.unwrap_or(if pipe.kind == PipelineKind::StableDiffusionXL { "madebyollin/taesdxl" } else { "madebyollin/taesd" });
+        let source = source.unwrap_or(if pipe.kind() == PipelineKind::StableDiffusionXL {
+            "madebyollin/taesdxl"
+        } else {
+            "madebyollin/taesd"
+        });
         let c = &pipe.components;
-        let vae = Autoencoder::load_for(&resolve_component(source, "vae", None)?, None, pipe.kind, c.precision(), c.device())
+        let vae = load_vae(&resolve_component(source, "vae", None)?, pipe.kind(), c.precision(), c.device())
             .map_err(|e| anyhow::anyhow!("--preview-vae {source}: {e:#}"))?;
         if vae.latent_channels() != pipe.components.vae.latent_channels() {
-            bail!("--preview-vae {source} has {} latent channels, the model {}", vae.latent_channels(), pipe.components.vae.latent_channels());
+            bail!(
+                "--preview-vae {source} has {} latent channels, the model {}",
+                vae.latent_channels(),
+                pipe.components.vae.latent_channels()
+            );
         }
         std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
         Ok(Self { dir: dir.to_path_buf(), vae, num_images, overwrite })
@@ -454,149 +480,166 @@ impl Previews {
     }
 }
 
-fn run(cli: Cli) -> Result<()> {
-    match cli.command {
-        Command::Bench { model, dir, size, frames, steps, warmup, runs, dtype, device, json } => {
-            let (device, dtype) = parse_device_dtype(&device, dtype.as_deref())?;
-            let size = size.unwrap_or(model.default_size());
-            if size == 0 || size % 8 != 0 || steps == 0 || runs == 0 || frames == 0 {
-                bail!("--size must be a positive multiple of 8, --steps, --runs and --frames at least 1");
+fn canny(args: CannyArgs) -> Result<()> {
+    let CannyArgs { input, output, low, high, overwrite } = args;
+    check_outputs(std::slice::from_ref(&output), overwrite)?;
+    let img = Image8::read(&input)?;
+    let edges = lcm::canny::canny(&img, low, high)?.to_rgb();
+    let rgb = lcm::image_io::RgbImage { width: edges.width, height: edges.height, pixels: edges.pixels };
+    write_image(&output, &rgb, None, overwrite)?;
+    eprintln!("wrote {}", output.display());
+    Ok(())
+}
+
+fn bench(args: BenchArgs) -> Result<()> {
+    let BenchArgs { model, dir, size, frames, steps, warmup, runs, dtype, device, json } = args;
+    let (device, dtype) = parse_device_dtype(&device, dtype)?;
+    let size = size.unwrap_or(model.default_size());
+    if size == 0 || !size.is_multiple_of(8) || steps == 0 || runs == 0 || frames == 0 {
+        bail!("--size must be a positive multiple of 8, --steps, --runs and --frames at least 1");
+    }
+    let dir = dir.unwrap_or_else(|| model.default_dir());
+    eprintln!("model folder: {}", dir.display());
+    if !lcm::benchmark::folder_complete(model, &dir) {
+        eprintln!("writing random weights once; this run's peak RSS includes that, rerun for a clean figure");
+    }
+    lcm::benchmark::write_folder(model, &dir)?;
+    let opts = lcm::benchmark::BenchOptions { model, size, frames, steps, warmup, runs, dtype, device };
+    let report = lcm::benchmark::run(&dir, &opts)?;
+    if json {
+        println!("{}", serde_json::to_string_pretty(&report)?);
+    } else {
+        print!("{}", report.table());
+    }
+    Ok(())
+}
+
+fn download(args: DownloadArgs) -> Result<()> {
+    let dir = lcm::loaders::hub::download(&args.repo, args.variant.as_deref())?;
+    eprintln!("downloaded {} to {}", args.repo, dir.display());
+    Ok(())
+}
+
+/// Everything that can be checked before the model loads is (the request's own checks, the
+/// outputs' names, the images); the rest when the request is planned against the model, still
+/// before any compute.
+fn generate(args: GenerateArgs) -> Result<()> {
+    let GenerateArgs {
+        model,
+        sampling,
+        num_images,
+        output,
+        pipeline,
+        image,
+        mask_image,
+        strength,
+        control,
+        preview,
+        preview_vae,
+    } = args;
+    let overwrite = sampling.overwrite;
+    control.check()?;
+    let mut req = GenerateRequest {
+        num_images_per_prompt: num_images,
+        strength,
+        guess_mode: control.guess_mode,
+        adapter_conditioning_factor: control.adapter_conditioning_factor,
+        ..sampling.request()
+    };
+    req.image = image.as_deref().map(Image8::read).transpose()?;
+    req.mask_image = mask_image.as_deref().map(Image8::read).transpose()?;
+    req.check()?;
+    // The outputs' names are checked now (extension, folder); whether numbered files already
+    // exist, once the request is planned (their count is then bounded).
+    check_outputs(&numbered_paths(&output, num_images.min(64)), overwrite)?;
+    if let Some(dir) = &preview {
+        Previews::check(dir, overwrite)?;
+    }
+    (req.controlnet, req.adapter) = control.inputs()?;
+
+    let pipeline = match pipeline {
+        PipelineArg::Auto => None,
+        PipelineArg::Lcm => Some(PipelineKind::LatentConsistencyModel),
+        PipelineArg::Sd => Some(PipelineKind::StableDiffusion),
+        PipelineArg::Sdxl => Some(PipelineKind::StableDiffusionXL),
+    };
+    let mut pipe = load_pipeline(&model, None, pipeline)?;
+    for source in &control.controlnets {
+        pipe.load_controlnet(source, None)?;
+    }
+    for source in &control.adapters {
+        pipe.load_t2i_adapter(source, None)?;
+    }
+    let plan = pipe.plan(&req)?;
+    let paths = numbered_paths(&output, num_images);
+    check_outputs(&paths, overwrite)?;
+    let previews = match &preview {
+        Some(dir) => Some(Previews::load(dir, preview_vae.as_deref(), &pipe, num_images, overwrite)?),
+        None => None,
+    };
+    let images = with_progress(|on_step| {
+        pipe.run(&plan, &req, |step| {
+            on_step(step.index + 1, step.total);
+            match &previews {
+                Some(p) => p.write(&pipe, step),
+                None => Ok(()),
             }
-            let dir = dir.unwrap_or_else(|| model.default_dir());
-            eprintln!("model folder: {}", dir.display());
-            if !lcm::benchmark::folder_complete(model, &dir) {
-                eprintln!("writing random weights once; this run's peak RSS includes that, rerun for a clean figure");
-            }
-            lcm::benchmark::write_folder(model, &dir)?;
-            let opts = lcm::benchmark::BenchOptions { model, size, frames, steps, warmup, runs, dtype, device };
-            let report = lcm::benchmark::run(&dir, &opts)?;
-            if json {
-                println!("{}", serde_json::to_string_pretty(&report)?);
-            } else {
-                print!("{}", report.table());
-            }
+        })
+    })?;
+    for (i, (img, path)) in images.iter().zip(&paths).enumerate() {
+        write_image(path, img, Some(&pipe.parameters_text(&plan, &req, i)), overwrite)?;
+        eprintln!("wrote {} (seed {})", path.display(), req.seed);
+    }
+    Ok(())
+}
+
+fn animate(args: AnimateArgs) -> Result<()> {
+    let AnimateArgs { model, motion_adapter, sampling, frames, num_videos, output, fps, beta_schedule } = args;
+    let overwrite = sampling.overwrite;
+    let req = GenerateRequest { num_images_per_prompt: num_videos, num_frames: Some(frames), ..sampling.request() };
+    req.check()?;
+    if fps == 0 {
+        bail!("--fps must be at least 1");
+    }
+    // .gif: one animated GIF per video; another image format: one file per frame.
+    let gif = lcm::image_io::OutputFormat::for_path(&output)? == lcm::image_io::OutputFormat::Gif;
+    let frame_paths = |count: usize| -> Vec<PathBuf> {
+        let videos = numbered_paths(&output, count);
+        let frames_of = |v: &PathBuf| numbered_paths(v, frames.max(2)).into_iter().take(frames).collect::<Vec<_>>();
+        videos.iter().flat_map(|v| if gif { vec![v.clone()] } else { frames_of(v) }).collect()
+    };
+    // The first output's name now; all of them once the request is planned (their count is
+    // then bounded).
+    let first_video = numbered_paths(&output, num_videos.min(2)).remove(0);
+    let first = if gif { first_video } else { numbered_paths(&first_video, 2).remove(0) };
+    check_outputs(&[first], overwrite)?;
+    let mut pipe = load_pipeline(&model, Some(motion_adapter), None)?;
+    if let Some(b) = beta_schedule {
+        pipe.components.scheduler_config.beta_schedule = b;
+    }
+    let plan = pipe.plan(&req)?;
+    let per_video = if gif { 1 } else { frames };
+    let all_paths = frame_paths(num_videos);
+    check_outputs(&all_paths, overwrite)?;
+    let images = with_progress(|on_step| {
+        pipe.run(&plan, &req, |step| {
+            on_step(step.index + 1, step.total);
             Ok(())
-        }
-        Command::Download { repo, variant } => {
-            let dir = lcm::loaders::hub::download(&repo, variant.as_deref())?;
-            eprintln!("downloaded {repo} to {}", dir.display());
-            Ok(())
-        }
-        Command::Canny { input, output, low, high, overwrite } => canny_command(&input, &output, low, high, overwrite),
-        Command::Generate { model, sampling, num_images, output, pipeline, image, mask_image, strength, control, preview, preview_vae } => {
-            if mask_image.is_some() && image.is_none() {
-                bail!("--mask-image needs --image (the picture to inpaint)");
+        })
+    })?;
+    for (i, (clip, paths)) in images.chunks(frames).zip(all_paths.chunks(per_video)).enumerate() {
+        if gif {
+            write_gif(&paths[0], clip, fps, overwrite)?;
+            eprintln!("wrote {} ({} frames, seed {})", paths[0].display(), clip.len(), req.seed);
+        } else {
+            for (img, path) in clip.iter().zip(paths) {
+                write_image(path, img, Some(&pipe.parameters_text(&plan, &req, i)), overwrite)?;
             }
-            if let Some(s) = strength.filter(|s| !(*s > 0.0 && *s <= 1.0)) {
-                bail!("--strength must be in (0, 1], got {s}");
-            }
-            if strength.is_some() && image.is_none() {
-                bail!("--strength needs --image");
-            }
-            let image = image.as_deref().map(Image8::read).transpose()?;
-            let (controlnet_inputs, adapter_inputs) = control.inputs()?;
-            if matches!(pipeline, PipelineArg::Lcm) && !(control.controlnets.is_empty() && control.adapters.is_empty()) {
-                bail!("--pipeline lcm has no ControlNet / T2I-Adapter variant in diffusers; use --pipeline sd (the default with --controlnet)");
-            }
-            let mask_image = mask_image.as_deref().map(Image8::read).transpose()?;
-            if num_images == 0 {
-                bail!("--num-images must be at least 1");
-            }
-            // The outputs' names are checked now (extension, folder); whether numbered files
-            // already exist, once the request is validated (their count is then bounded).
-            check_outputs(&numbered_paths(&output, num_images.min(64)), sampling.overwrite)?;
-            if let Some(dir) = &preview {
-                Previews::check(dir, sampling.overwrite)?;
-            }
-            let mut pipe = load_pipeline(&model, None)?;
-            pipe = match pipeline {
-                PipelineArg::Auto => pipe,
-                PipelineArg::Lcm => pipe.with_kind(PipelineKind::LatentConsistencyModel),
-                PipelineArg::Sd => pipe.with_kind(PipelineKind::StableDiffusion),
-                PipelineArg::Sdxl => pipe.with_kind(PipelineKind::StableDiffusionXL),
-            };
-            for source in &control.controlnets {
-                pipe.load_controlnet(source, None)?;
-            }
-            for source in &control.adapters {
-                pipe.load_t2i_adapter(source, None)?;
-            }
-            let req = GenerateRequest {
-                num_images_per_prompt: num_images,
-                image,
-                mask_image,
-                strength,
-                controlnet: controlnet_inputs,
-                guess_mode: control.guess_mode,
-                adapter: adapter_inputs,
-                adapter_conditioning_factor: control.adapter_conditioning_factor,
-                ..sampling.request()?
-            };
-            pipe.validate(&req)?;
-            let paths = numbered_paths(&output, num_images);
-            check_outputs(&paths, sampling.overwrite)?;
-            let previews = match &preview {
-                Some(dir) => Some(Previews::load(dir, preview_vae.as_deref(), &pipe, num_images, sampling.overwrite)?),
-                None => None,
-            };
-            let images = with_progress(|on_step| {
-                pipe.generate_with_callback(&req, |step| {
-                    on_step(step.index + 1, step.total);
-                    match &previews {
-                        Some(p) => p.write(&pipe, step),
-                        None => Ok(()),
-                    }
-                })
-            })?;
-            for (i, (img, path)) in images.iter().zip(&paths).enumerate() {
-                write_image(path, img, Some(&pipe.parameters_text(&req, i)), sampling.overwrite)?;
-                eprintln!("wrote {} (seed {})", path.display(), req.seed);
-            }
-            Ok(())
-        }
-        Command::Animate { model, motion_adapter, sampling, frames, num_videos, output, fps, beta_schedule } => {
-            if frames == 0 || num_videos == 0 {
-                bail!("--frames and --num-videos must be at least 1");
-            }
-            if fps == 0 {
-                bail!("--fps must be at least 1");
-            }
-            // .gif: one animated GIF per video; another image format: one file per frame.
-            let gif = lcm::image_io::OutputFormat::for_path(&output)? == lcm::image_io::OutputFormat::Gif;
-            let frame_paths = |count: usize| -> Vec<PathBuf> {
-                let videos = numbered_paths(&output, count);
-                videos.iter().flat_map(|v| if gif { vec![v.clone()] } else { numbered_paths(v, frames.max(2)).into_iter().take(frames).collect() }).collect()
-            };
-            // The first output's name now; all of them once the request is validated (their
-            // count is then bounded).
-            let first_video = numbered_paths(&output, num_videos.min(2)).remove(0);
-            let first = if gif { first_video } else { numbered_paths(&first_video, 2).remove(0) };
-            check_outputs(&[first], sampling.overwrite)?;
-            let mut pipe = load_pipeline(&model, Some(motion_adapter))?;
-            if let Some(b) = beta_schedule {
-                pipe.components.scheduler_config.beta_schedule = b;
-            }
-            let req = GenerateRequest { num_images_per_prompt: num_videos, num_frames: Some(frames), ..sampling.request()? };
-            pipe.validate(&req)?;
-            let per_video = if gif { 1 } else { frames };
-            let all_paths = frame_paths(num_videos);
-            check_outputs(&all_paths, sampling.overwrite)?;
-            let frame_paths: Vec<&[PathBuf]> = all_paths.chunks(per_video).collect();
-            let clips = with_progress(|on_step| pipe.animate(&req, on_step))?;
-            for (i, (clip, paths)) in clips.iter().zip(frame_paths).enumerate() {
-                if gif {
-                    write_gif(&paths[0], clip, fps, sampling.overwrite)?;
-                    eprintln!("wrote {} ({} frames, seed {})", paths[0].display(), clip.len(), req.seed);
-                } else {
-                    for (img, path) in clip.iter().zip(paths) {
-                        write_image(path, img, Some(&pipe.parameters_text(&req, i)), sampling.overwrite)?;
-                    }
-                    eprintln!("wrote {} frames {} .. {} (seed {})", clip.len(), paths[0].display(), paths[paths.len() - 1].display(), req.seed);
-                }
-            }
-            Ok(())
+            let (first, last) = (paths[0].display(), paths[paths.len() - 1].display());
+            eprintln!("wrote {} frames {first} .. {last} (seed {})", clip.len(), req.seed);
         }
     }
+    Ok(())
 }
 
 fn main() -> ExitCode {
@@ -604,17 +647,37 @@ fn main() -> ExitCode {
     // SAFETY: no other thread exists yet.
     unsafe { std::env::set_var("RUST_LIB_BACKTRACE", "0") };
     std::panic::set_hook(Box::new(|info| {
-        let msg = info.payload().downcast_ref::<&str>().map(|s| s.to_string())
+        let msg = info
+            .payload()
+            .downcast_ref::<&str>()
+            .map(|s| s.to_string())
             .or_else(|| info.payload().downcast_ref::<String>().cloned())
             .unwrap_or_default();
         eprintln!("error: internal error: {}", msg.replace('\n', " "));
     }));
-    let cli = Cli::parse();
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        // Help and version go to stdout as clap writes them; a bad flag is one line, as every
+        // other error.
+        Err(e) if !e.use_stderr() => e.exit(),
+        Err(e) => {
+            let text = e.render().to_string();
+            eprintln!("{}", text.lines().next().unwrap_or("error: invalid arguments"));
+            return ExitCode::from(2);
+        }
+    };
     if let Err(e) = lcm::kernels::CpuPath::check_env() {
         eprintln!("error: {e}");
         return ExitCode::FAILURE;
     }
-    match run(cli) {
+    let result = match cli.command {
+        Command::Generate(args) => generate(args),
+        Command::Animate(args) => animate(args),
+        Command::Bench(args) => bench(args),
+        Command::Download(args) => download(args),
+        Command::Canny(args) => canny(args),
+    };
+    match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             let msg = format!("{e:#}");

@@ -160,15 +160,10 @@ pub struct GroupNorm {
 
 impl GroupNorm {
     pub fn new(vb: VarBuilder, num_groups: usize, channels: usize, eps: f64) -> Result<Self> {
-        if num_groups == 0 || channels % num_groups != 0 {
+        if num_groups == 0 || !channels.is_multiple_of(num_groups) {
             candle_core::bail!("group norm: {channels} channels cannot be split into {num_groups} groups")
         }
-        Ok(Self {
-            weight: vb.get(channels, "weight")?,
-            bias: vb.get(channels, "bias")?,
-            num_groups,
-            eps,
-        })
+        Ok(Self { weight: vb.get(channels, "weight")?, bias: vb.get(channels, "bias")?, num_groups, eps })
     }
 
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {

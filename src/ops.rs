@@ -31,7 +31,8 @@ pub mod profile {
     use std::sync::OnceLock;
     use std::time::Instant;
 
-    pub const KINDS: [&str; 7] = ["linear", "conv2d", "attention", "group_norm", "layer_norm", "activation", "upsample"];
+    pub const KINDS: [&str; 7] =
+        ["linear", "conv2d", "attention", "group_norm", "layer_norm", "activation", "upsample"];
     static NANOS: [AtomicU64; 7] = [const { AtomicU64::new(0) }; 7];
 
     pub fn enabled() -> bool {
@@ -234,13 +235,7 @@ impl<T> std::ops::Deref for CpuSlice<T> {
 }
 
 /// 2-D convolution, NCHW, PyTorch `nn.Conv2d` semantics (symmetric zero padding).
-pub fn conv2d(
-    x: &Tensor,
-    weight: &Tensor,
-    bias: Option<&Tensor>,
-    stride: usize,
-    padding: usize,
-) -> Result<Tensor> {
+pub fn conv2d(x: &Tensor, weight: &Tensor, bias: Option<&Tensor>, stride: usize, padding: usize) -> Result<Tensor> {
     let _t = profile::timer(1);
     let (batch, c_in, h, w) = x.dims4()?;
     let (c_out, w_in, kh, kw) = weight.dims4()?;
@@ -286,7 +281,14 @@ pub fn group_norm_silu(x: &Tensor, num_groups: usize, weight: &Tensor, bias: &Te
     group_norm_act(x, num_groups, weight, bias, eps, true)
 }
 
-fn group_norm_act(x: &Tensor, num_groups: usize, weight: &Tensor, bias: &Tensor, eps: f64, silu: bool) -> Result<Tensor> {
+fn group_norm_act(
+    x: &Tensor,
+    num_groups: usize,
+    weight: &Tensor,
+    bias: &Tensor,
+    eps: f64,
+    silu: bool,
+) -> Result<Tensor> {
     let _t = profile::timer(3);
     let shape = x.dims().to_vec();
     let (b, c) = (shape[0], shape[1]);
@@ -348,7 +350,19 @@ pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, scale: f64, causal: bool, w
     let (lk, dv) = (k.dim(D::Minus2)?, v.dim(D::Minus1)?);
     flops::add(2 * batch_heads * lq * lk * (d + dv));
     if let (Some(qs), Some(ks), Some(vs)) = (cpu_f32(q)?, cpu_f32(k)?, cpu_f32(v)?) {
-        let out = kernels::attention::attention(&qs, &ks, &vs, batch_heads, lq, lk, d, dv, scale as f32, causal, kernels::gemm::Arith::bf16_if(weights == DType::BF16));
+        let out = kernels::attention::attention(
+            &qs,
+            &ks,
+            &vs,
+            batch_heads,
+            lq,
+            lk,
+            d,
+            dv,
+            scale as f32,
+            causal,
+            kernels::gemm::Arith::bf16_if(weights == DType::BF16),
+        );
         let mut dims = q.dims().to_vec();
         *dims.last_mut().unwrap() = dv;
         return Tensor::from_vec(out, dims, q.device());
@@ -358,9 +372,8 @@ pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, scale: f64, causal: bool, w
     let scores = (q * scale)?.contiguous()?.matmul(&k.contiguous()?.t()?)?;
     let scores = if causal {
         let (lq, lk) = (scores.dim(D::Minus2)?, scores.dim(D::Minus1)?);
-        let mask: Vec<f32> = (0..lq)
-            .flat_map(|i| (0..lk).map(move |j| if j > i { f32::NEG_INFINITY } else { 0.0 }))
-            .collect();
+        let mask: Vec<f32> =
+            (0..lq).flat_map(|i| (0..lk).map(move |j| if j > i { f32::NEG_INFINITY } else { 0.0 })).collect();
         let mask = Tensor::from_vec(mask, (lq, lk), scores.device())?.to_dtype(scores.dtype())?;
         scores.broadcast_add(&mask)?
     } else {

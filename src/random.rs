@@ -53,9 +53,7 @@ impl TorchGenerator {
         let mut state = [0u32; N];
         state[0] = seed as u32;
         for j in 1..N {
-            state[j] = 1812433253u32
-                .wrapping_mul(state[j - 1] ^ (state[j - 1] >> 30))
-                .wrapping_add(j as u32);
+            state[j] = 1812433253u32.wrapping_mul(state[j - 1] ^ (state[j - 1] >> 30)).wrapping_add(j as u32);
         }
         Self { state, index: N, next_double_normal: None, half_randn: HalfRandn::from_env() }
     }
@@ -133,12 +131,17 @@ impl TorchGenerator {
     /// 16 in place, and when `numel` is not a multiple of 16 the last 16 redrawn from fresh
     /// uniforms and transformed again. f32 and PyTorch 2.11's half types differ only in the
     /// uniforms and the transform.
-    fn normal_fill(&mut self, numel: usize, uniform: impl Fn(&mut Self) -> f32, fill16: impl Fn(&mut [f32])) -> Vec<f32> {
+    fn normal_fill(
+        &mut self,
+        numel: usize,
+        uniform: impl Fn(&mut Self) -> f32,
+        fill16: impl Fn(&mut [f32]),
+    ) -> Vec<f32> {
         let mut data: Vec<f32> = (0..numel).map(|_| uniform(self)).collect();
         for start in (0..numel - 15).step_by(16) {
             fill16(&mut data[start..start + 16]);
         }
-        if numel % 16 != 0 {
+        if !numel.is_multiple_of(16) {
             let tail = &mut data[numel - 16..];
             for v in tail.iter_mut() {
                 *v = uniform(self);
@@ -195,7 +198,7 @@ impl TorchGenerator {
         for _ in 0..numel / 16 {
             data.extend(draw_block(self));
         }
-        if numel % 16 != 0 {
+        if !numel.is_multiple_of(16) {
             let tail = draw_block(self);
             data.truncate(numel - 16);
             data.extend(tail);
@@ -282,30 +285,30 @@ fn cephes_logf(x: f32) -> f32 {
     }
     x += tmp;
     let z = x * x;
-    let mut y = 7.037_683_629_2E-2_f32;
+    let mut y = 7.037_683_6E-2_f32;
     for c in [
-        -1.151_461_031_0E-1_f32,
-        1.167_699_874_0E-1,
-        -1.242_014_084_6E-1,
-        1.424_932_278_7E-1,
-        -1.666_805_766_5E-1,
-        2.000_071_476_5E-1,
-        -2.499_999_399_3E-1,
-        3.333_333_117_4E-1,
+        -1.151_461E-1_f32,
+        1.167_699_84E-1,
+        -1.242_014_1E-1,
+        1.424_932_3E-1,
+        -1.666_805_7E-1,
+        2.000_071_4E-1,
+        -2.499_999_4E-1,
+        3.333_333E-1,
     ] {
         y = y.mul_add(x, c);
     }
     y *= x;
-    y = y.mul_add(z, e * -2.121_944_40e-4_f32);
+    y = y.mul_add(z, e * -2.121_944_4e-4_f32);
     y = (-z).mul_add(0.5, y);
-    e.mul_add(0.693_359_375_f32, x + y)
+    e.mul_add(0.693_359_4_f32, x + y)
 }
 
 /// avx_mathfun's `sincos256_ps` for one lane: returns (sin, cos).
 fn cephes_sincosf(x: f32) -> (f32, f32) {
     let sign_in = x.to_bits() & 0x8000_0000;
     let mut x = x.abs();
-    let y = x * 1.273_239_544_735_16_f32; // 4 / pi
+    let y = x * 1.273_239_5_f32; // 4 / pi
     let mut j = y as i32; // truncation, as _mm256_cvttps_epi32
     j = (j + 1) & !1;
     let y = j as f32;
@@ -313,20 +316,20 @@ fn cephes_sincosf(x: f32) -> (f32, f32) {
     let poly_mask = (j & 2) == 0;
     // Extended-precision range reduction x - j * pi/4.
     x = y.mul_add(-0.785_156_25_f32, x);
-    x = y.mul_add(-2.418_756_484_985_351_562_5e-4_f32, x);
-    x = y.mul_add(-3.774_894_977_445_941_08e-8_f32, x);
+    x = y.mul_add(-2.418_756_5e-4_f32, x);
+    x = y.mul_add(-3.774_895e-8_f32, x);
     let sign_cos = ((!(j - 2) & 4) as u32) << 29;
     let sign_sin = sign_in ^ swap_sign_sin;
     let z = x * x;
-    let mut yc = 2.443_315_711_809_948E-5_f32;
-    yc = yc.mul_add(z, -1.388_731_625_493_765E-3);
-    yc = yc.mul_add(z, 4.166_664_568_298_827E-2);
+    let mut yc = 2.443_315_7E-5_f32;
+    yc = yc.mul_add(z, -1.388_731_6E-3);
+    yc = yc.mul_add(z, 4.166_664_6E-2);
     yc *= z;
     yc = yc.mul_add(z, -(z * 0.5));
     yc += 1.0;
-    let mut ys = -1.951_529_589_1E-4_f32;
-    ys = ys.mul_add(z, 8.332_160_873_6E-3);
-    ys = ys.mul_add(z, -1.666_665_461_1E-1);
+    let mut ys = -1.951_529_6E-4_f32;
+    ys = ys.mul_add(z, 8.332_161E-3);
+    ys = ys.mul_add(z, -1.666_665_5E-1);
     ys *= z;
     ys = ys.mul_add(x, x);
     let (s, c) = if poly_mask { (ys, yc) } else { (yc, ys) };

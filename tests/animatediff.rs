@@ -44,12 +44,15 @@ fn unet_motion_model_matches_diffusers() {
         let (b, c, f, h, w) = t("sample").dims5().unwrap();
         let mut plain = unet.clone();
         plain.motion = None;
-        let folded = t("sample").permute((0, 2, 1, 3, 4)).unwrap().contiguous().unwrap().reshape((b * f, c, h, w)).unwrap();
+        let folded =
+            t("sample").permute((0, 2, 1, 3, 4)).unwrap().contiguous().unwrap().reshape((b * f, c, h, w)).unwrap();
         let cond_plain = UNetConditioning {
             timestep_cond: cond.timestep_cond.as_ref().map(|x| lcm::ops::repeat_interleave(x, f).unwrap()),
             ..Default::default()
         };
-        let p = plain.forward(&folded, case["timestep"].as_f64().unwrap(), &t("encoder_hidden_states"), &cond_plain).unwrap();
+        let p = plain
+            .forward(&folded, case["timestep"].as_f64().unwrap(), &t("encoder_hidden_states"), &cond_plain)
+            .unwrap();
         let p = p.reshape((b, f, c, h, w)).unwrap().permute((0, 2, 1, 3, 4)).unwrap();
         assert!(common::rel_l2(&p, &t("out")) > 0.05, "{key}: motion modules have no effect");
     }
@@ -78,20 +81,21 @@ fn animatediff_pipelines_match_diffusers() {
             .collect();
         let opts = LoadOptions {
             loras,
-            motion_adapter: Some(fx.join("motion_adapters").join(case["motion_adapter"].as_str().unwrap()).to_string_lossy().into()),
+            motion_adapter: Some(
+                fx.join("motion_adapters").join(case["motion_adapter"].as_str().unwrap()).to_string_lossy().into(),
+            ),
             ..Default::default()
         };
         let mut pipe = LcmPipeline::load(fx.join(case["model"].as_str().unwrap()).to_str().unwrap(), &opts).unwrap();
-        assert_eq!(pipe.kind, PipelineKind::AnimateDiff);
+        assert_eq!(pipe.kind(), PipelineKind::AnimateDiff);
         if let Some(sa) = case["set_adapters"].as_array() {
             let names: Vec<&str> = sa[0].as_array().unwrap().iter().map(|n| n.as_str().unwrap()).collect();
             let weights: Vec<f64> = sa[1].as_array().unwrap().iter().map(|w| w.as_f64().unwrap()).collect();
             let pairs: Vec<(&str, f64)> = names.into_iter().zip(weights).collect();
             pipe.set_adapters(&pairs).unwrap();
         }
-        pipe.components.scheduler_config.beta_schedule = "linear".into();
+        pipe.components.scheduler_config.beta_schedule = lcm::schedulers::BetaSchedule::Linear;
         let g = case["guidance_scale"].as_f64().unwrap();
-        assert_eq!(pipe.uses_cfg(g), case["cfg"].as_bool().unwrap(), "{name}: cfg");
         let req = GenerateRequest {
             prompt: case["prompt"].as_str().unwrap().into(),
             negative_prompt: case["negative_prompt"].as_str().map(String::from),
@@ -103,11 +107,13 @@ fn animatediff_pipelines_match_diffusers() {
             num_frames: Some(case["num_frames"].as_u64().unwrap() as usize),
             ..Default::default()
         };
+        assert_eq!(pipe.plan(&req).unwrap().do_classifier_free_guidance, case["cfg"].as_bool().unwrap(), "{name}: cfg");
         let mut steps = 0;
         let clips = pipe.animate(&req, |_, _| steps += 1).unwrap_or_else(|e| panic!("{name}: {e:#}"));
         assert_eq!(steps, case["timesteps"].as_array().unwrap().len(), "{name}");
         assert_eq!(clips.len(), 1);
-        let shape: Vec<usize> = case["output_shape"].as_array().unwrap().iter().map(|v| v.as_u64().unwrap() as usize).collect();
+        let shape: Vec<usize> =
+            case["output_shape"].as_array().unwrap().iter().map(|v| v.as_u64().unwrap() as usize).collect();
         assert_eq!(clips[0].len(), shape[0], "{name}: frames");
         assert_eq!((clips[0][0].height, clips[0][0].width), (shape[1], shape[2]), "{name}: size");
         let got: Vec<u8> = clips[0].iter().flat_map(|i| i.pixels.iter().copied()).collect();
@@ -130,12 +136,17 @@ fn real_motion_adapter_config_builds_and_motion_lora_keys_map() {
     let dir = common::fixtures().join("real_configs");
     let dev = Device::Cpu;
     let ucfg = UNet2DConditionConfig::from_file(&dir.join("sd15/unet/config.json")).unwrap();
-    let unet = UNet2DConditionModel::new(lcm::loaders::weights::random_var_builder(1, DType::F32, &dev), &ucfg).unwrap();
+    let unet =
+        UNet2DConditionModel::new(lcm::loaders::weights::random_var_builder(1, DType::F32, &dev), &ucfg).unwrap();
     let mcfg = read_motion_config(&dir.join("guoyww__animatediff-motion-adapter-v1-5-2")).unwrap();
     // A VarMap records every weight name (and shape) the modules ask for.
     let varmap = candle_nn::VarMap::new();
-    let modules = MotionModules::new(candle_nn::VarBuilder::from_varmap(&varmap, DType::F32, &dev), &mcfg, &unet).unwrap();
-    assert_eq!((modules.down.iter().map(Vec::len).sum::<usize>(), modules.up.iter().map(Vec::len).sum::<usize>()), (8, 12));
+    let modules =
+        MotionModules::new(candle_nn::VarBuilder::from_varmap(&varmap, DType::F32, &dev), &mcfg, &unet).unwrap();
+    assert_eq!(
+        (modules.down.iter().map(Vec::len).sum::<usize>(), modules.up.iter().map(Vec::len).sum::<usize>()),
+        (8, 12)
+    );
     assert_eq!(modules.mid.as_ref().map(Vec::len), Some(1));
     let unet = unet.with_motion(modules);
     let sample = Tensor::randn(0f32, 1.0, (1, 4, 2, 8, 8), &dev).unwrap();

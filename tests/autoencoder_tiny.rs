@@ -93,8 +93,16 @@ fn parity_taesd_alt_activations() {
     let base = AutoencoderTinyConfig::from_file(&vaes().join("taesd-alt/config.json")).unwrap();
     for act in ["silu", "GELU", "relu"] {
         let vae = load("taesd-alt", Some(AutoencoderTinyConfig { act_fn: act.into(), ..base.clone() }));
-        check(&format!("taesd-alt act {act} encode"), &vae.encode(&r["image"]).unwrap(), &r[&format!("taesd-alt.act_{act}.latents")]);
-        check(&format!("taesd-alt act {act} decode"), &vae.decode(&r["z"]).unwrap(), &r[&format!("taesd-alt.act_{act}.decoded")]);
+        check(
+            &format!("taesd-alt act {act} encode"),
+            &vae.encode(&r["image"]).unwrap(),
+            &r[&format!("taesd-alt.act_{act}.latents")],
+        );
+        check(
+            &format!("taesd-alt act {act} decode"),
+            &vae.decode(&r["z"]).unwrap(),
+            &r[&format!("taesd-alt.act_{act}.decoded")],
+        );
     }
 }
 
@@ -137,9 +145,17 @@ fn real_configs_build_and_run() {
         assert_eq!(d.block_out_channels(), &[64; 4]);
         assert_eq!(
             (d.encoder_block_out_channels, d.decoder_block_out_channels, d.num_encoder_blocks, d.num_decoder_blocks),
-            (cfg.encoder_block_out_channels.clone(), cfg.decoder_block_out_channels.clone(), cfg.num_encoder_blocks.clone(), cfg.num_decoder_blocks.clone())
+            (
+                cfg.encoder_block_out_channels.clone(),
+                cfg.decoder_block_out_channels.clone(),
+                cfg.num_encoder_blocks.clone(),
+                cfg.num_decoder_blocks.clone()
+            )
         );
-        assert_eq!((d.act_fn, d.latent_magnitude, d.latent_shift, d.scaling_factor), (cfg.act_fn.clone(), 3.0, 0.5, 1.0));
+        assert_eq!(
+            (d.act_fn, d.latent_magnitude, d.latent_shift, d.scaling_factor),
+            (cfg.act_fn.clone(), 3.0, 0.5, 1.0)
+        );
     }
 }
 
@@ -190,9 +206,15 @@ fn wrong_or_missing_weight_is_an_error_naming_it() {
     // the decoder's second conv of its first block (layers.0 conv, layers.1 act, layers.2 block)
     let name = "decoder.layers.2.conv.2.weight";
     tensors.insert(name.to_string(), Tensor::zeros((8, 8, 1, 1), DType::F32, &Device::Cpu).unwrap());
-    let e = format!("{:#}", AutoencoderTiny::new(VarBuilder::from_tensors(tensors.clone(), DType::F32, &Device::Cpu), &cfg).unwrap_err());
+    let e = format!(
+        "{:#}",
+        AutoencoderTiny::new(VarBuilder::from_tensors(tensors.clone(), DType::F32, &Device::Cpu), &cfg).unwrap_err()
+    );
     assert!(e.contains(name), "{e}");
     tensors.remove(name);
-    let e = format!("{:#}", AutoencoderTiny::new(VarBuilder::from_tensors(tensors, DType::F32, &Device::Cpu), &cfg).unwrap_err());
+    let e = format!(
+        "{:#}",
+        AutoencoderTiny::new(VarBuilder::from_tensors(tensors, DType::F32, &Device::Cpu), &cfg).unwrap_err()
+    );
     assert!(e.contains(name), "{e}");
 }

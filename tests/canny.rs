@@ -62,7 +62,8 @@ fn tiny_random_images_match_opencv() {
     let m = manifest();
     for (i, case) in m["tiny"].as_array().unwrap().iter().enumerate() {
         let u = |k: &str| case[k].as_u64().unwrap() as usize;
-        let bytes = |k: &str| case[k].as_array().unwrap().iter().map(|v| v.as_u64().unwrap() as u8).collect::<Vec<u8>>();
+        let bytes =
+            |k: &str| case[k].as_array().unwrap().iter().map(|v| v.as_u64().unwrap() as u8).collect::<Vec<u8>>();
         let (w, h, c) = (u("width"), u("height"), u("channels"));
         let (low, high) = (case["low"].as_f64().unwrap(), case["high"].as_f64().unwrap());
         let got = canny_edges(&bytes("pixels"), w, h, c, low, high).unwrap();

@@ -70,7 +70,17 @@ fn generates_diffusers_image_from_unseen_lcm_folder() {
     let model = fresh_model(tmp.path(), "tiny-lcm");
     let out = tmp.path().join("cat.png");
     let o = lcm(
-        &["generate", "--model", model.to_str().unwrap(), "--prompt", "a photo of a cat", "--seed", "0", "--output", out.to_str().unwrap()],
+        &[
+            "generate",
+            "--model",
+            model.to_str().unwrap(),
+            "--prompt",
+            "a photo of a cat",
+            "--seed",
+            "0",
+            "--output",
+            out.to_str().unwrap(),
+        ],
         &[],
     );
     assert!(o.status.success(), "{}", stderr(&o));
@@ -78,18 +88,42 @@ fn generates_diffusers_image_from_unseen_lcm_folder() {
     assert_eq!((img.width, img.height), (32, 32));
     assert_close(&img.pixels, &reference_image("lcm_steps4"), "cli lcm_steps4");
     let params = lcm::image_io::read_png_parameters(&out).unwrap().expect("parameters chunk");
-    assert!(params.starts_with("a photo of a cat\nSteps: 4, Sampler: LCM, CFG scale: 8.5, Seed: 0, Size: 32x32"), "{params}");
+    assert!(
+        params.starts_with("a photo of a cat\nSteps: 4, Sampler: LCM, CFG scale: 8.5, Seed: 0, Size: 32x32"),
+        "{params}"
+    );
 
     // The output exists now: refused without --overwrite, and the file is untouched.
     let before = std::fs::read(&out).unwrap();
     let again = lcm(
-        &["generate", "--model", model.to_str().unwrap(), "--prompt", "another", "--seed", "1", "--output", out.to_str().unwrap()],
+        &[
+            "generate",
+            "--model",
+            model.to_str().unwrap(),
+            "--prompt",
+            "another",
+            "--seed",
+            "1",
+            "--output",
+            out.to_str().unwrap(),
+        ],
         &[],
     );
     assert_clean_error(&again, "already exists");
     assert_eq!(std::fs::read(&out).unwrap(), before);
     let forced = lcm(
-        &["generate", "--model", model.to_str().unwrap(), "--prompt", "another", "--seed", "1", "--output", out.to_str().unwrap(), "--overwrite"],
+        &[
+            "generate",
+            "--model",
+            model.to_str().unwrap(),
+            "--prompt",
+            "another",
+            "--seed",
+            "1",
+            "--output",
+            out.to_str().unwrap(),
+            "--overwrite",
+        ],
         &[],
     );
     assert!(forced.status.success(), "{}", stderr(&forced));
@@ -103,8 +137,21 @@ fn cfg_with_negative_prompt_and_numbered_batch() {
     let out = tmp.path().join("dog.png");
     let o = lcm(
         &[
-            "generate", "--model", model.to_str().unwrap(), "--prompt", "a photo of a dog", "--negative-prompt", "blurry, low quality",
-            "--guidance-scale", "2", "--steps", "4", "--seed", "0", "--output", out.to_str().unwrap(),
+            "generate",
+            "--model",
+            model.to_str().unwrap(),
+            "--prompt",
+            "a photo of a dog",
+            "--negative-prompt",
+            "blurry, low quality",
+            "--guidance-scale",
+            "2",
+            "--steps",
+            "4",
+            "--seed",
+            "0",
+            "--output",
+            out.to_str().unwrap(),
         ],
         &[],
     );
@@ -116,8 +163,21 @@ fn cfg_with_negative_prompt_and_numbered_batch() {
     let out2 = tmp.path().join("car.png");
     let o = lcm(
         &[
-            "generate", "--model", model.to_str().unwrap(), "--prompt", "a red car parked on a street", "--guidance-scale", "2",
-            "--steps", "2", "--seed", "5", "--num-images", "2", "--output", out2.to_str().unwrap(),
+            "generate",
+            "--model",
+            model.to_str().unwrap(),
+            "--prompt",
+            "a red car parked on a street",
+            "--guidance-scale",
+            "2",
+            "--steps",
+            "2",
+            "--seed",
+            "5",
+            "--num-images",
+            "2",
+            "--output",
+            out2.to_str().unwrap(),
         ],
         &[],
     );
@@ -139,13 +199,28 @@ fn unet_replacement_from_a_path() {
     let out = tmp.path().join("swap.png");
     let o = lcm(
         &[
-            "generate", "--model", model.to_str().unwrap(), "--unet", unet.to_str().unwrap(), "--prompt", "a photo of a cat",
-            "--guidance-scale", "8.5", "--seed", "0", "--output", out.to_str().unwrap(),
+            "generate",
+            "--model",
+            model.to_str().unwrap(),
+            "--unet",
+            unet.to_str().unwrap(),
+            "--prompt",
+            "a photo of a cat",
+            "--guidance-scale",
+            "8.5",
+            "--seed",
+            "0",
+            "--output",
+            out.to_str().unwrap(),
         ],
         &[],
     );
     assert!(o.status.success(), "{}", stderr(&o));
-    assert_close(&lcm::image_io::read_png(&out).unwrap().pixels, &reference_image("sd_with_lcm_unet_g8.5"), "unet swap");
+    assert_close(
+        &lcm::image_io::read_png(&out).unwrap().pixels,
+        &reference_image("sd_with_lcm_unet_g8.5"),
+        "unet swap",
+    );
 }
 
 #[test]
@@ -155,16 +230,23 @@ fn bad_input_gives_one_line_errors() {
     let out = t.join("x.png");
     let o = out.to_str().unwrap();
     let run = |model: &Path, extra: &[&str]| {
-        let mut args = vec!["generate", "--model", model.to_str().unwrap(), "--prompt", "p", "--seed", "0", "--output", o];
+        let mut args =
+            vec!["generate", "--model", model.to_str().unwrap(), "--prompt", "p", "--seed", "0", "--output", o];
         args.extend_from_slice(extra);
         lcm(&args, &[])
     };
 
     assert_clean_error(&run(&t.join("nope"), &[]), "");
-    assert_clean_error(&lcm(&["generate", "--model", "./no/such/folder", "--prompt", "p", "--output", o], &[]), "does not exist");
+    assert_clean_error(
+        &lcm(&["generate", "--model", "./no/such/folder", "--prompt", "p", "--output", o], &[]),
+        "does not exist",
+    );
 
     // A hub id that is not in the (empty) cache, offline: says so and how to pass a folder.
-    let o2 = lcm(&["generate", "--model", "some-org/some-model", "--prompt", "p", "--output", o], &[("HF_HOME", t.to_str().unwrap())]);
+    let o2 = lcm(
+        &["generate", "--model", "some-org/some-model", "--prompt", "p", "--output", o],
+        &[("HF_HOME", t.to_str().unwrap())],
+    );
     assert_clean_error(&o2, "local");
 
     let good = fresh_model(t, "tiny-lcm");
@@ -241,14 +323,34 @@ fn hub_repo_id_resolves_from_the_hf_cache() {
     std::fs::write(repo.join("refs/main"), commit).unwrap();
     let out = tmp.path().join("cat.png");
     let hf_home = tmp.path().join("hf");
-    let args = ["generate", "--model", "tiny-org/tiny-lcm", "--prompt", "a photo of a cat", "--seed", "0", "--output", out.to_str().unwrap()];
+    let args = [
+        "generate",
+        "--model",
+        "tiny-org/tiny-lcm",
+        "--prompt",
+        "a photo of a cat",
+        "--seed",
+        "0",
+        "--output",
+        out.to_str().unwrap(),
+    ];
     let o = lcm(&args, &[("HF_HOME", hf_home.to_str().unwrap())]);
     assert!(o.status.success(), "{}", stderr(&o));
     assert_close(&lcm::image_io::read_png(&out).unwrap().pixels, &reference_image("lcm_steps4"), "from cache");
 
     // HF_HUB_CACHE points straight at the hub folder.
     let out2 = tmp.path().join("cat2.png");
-    let args2 = ["generate", "--model", "tiny-org/tiny-lcm", "--prompt", "a photo of a cat", "--seed", "0", "--output", out2.to_str().unwrap()];
+    let args2 = [
+        "generate",
+        "--model",
+        "tiny-org/tiny-lcm",
+        "--prompt",
+        "a photo of a cat",
+        "--seed",
+        "0",
+        "--output",
+        out2.to_str().unwrap(),
+    ];
     let o = lcm(&args2, &[("HF_HOME", "/nonexistent"), ("HF_HUB_CACHE", hf_home.join("hub").to_str().unwrap())]);
     assert!(o.status.success(), "{}", stderr(&o));
 }
@@ -262,7 +364,17 @@ fn existing_path_wins_over_repo_id() {
         .current_dir(tmp.path())
         .env("HF_HUB_OFFLINE", "1")
         .env("HF_HOME", tmp.path().join("empty-cache"))
-        .args(["generate", "--model", "SimianLuo/LCM_Dreamshaper_v7", "--prompt", "a photo of a cat", "--seed", "0", "--output", "cat.png"])
+        .args([
+            "generate",
+            "--model",
+            "SimianLuo/LCM_Dreamshaper_v7",
+            "--prompt",
+            "a photo of a cat",
+            "--seed",
+            "0",
+            "--output",
+            "cat.png",
+        ])
         .output()
         .unwrap();
     assert!(o.status.success(), "{}", stderr(&o));
@@ -276,17 +388,16 @@ fn existing_path_wins_over_repo_id() {
 fn variant_picks_fp16_files() {
     let tmp = tempfile::tempdir().unwrap();
     let model = fresh_model(tmp.path(), "tiny-lcm");
-    for (comp, file) in [
-        ("unet", "diffusion_pytorch_model"),
-        ("vae", "diffusion_pytorch_model"),
-        ("text_encoder", "model"),
-    ] {
+    for (comp, file) in
+        [("unet", "diffusion_pytorch_model"), ("vae", "diffusion_pytorch_model"), ("text_encoder", "model")]
+    {
         let src = model.join(comp).join(format!("{file}.safetensors"));
         let tensors = candle_core::safetensors::load(&src, &candle_core::Device::Cpu).unwrap();
         let half: std::collections::HashMap<String, candle_core::Tensor> = tensors
             .into_iter()
             .map(|(k, v)| {
-                let v = if v.dtype() == candle_core::DType::F32 { v.to_dtype(candle_core::DType::F16).unwrap() } else { v };
+                let v =
+                    if v.dtype() == candle_core::DType::F32 { v.to_dtype(candle_core::DType::F16).unwrap() } else { v };
                 (k, v)
             })
             .collect();
@@ -294,7 +405,17 @@ fn variant_picks_fp16_files() {
     }
     let run = |out: &str, extra: &[&str]| {
         let out = tmp.path().join(out);
-        let mut args = vec!["generate", "--model", model.to_str().unwrap(), "--prompt", "a photo of a cat", "--seed", "0", "--output", out.to_str().unwrap()];
+        let mut args = vec![
+            "generate",
+            "--model",
+            model.to_str().unwrap(),
+            "--prompt",
+            "a photo of a cat",
+            "--seed",
+            "0",
+            "--output",
+            out.to_str().unwrap(),
+        ];
         args.extend_from_slice(extra);
         let o = lcm(&args, &[]);
         assert!(o.status.success(), "{}", stderr(&o));
@@ -316,8 +437,19 @@ fn lora_flags() {
     let run = |out: &str, extra: &[&str]| {
         let out = tmp.path().join(out);
         let mut args = vec![
-            "generate", "--model", model.to_str().unwrap(), "--prompt", "a photo of a dog", "--guidance-scale", "1",
-            "--steps", "2", "--seed", "1", "--output", out.to_str().unwrap(),
+            "generate",
+            "--model",
+            model.to_str().unwrap(),
+            "--prompt",
+            "a photo of a dog",
+            "--guidance-scale",
+            "1",
+            "--steps",
+            "2",
+            "--seed",
+            "1",
+            "--output",
+            out.to_str().unwrap(),
         ];
         args.extend_from_slice(extra);
         (lcm(&args, &[]), out)
@@ -328,7 +460,11 @@ fn lora_flags() {
     let kohya = loras.join("kohya/style_lora.safetensors");
     let (o, out) = run("k.png", &["--lora", &format!("{}@0.7", kohya.display())]);
     assert!(o.status.success(), "{}", stderr(&o));
-    let want = common::reference("lora_pipelines.safetensors")["kohya_w0.7_steps2"].flatten_all().unwrap().to_vec1::<u8>().unwrap();
+    let want = common::reference("lora_pipelines.safetensors")["kohya_w0.7_steps2"]
+        .flatten_all()
+        .unwrap()
+        .to_vec1::<u8>()
+        .unwrap();
     assert_close(&lcm::image_io::read_png(&out).unwrap().pixels, &want, "--lora kohya@0.7");
 
     // A partial match: a warning with counts, and the image is made.
@@ -354,19 +490,34 @@ fn sdxl_from_an_unseen_folder_with_cfg() {
     let tmp = tempfile::tempdir().unwrap();
     let model = fresh_model(tmp.path(), "tiny-sdxl");
     let listing = common::reference_json("sdxl_pipelines.json");
-    let case = listing["cases"].as_array().unwrap().iter().find(|c| c["name"] == "sdxl_base_cfg2_neg_steps4").unwrap().clone();
+    let case =
+        listing["cases"].as_array().unwrap().iter().find(|c| c["name"] == "sdxl_base_cfg2_neg_steps4").unwrap().clone();
     let out = tmp.path().join("xl.png");
     let seed = case["seed"].to_string();
     let o = lcm(
         &[
-            "generate", "--model", model.to_str().unwrap(), "--prompt", case["prompt"].as_str().unwrap(),
-            "--negative-prompt", case["negative_prompt"].as_str().unwrap(), "--guidance-scale", "2", "--seed", &seed,
-            "--output", out.to_str().unwrap(),
+            "generate",
+            "--model",
+            model.to_str().unwrap(),
+            "--prompt",
+            case["prompt"].as_str().unwrap(),
+            "--negative-prompt",
+            case["negative_prompt"].as_str().unwrap(),
+            "--guidance-scale",
+            "2",
+            "--seed",
+            &seed,
+            "--output",
+            out.to_str().unwrap(),
         ],
         &[],
     );
     assert!(o.status.success(), "{}", stderr(&o));
-    let want = common::reference("sdxl_pipelines.safetensors")["sdxl_base_cfg2_neg_steps4"].flatten_all().unwrap().to_vec1::<u8>().unwrap();
+    let want = common::reference("sdxl_pipelines.safetensors")["sdxl_base_cfg2_neg_steps4"]
+        .flatten_all()
+        .unwrap()
+        .to_vec1::<u8>()
+        .unwrap();
     assert_close(&lcm::image_io::read_png(&out).unwrap().pixels, &want, "sdxl cli");
     let params = lcm::image_io::read_png_parameters(&out).unwrap().unwrap();
     assert!(params.contains("Pipeline: StableDiffusionXLPipeline"), "{params}");
@@ -381,7 +532,17 @@ fn image_to_image_and_inpainting_flags() {
     let model = fresh_model(tmp.path(), "tiny-lcm");
     let run = |out: &str, extra: &[&str]| {
         let out = tmp.path().join(out);
-        let mut args = vec!["generate", "--model", model.to_str().unwrap(), "--prompt", "a mountain lake at sunset, photo", "--seed", "0", "--output", out.to_str().unwrap()];
+        let mut args = vec![
+            "generate",
+            "--model",
+            model.to_str().unwrap(),
+            "--prompt",
+            "a mountain lake at sunset, photo",
+            "--seed",
+            "0",
+            "--output",
+            out.to_str().unwrap(),
+        ];
         args.extend_from_slice(extra);
         (lcm(&args, &[]), out)
     };
@@ -390,21 +551,29 @@ fn image_to_image_and_inpainting_flags() {
     assert!(o.status.success(), "{}", stderr(&o));
     let img = lcm::image_io::read_png(&out).unwrap();
     assert_eq!((img.width, img.height), (44, 36));
-    let want = common::reference("img2img_pipelines.safetensors")["lcm_img2img_s0.5"].flatten_all().unwrap().to_vec1::<u8>().unwrap();
+    let want = common::reference("img2img_pipelines.safetensors")["lcm_img2img_s0.5"]
+        .flatten_all()
+        .unwrap()
+        .to_vec1::<u8>()
+        .unwrap();
     assert_close(&img.pixels, &want, "cli img2img");
     assert!(lcm::image_io::read_png_parameters(&out).unwrap().unwrap().contains("Denoising strength: 0.5"));
 
     // Inpainting runs (the LCM folder's 4-channel UNet, latent blending) and, as diffusers'
     // StableDiffusionInpaintPipeline, defaults to the UNet's size (sample_size 16 x factor 2),
     // not the image's.
-    let (o, out) = run("inp.png", &["--image", photo.to_str().unwrap(), "--mask-image", mask.to_str().unwrap(), "--steps", "2"]);
+    let (o, out) =
+        run("inp.png", &["--image", photo.to_str().unwrap(), "--mask-image", mask.to_str().unwrap(), "--steps", "2"]);
     assert!(o.status.success(), "{}", stderr(&o));
     let img = lcm::image_io::read_png(&out).unwrap();
     assert_eq!((img.width, img.height), (32, 32));
 
     // A mask of another size is resized to the output, as diffusers' mask processor does.
     let other_mask = fx.join("images/mask_50x30.png");
-    let (o, out) = run("other-mask.png", &["--image", photo.to_str().unwrap(), "--mask-image", other_mask.to_str().unwrap(), "--steps", "2"]);
+    let (o, out) = run(
+        "other-mask.png",
+        &["--image", photo.to_str().unwrap(), "--mask-image", other_mask.to_str().unwrap(), "--steps", "2"],
+    );
     assert!(o.status.success(), "{}", stderr(&o));
     assert_eq!(lcm::image_io::read_png(&out).unwrap().width, 32);
 
@@ -414,7 +583,7 @@ fn image_to_image_and_inpainting_flags() {
         assert_clean_error(&o, "strength");
     }
     let (o, _) = run("e.png", &["--mask-image", mask.to_str().unwrap()]);
-    assert_clean_error(&o, "--image");
+    assert_clean_error(&o, "mask image needs an image");
     let bogus = tmp.path().join("bogus.png");
     std::fs::write(&bogus, b"not an image").unwrap();
     let (o, _) = run("e.png", &["--image", bogus.to_str().unwrap()]);
@@ -422,7 +591,22 @@ fn image_to_image_and_inpainting_flags() {
     // A 9-channel inpainting UNet without a mask.
     let unet9 = fx.join("models/unets/inpaint9");
     let sd = fresh_model(tmp.path(), "tiny-sd");
-    let o = lcm(&["generate", "--model", sd.to_str().unwrap(), "--unet", unet9.to_str().unwrap(), "--prompt", "p", "--image", photo.to_str().unwrap(), "--output", tmp.path().join("e.png").to_str().unwrap()], &[]);
+    let o = lcm(
+        &[
+            "generate",
+            "--model",
+            sd.to_str().unwrap(),
+            "--unet",
+            unet9.to_str().unwrap(),
+            "--prompt",
+            "p",
+            "--image",
+            photo.to_str().unwrap(),
+            "--output",
+            tmp.path().join("e.png").to_str().unwrap(),
+        ],
+        &[],
+    );
     assert_clean_error(&o, "inpainting");
     assert!(!tmp.path().join("e.png").exists());
 }
@@ -435,23 +619,42 @@ fn lora_from_the_hf_cache() {
     let repo = tmp.path().join("hf/hub/models--latent-consistency--lcm-lora-tiny");
     let snap = repo.join("snapshots").join(commit);
     std::fs::create_dir_all(&snap).unwrap();
-    std::fs::copy(common::fixtures().join("loras/lcm_like/pytorch_lora_weights.safetensors"), snap.join("pytorch_lora_weights.safetensors")).unwrap();
+    std::fs::copy(
+        common::fixtures().join("loras/lcm_like/pytorch_lora_weights.safetensors"),
+        snap.join("pytorch_lora_weights.safetensors"),
+    )
+    .unwrap();
     std::fs::create_dir_all(repo.join("refs")).unwrap();
     std::fs::write(repo.join("refs/main"), commit).unwrap();
     let model = fresh_model(tmp.path(), "tiny-sd");
     let listing = common::reference_json("lora_pipelines.json");
     let case = listing["cases"].as_array().unwrap().iter().find(|c| c["name"] == "lcm_like_w1").unwrap().clone();
     let out = tmp.path().join("l.png");
-    let (steps, seed, g) = (case["num_inference_steps"].to_string(), case["seed"].to_string(), case["guidance_scale"].to_string());
+    let (steps, seed, g) =
+        (case["num_inference_steps"].to_string(), case["seed"].to_string(), case["guidance_scale"].to_string());
     let o = lcm(
         &[
-            "generate", "--model", model.to_str().unwrap(), "--lora", "latent-consistency/lcm-lora-tiny", "--prompt",
-            case["prompt"].as_str().unwrap(), "--steps", &steps, "--seed", &seed, "--guidance-scale", &g, "--output", out.to_str().unwrap(),
+            "generate",
+            "--model",
+            model.to_str().unwrap(),
+            "--lora",
+            "latent-consistency/lcm-lora-tiny",
+            "--prompt",
+            case["prompt"].as_str().unwrap(),
+            "--steps",
+            &steps,
+            "--seed",
+            &seed,
+            "--guidance-scale",
+            &g,
+            "--output",
+            out.to_str().unwrap(),
         ],
         &[("HF_HOME", tmp.path().join("hf").to_str().unwrap())],
     );
     assert!(o.status.success(), "{}", stderr(&o));
-    let want = common::reference("lora_pipelines.safetensors")["lcm_like_w1"].flatten_all().unwrap().to_vec1::<u8>().unwrap();
+    let want =
+        common::reference("lora_pipelines.safetensors")["lcm_like_w1"].flatten_all().unwrap().to_vec1::<u8>().unwrap();
     assert_close(&lcm::image_io::read_png(&out).unwrap().pixels, &want, "hub lora");
 }
 
@@ -478,34 +681,122 @@ fn controlnet_adapter_and_canny_flags() {
     };
     let v = |a: &[&str]| a.iter().map(|x| x.to_string()).collect::<Vec<_>>();
     let refs = common::reference("controlnet_pipelines.safetensors");
-    let want = |name: &str, r: &std::collections::HashMap<String, candle_core::Tensor>| r[name].flatten_all().unwrap().to_vec1::<u8>().unwrap();
+    let want = |name: &str, r: &std::collections::HashMap<String, candle_core::Tensor>| {
+        r[name].flatten_all().unwrap().to_vec1::<u8>().unwrap()
+    };
 
     // One ControlNet + LCM-LoRA; the output takes the control image's size (45x37 -> 44x36).
     let base = [v(&["--model", &s(&sd), "--lora", &s(&lora), "--guidance-scale", "1"])].concat();
-    let (o, out) = run("cn.png", &[base.clone(), v(&["--controlnet", &s(&cn_a), "--control-image", &s(&photo), "--controlnet-scale", "0.8", "--seed", "0", "--prompt", "a mountain lake at sunset, photo"])].concat());
+    let (o, out) = run(
+        "cn.png",
+        &[
+            base.clone(),
+            v(&[
+                "--controlnet",
+                &s(&cn_a),
+                "--control-image",
+                &s(&photo),
+                "--controlnet-scale",
+                "0.8",
+                "--seed",
+                "0",
+                "--prompt",
+                "a mountain lake at sunset, photo",
+            ]),
+        ]
+        .concat(),
+    );
     assert!(o.status.success(), "{}", stderr(&o));
     let img = lcm::image_io::read_png(&out).unwrap();
     assert_eq!((img.width, img.height), (44, 36));
     assert_close(&img.pixels, &want("sd_cn_lcmlora_g1", &refs), "cli controlnet");
-    assert!(lcm::image_io::read_png_parameters(&out).unwrap().unwrap().contains("ControlNet: my-controlnet (scale 0.8"));
+    assert!(lcm::image_io::read_png_parameters(&out)
+        .unwrap()
+        .unwrap()
+        .contains("ControlNet: my-controlnet (scale 0.8"));
 
     // Two ControlNets with per-ControlNet scales and guidance windows.
-    let (o, out) = run("multi.png", &[base.clone(), v(&[
-        "--controlnet", &s(&cn_a), "--control-image", &s(&photo), "--controlnet", &s(&cn_b), "--control-image", &s(&photo2),
-        "--controlnet-scale", "0.6", "--controlnet-scale", "1.1", "--control-guidance-start", "0", "--control-guidance-start", "0.25",
-        "--control-guidance-end", "0.5", "--control-guidance-end", "1", "--width", "32", "--height", "32", "--seed", "2",
-        "--prompt", "a mountain lake at sunset, photo"])].concat());
+    let (o, out) = run(
+        "multi.png",
+        &[
+            base.clone(),
+            v(&[
+                "--controlnet",
+                &s(&cn_a),
+                "--control-image",
+                &s(&photo),
+                "--controlnet",
+                &s(&cn_b),
+                "--control-image",
+                &s(&photo2),
+                "--controlnet-scale",
+                "0.6",
+                "--controlnet-scale",
+                "1.1",
+                "--control-guidance-start",
+                "0",
+                "--control-guidance-start",
+                "0.25",
+                "--control-guidance-end",
+                "0.5",
+                "--control-guidance-end",
+                "1",
+                "--width",
+                "32",
+                "--height",
+                "32",
+                "--seed",
+                "2",
+                "--prompt",
+                "a mountain lake at sunset, photo",
+            ]),
+        ]
+        .concat(),
+    );
     assert!(o.status.success(), "{}", stderr(&o));
-    assert_close(&lcm::image_io::read_png(&out).unwrap().pixels, &want("sd_multicn_start_end", &refs), "cli multi-controlnet");
+    assert_close(
+        &lcm::image_io::read_png(&out).unwrap().pixels,
+        &want("sd_multicn_start_end", &refs),
+        "cli multi-controlnet",
+    );
 
     // T2I-Adapter on SDXL with LCM-LoRA-SDXL and a conditioning factor.
     let xl = fresh_model(tmp.path(), "tiny-sdxl");
     let arefs = common::reference("adapter_pipelines.safetensors");
-    let (o, out) = run("ad.png", &[v(&["--model", &s(&xl), "--lora", &s(&fx.join("loras/sdxl_lcm_like")), "--guidance-scale", "1",
-        "--adapter", &s(&fx.join("adapters/full_xl")), "--adapter-image", &s(&photo), "--adapter-scale", "0.9",
-        "--adapter-conditioning-factor", "0.5", "--width", "40", "--height", "32", "--seed", "3", "--prompt", "a mountain lake at sunset, photo"])].concat());
+    let (o, out) = run(
+        "ad.png",
+        &[v(&[
+            "--model",
+            &s(&xl),
+            "--lora",
+            &s(&fx.join("loras/sdxl_lcm_like")),
+            "--guidance-scale",
+            "1",
+            "--adapter",
+            &s(&fx.join("adapters/full_xl")),
+            "--adapter-image",
+            &s(&photo),
+            "--adapter-scale",
+            "0.9",
+            "--adapter-conditioning-factor",
+            "0.5",
+            "--width",
+            "40",
+            "--height",
+            "32",
+            "--seed",
+            "3",
+            "--prompt",
+            "a mountain lake at sunset, photo",
+        ])]
+        .concat(),
+    );
     assert!(o.status.success(), "{}", stderr(&o));
-    assert_close(&lcm::image_io::read_png(&out).unwrap().pixels, &want("sdxl_adapter_lcmlora_factor0.5", &arefs), "cli adapter");
+    assert_close(
+        &lcm::image_io::read_png(&out).unwrap().pixels,
+        &want("sdxl_adapter_lcmlora_factor0.5", &arefs),
+        "cli adapter",
+    );
 
     // `lcm canny` writes a binary edge map of the same size; `--canny` runs it on the fly.
     let edges = tmp.path().join("edges.png");
@@ -518,11 +809,51 @@ fn controlnet_adapter_and_canny_flags() {
     assert_clean_error(&o, "already exists");
     let o = lcm(&["canny", &s(&tmp.path().join("missing.png")), &s(&tmp.path().join("x.png"))], &[]);
     assert_clean_error(&o, "missing.png");
-    let (o, canny_out) = run("canny_fly.png", &[base.clone(), v(&["--controlnet", &s(&cn_a), "--control-image", &s(&photo), "--canny", "--steps", "1", "--seed", "5", "--prompt", "p"])].concat());
+    let (o, canny_out) = run(
+        "canny_fly.png",
+        &[
+            base.clone(),
+            v(&[
+                "--controlnet",
+                &s(&cn_a),
+                "--control-image",
+                &s(&photo),
+                "--canny",
+                "--steps",
+                "1",
+                "--seed",
+                "5",
+                "--prompt",
+                "p",
+            ]),
+        ]
+        .concat(),
+    );
     assert!(o.status.success(), "{}", stderr(&o));
-    let (o, edges_out) = run("canny_file.png", &[base.clone(), v(&["--controlnet", &s(&cn_a), "--control-image", &s(&edges), "--steps", "1", "--seed", "5", "--prompt", "p"])].concat());
+    let (o, edges_out) = run(
+        "canny_file.png",
+        &[
+            base.clone(),
+            v(&[
+                "--controlnet",
+                &s(&cn_a),
+                "--control-image",
+                &s(&edges),
+                "--steps",
+                "1",
+                "--seed",
+                "5",
+                "--prompt",
+                "p",
+            ]),
+        ]
+        .concat(),
+    );
     assert!(o.status.success(), "{}", stderr(&o));
-    assert!(lcm::image_io::read_png(&canny_out).unwrap().pixels == lcm::image_io::read_png(&edges_out).unwrap().pixels, "--canny differs from `lcm canny` + --control-image");
+    assert!(
+        lcm::image_io::read_png(&canny_out).unwrap().pixels == lcm::image_io::read_png(&edges_out).unwrap().pixels,
+        "--canny differs from `lcm canny` + --control-image"
+    );
 
     // Errors: one line, non-zero exit, no output written.
     let cn1 = v(&["--controlnet", &s(&cn_a)]);
@@ -531,14 +862,55 @@ fn controlnet_adapter_and_canny_flags() {
     for (args, msg) in [
         ([base.clone(), cn1.clone(), p.clone()].concat(), "--control-image"),
         ([base.clone(), cn1.clone(), img1.clone(), img1.clone(), p.clone()].concat(), "one image per ControlNet"),
-        ([base.clone(), cn1.clone(), img1.clone(), v(&["--controlnet-scale", "1", "--controlnet-scale", "2", "--controlnet-scale", "3"]), p.clone()].concat(), "--controlnet-scale"),
+        (
+            [
+                base.clone(),
+                cn1.clone(),
+                img1.clone(),
+                v(&["--controlnet-scale", "1", "--controlnet-scale", "2", "--controlnet-scale", "3"]),
+                p.clone(),
+            ]
+            .concat(),
+            "--controlnet-scale",
+        ),
         ([base.clone(), v(&["--controlnet-scale", "0.5"]), p.clone()].concat(), "need --controlnet"),
-        ([base.clone(), v(&["--controlnet", &s(&fx.join("controlnets/sdxl"))]), img1.clone(), p.clone()].concat(), "another base model"),
-        ([base.clone(), cn1.clone(), img1.clone(), v(&["--pipeline", "lcm"]), p.clone()].concat(), "--pipeline sd"),
-        ([base.clone(), cn1.clone(), img1.clone(), v(&["--control-guidance-start", "0.9", "--control-guidance-end", "0.2"]), p.clone()].concat(), "guidance start"),
+        (
+            [base.clone(), v(&["--controlnet", &s(&fx.join("controlnets/sdxl"))]), img1.clone(), p.clone()].concat(),
+            "another base model",
+        ),
+        (
+            [base.clone(), cn1.clone(), img1.clone(), v(&["--pipeline", "lcm"]), p.clone()].concat(),
+            "use the StableDiffusion pipeline",
+        ),
+        (
+            [
+                base.clone(),
+                cn1.clone(),
+                img1.clone(),
+                v(&["--control-guidance-start", "0.9", "--control-guidance-end", "0.2"]),
+                p.clone(),
+            ]
+            .concat(),
+            "guidance start",
+        ),
         ([base.clone(), cn1.clone(), img1.clone(), v(&["--canny", "--canny-low=-5"]), p.clone()].concat(), "threshold"),
         ([base.clone(), v(&["--adapter", &s(&fx.join("adapters/full_sd"))]), p.clone()].concat(), "--adapter-image"),
-        ([base.clone(), v(&["--adapter", &s(&fx.join("adapters/full_sd")), "--adapter-image", &s(&photo), "--adapter-conditioning-factor", "1.5"]), p.clone()].concat(), "conditioning-factor"),
+        (
+            [
+                base.clone(),
+                v(&[
+                    "--adapter",
+                    &s(&fx.join("adapters/full_sd")),
+                    "--adapter-image",
+                    &s(&photo),
+                    "--adapter-conditioning-factor",
+                    "1.5",
+                ]),
+                p.clone(),
+            ]
+            .concat(),
+            "conditioning factor",
+        ),
         ([base.clone(), v(&["--controlnet", &s(&tmp.path().join("nope"))]), img1.clone(), p.clone()].concat(), "nope"),
     ] {
         let (o, out) = run("err.png", &args);
@@ -565,17 +937,35 @@ fn controlnet_from_the_hf_cache() {
     let envs: Vec<(&str, &str)> = hf.iter().map(|(k, v)| (*k, v.as_str())).collect();
     let args = |cn: &str| {
         vec![
-            "generate".to_string(), "--model".into(), model.to_str().unwrap().into(), "--lora".into(),
-            fx.join("loras/lcm_like").to_str().unwrap().into(), "--guidance-scale".into(), "1".into(),
-            "--controlnet".into(), cn.into(), "--control-image".into(), fx.join("images/photo_45x37.png").to_str().unwrap().into(),
-            "--controlnet-scale".into(), "0.8".into(), "--seed".into(), "0".into(), "--prompt".into(),
-            "a mountain lake at sunset, photo".into(), "--output".into(), out.to_str().unwrap().into(),
+            "generate".to_string(),
+            "--model".into(),
+            model.to_str().unwrap().into(),
+            "--lora".into(),
+            fx.join("loras/lcm_like").to_str().unwrap().into(),
+            "--guidance-scale".into(),
+            "1".into(),
+            "--controlnet".into(),
+            cn.into(),
+            "--control-image".into(),
+            fx.join("images/photo_45x37.png").to_str().unwrap().into(),
+            "--controlnet-scale".into(),
+            "0.8".into(),
+            "--seed".into(),
+            "0".into(),
+            "--prompt".into(),
+            "a mountain lake at sunset, photo".into(),
+            "--output".into(),
+            out.to_str().unwrap().into(),
         ]
     };
     let a = args("lllyasviel/sd-controlnet-tiny");
     let o = lcm(&a.iter().map(String::as_str).collect::<Vec<_>>(), &envs);
     assert!(o.status.success(), "{}", stderr(&o));
-    let want = common::reference("controlnet_pipelines.safetensors")["sd_cn_lcmlora_g1"].flatten_all().unwrap().to_vec1::<u8>().unwrap();
+    let want = common::reference("controlnet_pipelines.safetensors")["sd_cn_lcmlora_g1"]
+        .flatten_all()
+        .unwrap()
+        .to_vec1::<u8>()
+        .unwrap();
     assert_close(&lcm::image_io::read_png(&out).unwrap().pixels, &want, "hub controlnet");
     std::fs::remove_file(&out).unwrap();
     let a = args("lllyasviel/not-cached");
@@ -597,9 +987,25 @@ fn animate_writes_png_frames_and_gif() {
     let motion_lora = format!("{}@1.2", s(&fx.join("loras/motion_like")));
     let args = |out: &Path, extra: &[&str]| {
         let mut a: Vec<String> = [
-            "animate", "--model", &s(&model), "--motion-adapter", &s(&adapter), "--lora", &lcm_lora, "--lora", &motion_lora,
-            "--beta-schedule", "linear", "--guidance-scale", "1", "--seed", "1", "--prompt",
-            "a small red house next to the lake", "--output", &s(out),
+            "animate",
+            "--model",
+            &s(&model),
+            "--motion-adapter",
+            &s(&adapter),
+            "--lora",
+            &lcm_lora,
+            "--lora",
+            &motion_lora,
+            "--beta-schedule",
+            "linear",
+            "--guidance-scale",
+            "1",
+            "--seed",
+            "1",
+            "--prompt",
+            "a small red house next to the lake",
+            "--output",
+            &s(out),
         ]
         .iter()
         .map(|x| x.to_string())
@@ -608,7 +1014,11 @@ fn animate_writes_png_frames_and_gif() {
         a
     };
     let run = |a: Vec<String>| lcm(&a.iter().map(String::as_str).collect::<Vec<_>>(), &[]);
-    let want = common::reference("animatediff_pipelines.safetensors")["sd_lcm0.55_motion1.2_8f"].flatten_all().unwrap().to_vec1::<u8>().unwrap();
+    let want = common::reference("animatediff_pipelines.safetensors")["sd_lcm0.55_motion1.2_8f"]
+        .flatten_all()
+        .unwrap()
+        .to_vec1::<u8>()
+        .unwrap();
 
     let png = tmp.path().join("clip.png");
     let o = run(args(&png, &["--frames", "8"]));
@@ -624,7 +1034,8 @@ fn animate_writes_png_frames_and_gif() {
     let gif = tmp.path().join("clip.gif");
     let o = run(args(&gif, &["--frames", "8"]));
     assert!(o.status.success(), "{}", stderr(&o));
-    let decoder = image::codecs::gif::GifDecoder::new(std::io::BufReader::new(std::fs::File::open(&gif).unwrap())).unwrap();
+    let decoder =
+        image::codecs::gif::GifDecoder::new(std::io::BufReader::new(std::fs::File::open(&gif).unwrap())).unwrap();
     use image::AnimationDecoder;
     let frames = decoder.into_frames().collect_frames().unwrap();
     assert_eq!(frames.len(), 8);
@@ -638,7 +1049,7 @@ fn animate_writes_png_frames_and_gif() {
     assert_clean_error(&o, "already exists");
     for (out, extra, msg) in [
         ("x.mp4", vec!["--frames", "8"], ".gif"),
-        ("x.gif", vec!["--frames", "0"], "--frames"),
+        ("x.gif", vec!["--frames", "0"], "number of frames"),
         ("x.gif", vec!["--frames", "30"], "motion_max_seq_length"),
     ] {
         let o = run(args(&tmp.path().join(out), &extra));
@@ -673,7 +1084,10 @@ fn download_fails_cleanly_without_the_hub() {
     let tmp = tempfile::tempdir().unwrap();
     let cache = tmp.path().to_str().unwrap();
     // Nothing listens on port 9 of this machine: the request is refused at once.
-    let o = lcm(&["download", "SimianLuo/LCM_Dreamshaper_v7"], &[("HF_HUB_OFFLINE", "0"), ("HF_ENDPOINT", "http://127.0.0.1:9"), ("HF_HOME", cache)]);
+    let o = lcm(
+        &["download", "SimianLuo/LCM_Dreamshaper_v7"],
+        &[("HF_HUB_OFFLINE", "0"), ("HF_ENDPOINT", "http://127.0.0.1:9"), ("HF_HOME", cache)],
+    );
     assert_clean_error(&o, "cannot download `SimianLuo/LCM_Dreamshaper_v7` from the Hugging Face hub");
     let o = lcm(&["download", "SimianLuo/LCM_Dreamshaper_v7"], &[("HF_HOME", cache)]);
     assert_clean_error(&o, "HF_HUB_OFFLINE is set");
@@ -715,7 +1129,19 @@ fn int8_runs_on_every_cpu_path() {
     let tmp = tempfile::tempdir().unwrap();
     let model = common::fixtures().join("models/tiny-lcm");
     let run = |path: &str, dtype: &str, out: &Path| {
-        let args = ["generate", "--model", model.to_str().unwrap(), "--prompt", "a photo of a cat", "--seed", "0", "--dtype", dtype, "--output", out.to_str().unwrap()];
+        let args = [
+            "generate",
+            "--model",
+            model.to_str().unwrap(),
+            "--prompt",
+            "a photo of a cat",
+            "--seed",
+            "0",
+            "--dtype",
+            dtype,
+            "--output",
+            out.to_str().unwrap(),
+        ];
         let o = lcm(&args, &[("LCM_CPU_PATH", path)]);
         assert!(o.status.success(), "{path} {dtype}: {}", stderr(&o));
         lcm::image_io::read_png(out).unwrap().pixels
@@ -747,7 +1173,17 @@ fn every_cpu_path_gives_the_diffusers_image() {
     let model = common::fixtures().join("models/tiny-lcm");
     let run = |path: &str, out: &Path| {
         lcm(
-            &["generate", "--model", model.to_str().unwrap(), "--prompt", "a photo of a cat", "--seed", "0", "--output", out.to_str().unwrap()],
+            &[
+                "generate",
+                "--model",
+                model.to_str().unwrap(),
+                "--prompt",
+                "a photo of a cat",
+                "--seed",
+                "0",
+                "--output",
+                out.to_str().unwrap(),
+            ],
             &[("LCM_CPU_PATH", path)],
         )
     };
@@ -780,14 +1216,30 @@ fn every_cpu_path_gives_the_diffusers_image() {
 /// Generates with the tiny LCM into `out`, with `extra` flags.
 fn tiny_generate(out: &Path, extra: &[&str]) -> Output {
     let model = common::fixtures().join("models/tiny-lcm");
-    let mut args = vec!["generate", "--model", model.to_str().unwrap(), "--prompt", "a photo of a cat", "--seed", "0", "--steps", "2", "--output", out.to_str().unwrap()];
+    let mut args = vec![
+        "generate",
+        "--model",
+        model.to_str().unwrap(),
+        "--prompt",
+        "a photo of a cat",
+        "--seed",
+        "0",
+        "--steps",
+        "2",
+        "--output",
+        out.to_str().unwrap(),
+    ];
     args.extend_from_slice(extra);
     lcm(&args, &[])
 }
 
 /// Temporary files a write left in `dir`.
 fn litter(dir: &Path) -> Vec<PathBuf> {
-    std::fs::read_dir(dir).unwrap().map(|e| e.unwrap().path()).filter(|p| p.file_name().unwrap().to_string_lossy().starts_with(".lcm-")).collect()
+    std::fs::read_dir(dir)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.file_name().unwrap().to_string_lossy().starts_with(".lcm-"))
+        .collect()
 }
 
 /// Prompts in any language are written (as PNG `iTXt`), over an existing file with --overwrite,
@@ -799,13 +1251,40 @@ fn unicode_prompts_are_written_as_itxt() {
     std::fs::write(&out, b"the user's old image").unwrap();
     let model = common::fixtures().join("models/tiny-lcm");
     let prompt = "一只红色的狐狸 🦊 dans la neige, ёлка";
-    let o = lcm(&["generate", "--model", model.to_str().unwrap(), "--prompt", prompt, "--steps", "2", "--overwrite", "--output", out.to_str().unwrap()], &[]);
+    let o = lcm(
+        &[
+            "generate",
+            "--model",
+            model.to_str().unwrap(),
+            "--prompt",
+            prompt,
+            "--steps",
+            "2",
+            "--overwrite",
+            "--output",
+            out.to_str().unwrap(),
+        ],
+        &[],
+    );
     assert!(o.status.success(), "{}", stderr(&o));
     let params = lcm::image_io::read_png_parameters(&out).unwrap().unwrap();
     assert!(params.starts_with(prompt), "{params}");
     // A Latin-1 prompt still goes in a tEXt chunk, as PIL writes it.
     let latin = tmp.path().join("latin.png");
-    let o = lcm(&["generate", "--model", model.to_str().unwrap(), "--prompt", "crème brûlée", "--steps", "2", "--output", latin.to_str().unwrap()], &[]);
+    let o = lcm(
+        &[
+            "generate",
+            "--model",
+            model.to_str().unwrap(),
+            "--prompt",
+            "crème brûlée",
+            "--steps",
+            "2",
+            "--output",
+            latin.to_str().unwrap(),
+        ],
+        &[],
+    );
     assert!(o.status.success(), "{}", stderr(&o));
     let bytes = std::fs::read(&latin).unwrap();
     assert!(bytes.windows(4).any(|w| w == b"tEXt") && !bytes.windows(4).any(|w| w == b"iTXt"));
@@ -817,7 +1296,13 @@ fn unicode_prompts_are_written_as_itxt() {
 #[test]
 fn outputs_take_the_format_their_extension_names() {
     let tmp = tempfile::tempdir().unwrap();
-    for (name, magic) in [("a.jpg", &b"\xff\xd8\xff"[..]), ("b.JPEG", b"\xff\xd8\xff"), ("c.webp", b"RIFF"), ("d.gif", b"GIF8"), ("e.png", b"\x89PNG")] {
+    for (name, magic) in [
+        ("a.jpg", &b"\xff\xd8\xff"[..]),
+        ("b.JPEG", b"\xff\xd8\xff"),
+        ("c.webp", b"RIFF"),
+        ("d.gif", b"GIF8"),
+        ("e.png", b"\x89PNG"),
+    ] {
         let out = tmp.path().join(name);
         let o = tiny_generate(&out, &[]);
         assert!(o.status.success(), "{name}: {}", stderr(&o));
@@ -825,7 +1310,11 @@ fn outputs_take_the_format_their_extension_names() {
         let img = lcm::image_processor::Image8::read(&out).unwrap();
         assert_eq!((img.width, img.height), (32, 32), "{name}");
     }
-    for (name, msg) in [("out.xyz", "unknown image extension .xyz"), ("noext", "no file extension"), ("missing/out.png", "does not exist")] {
+    for (name, msg) in [
+        ("out.xyz", "unknown image extension .xyz"),
+        ("noext", "no file extension"),
+        ("missing/out.png", "does not exist"),
+    ] {
         let out = tmp.path().join(name);
         let t = std::time::Instant::now();
         assert_clean_error(&tiny_generate(&out, &[]), msg);
@@ -882,7 +1371,22 @@ fn a_killed_run_leaves_the_old_or_the_new_file() {
     for i in 0..12u64 {
         std::fs::write(&out, b"OLD").unwrap();
         let mut child = Command::new(env!("CARGO_BIN_EXE_lcm"))
-            .args(["generate", "--model", model.to_str().unwrap(), "--prompt", "a photo of a cat", "--steps", "2", "--width", "64", "--height", "64", "--overwrite", "--output", out.to_str().unwrap()])
+            .args([
+                "generate",
+                "--model",
+                model.to_str().unwrap(),
+                "--prompt",
+                "a photo of a cat",
+                "--steps",
+                "2",
+                "--width",
+                "64",
+                "--height",
+                "64",
+                "--overwrite",
+                "--output",
+                out.to_str().unwrap(),
+            ])
             .env("HF_HUB_OFFLINE", "1")
             .stderr(std::process::Stdio::null())
             .spawn()
@@ -894,7 +1398,8 @@ fn a_killed_run_leaves_the_old_or_the_new_file() {
         if bytes == b"OLD" {
             old += 1;
         } else {
-            let img = lcm::image_io::read_png(&out).unwrap_or_else(|e| panic!("kill after {} ms left a broken file: {e}", i * i * 8));
+            let img = lcm::image_io::read_png(&out)
+                .unwrap_or_else(|e| panic!("kill after {} ms left a broken file: {e}", i * i * 8));
             assert_eq!((img.width, img.height), (64, 64));
             new += 1;
         }
@@ -908,7 +1413,11 @@ fn a_killed_run_leaves_the_old_or_the_new_file() {
 fn absurd_sizes_are_refused_before_allocating() {
     let tmp = tempfile::tempdir().unwrap();
     let out = tmp.path().join("big.png");
-    for extra in [&["--width", "100000", "--height", "100000"][..], &["--num-images", "100000000"], &["--width", "262144", "--height", "262144", "--num-images", "3"]] {
+    for extra in [
+        &["--width", "100000", "--height", "100000"][..],
+        &["--num-images", "100000000"],
+        &["--width", "262144", "--height", "262144", "--num-images", "3"],
+    ] {
         let t = std::time::Instant::now();
         assert_clean_error(&tiny_generate(&out, extra), "GB available");
         assert!(t.elapsed().as_secs_f64() < 20.0, "{extra:?} took {:?}", t.elapsed());
@@ -917,9 +1426,37 @@ fn absurd_sizes_are_refused_before_allocating() {
     let model = common::fixtures().join("models/tiny-lcm");
     let motion = common::fixtures().join("motion_adapters/tiny_lcm");
     let gif = tmp.path().join("v.gif");
-    let o = lcm(&["animate", "--model", model.to_str().unwrap(), "--motion-adapter", motion.to_str().unwrap(), "--prompt", "p", "--num-videos", "1000000000", "--output", gif.to_str().unwrap()], &[]);
+    let o = lcm(
+        &[
+            "animate",
+            "--model",
+            model.to_str().unwrap(),
+            "--motion-adapter",
+            motion.to_str().unwrap(),
+            "--prompt",
+            "p",
+            "--num-videos",
+            "1000000000",
+            "--output",
+            gif.to_str().unwrap(),
+        ],
+        &[],
+    );
     assert_clean_error(&o, "GB available");
-    let o = lcm(&["animate", "--model", model.to_str().unwrap(), "--motion-adapter", motion.to_str().unwrap(), "--prompt", "p", "--output", tmp.path().join("v.xyz").to_str().unwrap()], &[]);
+    let o = lcm(
+        &[
+            "animate",
+            "--model",
+            model.to_str().unwrap(),
+            "--motion-adapter",
+            motion.to_str().unwrap(),
+            "--prompt",
+            "p",
+            "--output",
+            tmp.path().join("v.xyz").to_str().unwrap(),
+        ],
+        &[],
+    );
     assert_clean_error(&o, "unknown image extension");
 }
 
@@ -934,16 +1471,30 @@ fn unsupported_classes_grayscale_images_and_missing_files() {
     let out = tmp.path().join("o.png");
     for class in ["FluxPipeline", "StableDiffusion3Pipeline", "KandinskyV22Pipeline"] {
         std::fs::write(&index, text.replace("LatentConsistencyModelPipeline", class)).unwrap();
-        let o = lcm(&["generate", "--model", model.to_str().unwrap(), "--prompt", "p", "--output", out.to_str().unwrap()], &[]);
+        let o = lcm(
+            &["generate", "--model", model.to_str().unwrap(), "--prompt", "p", "--output", out.to_str().unwrap()],
+            &[],
+        );
         assert_clean_error(&o, class);
         assert!(stderr(&o).contains("it runs LatentConsistencyModel"), "{}", stderr(&o));
     }
     std::fs::write(&index, &text).unwrap();
 
     let gray_path = tmp.path().join("gray.png");
-    let gray = lcm::image_processor::Image8 { width: 40, height: 24, channels: 1, pixels: (0..40 * 24).map(|i| (i % 251) as u8).collect() };
+    let gray = lcm::image_processor::Image8 {
+        width: 40,
+        height: 24,
+        channels: 1,
+        pixels: (0..40 * 24).map(|i| (i % 251) as u8).collect(),
+    };
     let rgb = gray.to_rgb();
-    lcm::image_io::write_image(&gray_path, &lcm::image_io::RgbImage { width: 40, height: 24, pixels: rgb.pixels.clone() }, None, false).unwrap();
+    lcm::image_io::write_image(
+        &gray_path,
+        &lcm::image_io::RgbImage { width: 40, height: 24, pixels: rgb.pixels.clone() },
+        None,
+        false,
+    )
+    .unwrap();
     // Re-encode as an 8-bit grayscale PNG.
     {
         let f = std::fs::File::create(&gray_path).unwrap();
@@ -955,7 +1506,13 @@ fn unsupported_classes_grayscale_images_and_missing_files() {
     let run = |image: &Path, out: &Path| tiny_generate(out, &["--image", image.to_str().unwrap(), "--strength", "0.5"]);
     let (a, b) = (tmp.path().join("from-gray.png"), tmp.path().join("from-rgb.png"));
     let rgb_path = tmp.path().join("rgb.png");
-    lcm::image_io::write_image(&rgb_path, &lcm::image_io::RgbImage { width: 40, height: 24, pixels: rgb.pixels }, None, false).unwrap();
+    lcm::image_io::write_image(
+        &rgb_path,
+        &lcm::image_io::RgbImage { width: 40, height: 24, pixels: rgb.pixels },
+        None,
+        false,
+    )
+    .unwrap();
     let (oa, ob) = (run(&gray_path, &a), run(&rgb_path, &b));
     assert!(oa.status.success() && ob.status.success(), "{} {}", stderr(&oa), stderr(&ob));
     // The same image as its RGB conversion.

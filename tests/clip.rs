@@ -170,7 +170,9 @@ fn tokenizer_missing_or_corrupt_files_are_one_line_errors_naming_the_file() {
         }
         tmp
     };
-    let cases: Vec<(Vec<(&str, Option<&str>)>, &str)> = vec![
+    // (files written (None: removed), what the error must name)
+    type Case<'a> = (Vec<(&'a str, Option<&'a str>)>, &'a str);
+    let cases: Vec<Case> = vec![
         (vec![("vocab.json", None)], "vocab.json"),
         (vec![("vocab.json", Some("{\"a\": 0, "))], "vocab.json"),
         (vec![("vocab.json", Some("[1, 2]"))], "vocab.json"),
@@ -302,7 +304,8 @@ impl Listing {
         for line in text.lines().filter(|l| !l.starts_with('#') && !l.trim().is_empty()) {
             let (name, rest) = line.split_once(' ').unwrap();
             let dims = rest.split_once('[').unwrap().1.split_once(']').unwrap().0;
-            let dims: Vec<usize> = dims.split(',').filter(|d| !d.is_empty()).map(|d| d.trim().parse().unwrap()).collect();
+            let dims: Vec<usize> =
+                dims.split(',').filter(|d| !d.is_empty()).map(|d| d.trim().parse().unwrap()).collect();
             let name = match strip_prefix {
                 Some(p) => name.strip_prefix(p).unwrap_or(name),
                 None => name,
@@ -324,9 +327,7 @@ impl Listing {
 
 impl SimpleBackend for Listing {
     fn get(&self, s: Shape, name: &str, _: candle_nn::Init, dtype: DType, dev: &Device) -> candle_core::Result<Tensor> {
-        let Some(dims) = self.shapes.get(name) else {
-            candle_core::bail!("cannot find tensor {name}")
-        };
+        let Some(dims) = self.shapes.get(name) else { candle_core::bail!("cannot find tensor {name}") };
         if dims.as_slice() != s.dims() {
             candle_core::bail!("shape mismatch for {name}: expected {s:?}, listed {dims:?}")
         }
@@ -335,9 +336,7 @@ impl SimpleBackend for Listing {
     }
 
     fn get_unchecked(&self, name: &str, dtype: DType, dev: &Device) -> candle_core::Result<Tensor> {
-        let Some(dims) = self.shapes.get(name) else {
-            candle_core::bail!("cannot find tensor {name}")
-        };
+        let Some(dims) = self.shapes.get(name) else { candle_core::bail!("cannot find tensor {name}") };
         self.used.lock().unwrap().insert(name.to_string());
         Tensor::zeros((), dtype, dev)?.broadcast_as(dims.as_slice())
     }

@@ -6,7 +6,7 @@ mod common;
 
 use candle_core::{Device, Tensor};
 use lcm::image_processor::Image8;
-use lcm::models::controlnet::{ControlNetConfig, ControlNetModel};
+use lcm::models::controlnet::{ControlNetCond, ControlNetConfig, ControlNetModel};
 use lcm::models::unet_2d_condition::{AddedCond, UNetConditioning};
 use lcm::pipelines::control::{controlnet_keep, load_controlnet, load_t2i_adapter};
 use lcm::pipelines::{AdapterInput, ControlNetInput, GenerateRequest, LcmPipeline, LoadOptions, PipelineKind};
@@ -36,10 +36,12 @@ fn controlnet_residuals_match_diffusers() {
                 &t("sample"),
                 case["timestep"].as_f64().unwrap(),
                 &t("ehs"),
-                &t("cond"),
-                case["conditioning_scale"].as_f64().unwrap(),
+                ControlNetCond {
+                    image: &t("cond"),
+                    conditioning_scale: case["conditioning_scale"].as_f64().unwrap(),
+                    guess_mode: case["guess_mode"].as_bool().unwrap(),
+                },
                 &cond,
-                case["guess_mode"].as_bool().unwrap(),
             )
             .unwrap();
         let n = case["num_down"].as_u64().unwrap() as usize;
@@ -79,7 +81,9 @@ fn setup(case: &serde_json::Value, kind_of: &str) -> (LcmPipeline, GenerateReque
         Some(l) => vec![lcm::pipelines::LoraSpec::parse(fx.join(l[0].as_str().unwrap()).to_str().unwrap()).unwrap()],
         None => vec![],
     };
-    let opts = LoadOptions { loras, ..Default::default() };
+    // The SDXL cases ran through the SDXL pipelines whatever the folder says.
+    let pipeline = Some(kind(case["cls"].as_str().unwrap())).filter(|k| *k == PipelineKind::StableDiffusionXL);
+    let opts = LoadOptions { loras, pipeline, ..Default::default() };
     let model = fx.join(case["model"].as_str().unwrap());
     let mut pipe = LcmPipeline::load(model.to_str().unwrap(), &opts).unwrap();
     let mut req = GenerateRequest {
@@ -120,10 +124,6 @@ fn setup(case: &serde_json::Value, kind_of: &str) -> (LcmPipeline, GenerateReque
         });
         req.adapter_conditioning_factor = case["factor"].as_f64().unwrap_or(1.0);
     }
-    let pipe = match kind(case["cls"].as_str().unwrap()) {
-        PipelineKind::StableDiffusionXL => pipe.with_kind(PipelineKind::StableDiffusionXL),
-        _ => pipe,
-    };
     (pipe, req)
 }
 
@@ -143,9 +143,10 @@ fn check_pipelines(kind_of: &str, min_cases: usize) {
     for case in listing["cases"].as_array().unwrap() {
         let name = case["name"].as_str().unwrap();
         let (pipe, req) = setup(case, kind_of);
-        assert_eq!(pipe.kind, kind(case["cls"].as_str().unwrap()), "{name}");
+        assert_eq!(pipe.kind(), kind(case["cls"].as_str().unwrap()), "{name}");
         let images = pipe.generate(&req, |_, _| {}).unwrap_or_else(|e| panic!("{name}: {e:#}"));
-        let (h, w) = (case["output_height"].as_u64().unwrap() as usize, case["output_width"].as_u64().unwrap() as usize);
+        let (h, w) =
+            (case["output_height"].as_u64().unwrap() as usize, case["output_width"].as_u64().unwrap() as usize);
         assert_eq!((images[0].width, images[0].height), (w, h), "{name}: size");
         let want = refs[name].flatten_all().unwrap().to_vec1::<u8>().unwrap();
         let got = pixels(&images);
@@ -166,7 +167,11 @@ fn check_pipelines(kind_of: &str, min_cases: usize) {
         }
         let without = pixels(&pipe.generate(&off, |_, _| {}).unwrap());
         let changed = without.iter().zip(&want).filter(|(a, b)| a.abs_diff(**b) > 2).count();
-        assert!(changed * 10 > want.len(), "{name}: only {changed} of {} values depend on the control input", want.len());
+        assert!(
+            changed * 10 > want.len(),
+            "{name}: only {changed} of {} values depend on the control input",
+            want.len()
+        );
     }
     assert!(ran >= min_cases, "{ran}");
     eprintln!("worst {kind_of} pipeline difference: {worst}/255 over {ran} cases");
@@ -213,10 +218,10 @@ fn controlnet_for_another_base_model_is_refused() {
 fn control_request_errors_are_clear() {
     let fx = common::fixtures();
     let mut pipe = LcmPipeline::load(fx.join("models/tiny-lcm").to_str().unwrap(), &LoadOptions::default()).unwrap();
-    assert_eq!(pipe.kind, PipelineKind::LatentConsistencyModel);
+    assert_eq!(pipe.kind(), PipelineKind::LatentConsistencyModel);
     pipe.load_controlnet(fx.join("controlnets/lcm").to_str().unwrap(), None).unwrap();
     // diffusers' LCM guide runs LCM UNets with ControlNets through StableDiffusionControlNetPipeline
-    assert_eq!(pipe.kind, PipelineKind::StableDiffusion);
+    assert_eq!(pipe.kind(), PipelineKind::StableDiffusion);
     let base = GenerateRequest { prompt: "x".into(), num_inference_steps: 1, ..Default::default() };
     let e = pipe.generate(&base, |_, _| {}).unwrap_err().to_string();
     assert!(e.contains("1 ControlNet(s) but 0 control image(s)"), "{e}");
@@ -240,7 +245,8 @@ fn control_request_errors_are_clear() {
     // the output takes the control image's size; an explicit size resizes the control image
     let mut req = base.clone();
     req.controlnet.push(ControlNetInput::new(image("photo_50x30")));
-    assert_eq!(pipe.output_size(&req).unwrap(), (50, 30));
+    let plan = pipe.plan(&req).unwrap();
+    assert_eq!((plan.width, plan.height), (50, 30));
     req.width = Some(16);
     req.height = Some(24);
     let out = pipe.generate(&req, |_, _| {}).unwrap();
@@ -304,7 +310,8 @@ fn real_controlnet_configs_build() {
         } else {
             UNetConditioning::default()
         };
-        let out = cn.forward(&sample, 999.0, &ehs, &image, 1.0, &cond, false).unwrap();
+        let control = ControlNetCond { image: &image, conditioning_scale: 1.0, guess_mode: false };
+        let out = cn.forward(&sample, 999.0, &ehs, control, &cond).unwrap();
         assert_eq!(out.down_block_res_samples.len(), skips, "{name}");
         assert_eq!(out.down_block_res_samples[0].dims(), &[1, 320, h, w], "{name}");
         let last = *config.unet.block_out_channels.last().unwrap();

@@ -30,7 +30,9 @@ fn device() -> candle_core::Device {
 
 fn kind(class: &str) -> PipelineKind {
     match class {
-        "LatentConsistencyModelPipeline" | "LatentConsistencyModelImg2ImgPipeline" => PipelineKind::LatentConsistencyModel,
+        "LatentConsistencyModelPipeline" | "LatentConsistencyModelImg2ImgPipeline" => {
+            PipelineKind::LatentConsistencyModel
+        }
         "AnimateDiffPipeline" => PipelineKind::AnimateDiff,
         c if c.starts_with("StableDiffusionXL") => PipelineKind::StableDiffusionXL,
         c if c.starts_with("StableDiffusion") => PipelineKind::StableDiffusion,
@@ -98,19 +100,24 @@ fn pipelines_match(stem: &str, mode: HalfRandn) {
             report.push(format!("{name}: skipped (bf16 compute needs a GPU)"));
             continue;
         }
-        let opts = LoadOptions { dtype: weights, compute_dtype: Some(dtype), device: device.clone().into(), ..Default::default() };
+        let opts = LoadOptions {
+            dtype: weights,
+            compute_dtype: Some(dtype),
+            device: device.clone().into(),
+            ..Default::default()
+        };
         let model = fx.join(case["model"].as_str().unwrap());
         let path = |k: &str| case[k].as_str().map(|p| fx.join(p).to_string_lossy().into_owned());
-        let opts = LoadOptions { motion_adapter: path("motion_adapter"), ..opts };
+        let pipeline = Some(kind(case["cls"].as_str().unwrap()));
+        let opts = LoadOptions { motion_adapter: path("motion_adapter"), pipeline, ..opts };
         let mut pipe = LcmPipeline::load(model.to_str().unwrap(), &opts).unwrap();
         if let Some(cn) = path("controlnet") {
             pipe.load_controlnet(&cn, None).unwrap();
         }
-        let pipe = pipe.with_kind(kind(case["cls"].as_str().unwrap()));
         assert_eq!(pipe.components.compute_dtype(), dtype);
         // SDXL's autoencoder (force_upcast) runs in f32 as diffusers' upcast_vae does; others in
         // the model's dtype.
-        let upcast = pipe.kind == PipelineKind::StableDiffusionXL;
+        let upcast = pipe.kind() == PipelineKind::StableDiffusionXL;
         assert_eq!(pipe.components.vae.dtype(), if upcast { DType::F32 } else { dtype }, "{name}");
         let req = GenerateRequest { half_randn: Some(mode), ..request(case) };
         let images = pipe.generate(&req, |_, _| {}).unwrap();
@@ -119,8 +126,15 @@ fn pipelines_match(stem: &str, mode: HalfRandn) {
         assert_eq!(got.len(), want.len(), "{name}: size");
         let max = got.iter().zip(&want).map(|(a, b)| a.abs_diff(*b)).max().unwrap();
         let mean = got.iter().zip(&want).map(|(a, b)| a.abs_diff(*b) as f64).sum::<f64>() / got.len() as f64;
-        report.push(format!("{name}: max {max}/255, mean {mean:.3}/255 (diffusers {dtype:?} vs f32: max {})", case["diffusers_f16_vs_f32_max"]));
-        assert!(max <= tol.0 && mean <= tol.1, "{stem} {name} on {}: max {max}/255, mean {mean:.3}/255", lcm::device::name(&device));
+        report.push(format!(
+            "{name}: max {max}/255, mean {mean:.3}/255 (diffusers {dtype:?} vs f32: max {})",
+            case["diffusers_f16_vs_f32_max"]
+        ));
+        assert!(
+            max <= tol.0 && mean <= tol.1,
+            "{stem} {name} on {}: max {max}/255, mean {mean:.3}/255",
+            lcm::device::name(&device)
+        );
     }
     eprintln!("{} vs diffusers in the same dtype ({stem}):\n  {}", lcm::device::name(&device), report.join("\n  "));
 }
@@ -149,10 +163,12 @@ fn vae_upcast_follows_force_upcast_in_sdxl_pipelines_only() {
     let vae = tmp.path().join("vae-fp16-fix");
     std::fs::create_dir_all(&vae).unwrap();
     let src = fx.join("models/tiny-sdxl/vae");
-    let mut config: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(src.join("config.json")).unwrap()).unwrap();
+    let mut config: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(src.join("config.json")).unwrap()).unwrap();
     config["force_upcast"] = serde_json::Value::Bool(false);
     std::fs::write(vae.join("config.json"), config.to_string()).unwrap();
-    std::fs::copy(src.join("diffusion_pytorch_model.safetensors"), vae.join("diffusion_pytorch_model.safetensors")).unwrap();
+    std::fs::copy(src.join("diffusion_pytorch_model.safetensors"), vae.join("diffusion_pytorch_model.safetensors"))
+        .unwrap();
     let opts = LoadOptions {
         dtype: WeightDType::F16,
         compute_dtype: Some(DType::F16),
@@ -160,6 +176,6 @@ fn vae_upcast_follows_force_upcast_in_sdxl_pipelines_only() {
         ..Default::default()
     };
     let pipe = LcmPipeline::load(fx.join("models/tiny-sdxl").to_str().unwrap(), &opts).unwrap();
-    assert_eq!(pipe.kind, PipelineKind::StableDiffusionXL);
+    assert_eq!(pipe.kind(), PipelineKind::StableDiffusionXL);
     assert_eq!(pipe.components.vae.dtype(), DType::F16);
 }

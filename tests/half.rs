@@ -26,7 +26,8 @@ fn tiny_lcm() -> PathBuf {
 
 /// The 32x32 and 64x64 requests (64x64 runs the VAE's convolutions through Winograd).
 fn requests() -> Vec<GenerateRequest> {
-    let base = GenerateRequest { prompt: "a photo of a cat".into(), num_inference_steps: 4, seed: 0, ..Default::default() };
+    let base =
+        GenerateRequest { prompt: "a photo of a cat".into(), num_inference_steps: 4, seed: 0, ..Default::default() };
     vec![
         GenerateRequest { width: Some(32), height: Some(32), ..base.clone() },
         GenerateRequest {
@@ -117,7 +118,8 @@ impl SimpleBackend for Tally {
 #[test]
 fn unet_parameter_bytes_halve() {
     let dir = tiny_lcm().join("unet");
-    let cfg: UNet2DConditionConfig = serde_json::from_str(&std::fs::read_to_string(dir.join("config.json")).unwrap()).unwrap();
+    let cfg: UNet2DConditionConfig =
+        serde_json::from_str(&std::fs::read_to_string(dir.join("config.json")).unwrap()).unwrap();
     let weights = ComponentWeights::open(&dir, None).unwrap();
     let build = |weights_dtype: DType| {
         let seen: Seen = Default::default();
@@ -160,8 +162,11 @@ fn copy_dir(src: &Path, dst: &Path) {
 fn fp16_copy(tmp: &Path) -> PathBuf {
     let model = tmp.join("tiny-lcm");
     copy_dir(&tiny_lcm(), &model);
-    for (comp, file) in [("unet", "diffusion_pytorch_model"), ("vae", "diffusion_pytorch_model"), ("text_encoder", "model")] {
-        let tensors = candle_core::safetensors::load(model.join(comp).join(format!("{file}.safetensors")), &Device::Cpu).unwrap();
+    for (comp, file) in
+        [("unet", "diffusion_pytorch_model"), ("vae", "diffusion_pytorch_model"), ("text_encoder", "model")]
+    {
+        let tensors =
+            candle_core::safetensors::load(model.join(comp).join(format!("{file}.safetensors")), &Device::Cpu).unwrap();
         let half: std::collections::HashMap<String, Tensor> = tensors
             .into_iter()
             .map(|(k, v)| {
@@ -185,7 +190,11 @@ fn fp16_files_load_for_any_dtype() {
     let f32_images = images(&tiny_lcm(), &LoadOptions::default());
     let as_f32 = images(&model, &fp16(WeightDType::F32));
     let as_f16 = images(&model, &fp16(WeightDType::F16));
-    assert!(as_f16 == as_f32, "fp16 files: f16 weights differ from the same values in f32 (max {}/255)", max_diff(&as_f16, &as_f32));
+    assert!(
+        as_f16 == as_f32,
+        "fp16 files: f16 weights differ from the same values in f32 (max {}/255)",
+        max_diff(&as_f16, &as_f32)
+    );
     let upcast = max_diff(&as_f32, &f32_images);
     let bf16 = max_diff(&images(&model, &fp16(WeightDType::BF16)), &f32_images);
     eprintln!("fp16 files vs f32 files: as f32 and f16 {upcast}/255, as bf16 {bf16}/255");
@@ -195,7 +204,18 @@ fn fp16_files_load_for_any_dtype() {
 
 #[test]
 fn dtype_names_parse() {
-    for (s, d) in [("f32", WeightDType::F32), ("FP32", WeightDType::F32), ("float32", WeightDType::F32), ("f16", WeightDType::F16), ("fp16", WeightDType::F16), ("float16", WeightDType::F16), ("bf16", WeightDType::BF16), ("bfloat16", WeightDType::BF16), ("int8", WeightDType::Int8), ("q8", WeightDType::Int8)] {
+    for (s, d) in [
+        ("f32", WeightDType::F32),
+        ("FP32", WeightDType::F32),
+        ("float32", WeightDType::F32),
+        ("f16", WeightDType::F16),
+        ("fp16", WeightDType::F16),
+        ("float16", WeightDType::F16),
+        ("bf16", WeightDType::BF16),
+        ("bfloat16", WeightDType::BF16),
+        ("int8", WeightDType::Int8),
+        ("q8", WeightDType::Int8),
+    ] {
         assert_eq!(s.parse::<WeightDType>().unwrap(), d, "{s}");
     }
     let e = "f64".parse::<WeightDType>().unwrap_err();
@@ -222,10 +242,16 @@ fn loras_fuse_into_half_weights() {
             ..Default::default()
         };
         let run = |dtype| {
-            let opts = LoadOptions { loras: loras.clone(), dtype, ..Default::default() };
-            let pipe = LcmPipeline::load(model.to_str().unwrap(), &opts).unwrap().with_kind(lcm::pipelines::PipelineKind::StableDiffusion);
+            let sd = Some(lcm::pipelines::PipelineKind::StableDiffusion);
+            let opts = LoadOptions { loras: loras.clone(), dtype, pipeline: sd, ..Default::default() };
+            let pipe = LcmPipeline::load(model.to_str().unwrap(), &opts).unwrap();
             assert_eq!(pipe.components.unet.dtype(), dtype.dtype());
-            vec![pipe.generate(&request, |_, _| {}).unwrap().iter().flat_map(|i| i.pixels.iter().copied()).collect::<Vec<u8>>()]
+            vec![pipe
+                .generate(&request, |_, _| {})
+                .unwrap()
+                .iter()
+                .flat_map(|i| i.pixels.iter().copied())
+                .collect::<Vec<u8>>()]
         };
         let d = max_diff(&run(WeightDType::F16), &run(WeightDType::F32));
         assert!(d <= F16_TOL, "{}: f16 weights with LoRA {d}/255", case["name"]);
@@ -242,7 +268,23 @@ fn cli_dtype_flag() {
     let model = tiny_lcm();
     let run = |out: &str, dtype: &str| {
         let out = tmp.path().join(out);
-        let args = ["generate", "--model", model.to_str().unwrap(), "--prompt", "a photo of a cat", "--seed", "0", "--width", "32", "--height", "32", "--dtype", dtype, "--output", out.to_str().unwrap()];
+        let args = [
+            "generate",
+            "--model",
+            model.to_str().unwrap(),
+            "--prompt",
+            "a photo of a cat",
+            "--seed",
+            "0",
+            "--width",
+            "32",
+            "--height",
+            "32",
+            "--dtype",
+            dtype,
+            "--output",
+            out.to_str().unwrap(),
+        ];
         let o = std::process::Command::new(env!("CARGO_BIN_EXE_lcm")).args(args).output().unwrap();
         (o, out)
     };
@@ -255,9 +297,13 @@ fn cli_dtype_flag() {
     assert!(max_diff(&[a], &[b]) <= F16_TOL);
     let (o, _) = run("bad.png", "f64");
     let err = String::from_utf8_lossy(&o.stderr);
-    assert_eq!(o.status.code(), Some(1), "{err}");
+    // A bad flag value is a usage error (exit 2, as clap's), on one line.
+    assert_eq!(o.status.code(), Some(2), "{err}");
     let lines: Vec<&str> = err.lines().filter(|l| !l.trim().is_empty()).collect();
-    assert_eq!(lines, ["error: unknown dtype `f64`: f32, f16, bf16 or int8"]);
+    assert_eq!(
+        lines,
+        ["error: invalid value 'f64' for '--dtype <DTYPE>': unknown dtype `f64`: f32, f16, bf16 or int8"]
+    );
 }
 
 /// bf16 weights where the CPU multiplies in bf16 (AVX512-BF16): our bf16 image is no further from
@@ -272,7 +318,8 @@ fn bf16_products_drift_no_more_than_diffusers_bf16() {
     }
     let refs = common::reference_json("half_pipelines_torch2.15.json");
     let case = refs["cases"].as_array().unwrap().iter().find(|c| c["name"] == "lcm_t2i_40x24_bf16").unwrap();
-    let (max_ref, mean_ref) = (case["diffusers_f16_vs_f32_max"].as_u64().unwrap() as u8, case["diffusers_f16_vs_f32_mean"].as_f64().unwrap());
+    let (max_ref, mean_ref) =
+        (case["diffusers_f16_vs_f32_max"].as_u64().unwrap() as u8, case["diffusers_f16_vs_f32_mean"].as_f64().unwrap());
     let kw = &case["kw"];
     let req = GenerateRequest {
         prompt: kw["prompt"].as_str().unwrap().into(),
@@ -292,6 +339,12 @@ fn bf16_products_drift_no_more_than_diffusers_bf16() {
     let max = *diffs.iter().max().unwrap();
     let mean = diffs.iter().map(|&d| d as f64).sum::<f64>() / diffs.len() as f64;
     println!("CPU path {}: bf16 vs f32 image max {max}/255, mean {mean:.4}; diffusers bf16 vs f32: max {max_ref}, mean {mean_ref}", path.name());
-    assert!(full != bf16 || path < lcm::kernels::CpuPath::Avx512Bf16, "bf16 products gave the f32 image: not computed in bf16");
-    assert!(max <= max_ref && mean <= mean_ref, "bf16 drift max {max} mean {mean:.4} above diffusers' {max_ref} / {mean_ref}");
+    assert!(
+        full != bf16 || path < lcm::kernels::CpuPath::Avx512Bf16,
+        "bf16 products gave the f32 image: not computed in bf16"
+    );
+    assert!(
+        max <= max_ref && mean <= mean_ref,
+        "bf16 drift max {max} mean {mean:.4} above diffusers' {max_ref} / {mean_ref}"
+    );
 }

@@ -35,9 +35,9 @@ fn img2img_and_inpaint_pipelines_match_diffusers() {
             ..Default::default()
         };
         let model = fx.join(case["model"].as_str().unwrap());
-        let pipe = LcmPipeline::load(model.to_str().unwrap(), &opts).unwrap().with_kind(kind(case["pipeline"].as_str().unwrap()));
+        let opts = LoadOptions { pipeline: Some(kind(case["pipeline"].as_str().unwrap())), ..opts };
+        let pipe = LcmPipeline::load(model.to_str().unwrap(), &opts).unwrap();
         let g = case["guidance_scale"].as_f64().unwrap();
-        assert_eq!(pipe.uses_cfg(g), case["classifier_free_guidance_used"].as_bool().unwrap(), "{name}: cfg");
         let is_inpaint = !case["mask"].is_null();
         // diffusers' inpainting pipelines default to the UNet's size; pass the size they used.
         let size = |k: &str| case[k].as_u64().or(if is_inpaint { case[&format!("output_{k}")].as_u64() } else { None });
@@ -55,10 +55,16 @@ fn img2img_and_inpaint_pipelines_match_diffusers() {
             strength: case["strength"].as_f64(),
             ..Default::default()
         };
+        let cfg = pipe.plan(&req).unwrap().do_classifier_free_guidance;
+        assert_eq!(cfg, case["classifier_free_guidance_used"].as_bool().unwrap(), "{name}: cfg");
         let mut steps = 0;
         let images = pipe.generate(&req, |_, _| steps += 1).unwrap_or_else(|e| panic!("{name}: {e:#}"));
         assert_eq!(steps, case["timesteps"].as_array().unwrap().len(), "{name}: steps");
-        assert_eq!((images[0].width as u64, images[0].height as u64), (case["output_width"].as_u64().unwrap(), case["output_height"].as_u64().unwrap()), "{name}");
+        assert_eq!(
+            (images[0].width as u64, images[0].height as u64),
+            (case["output_width"].as_u64().unwrap(), case["output_height"].as_u64().unwrap()),
+            "{name}"
+        );
         let got: Vec<u8> = images.iter().flat_map(|i| i.pixels.iter().copied()).collect();
         let want = refs[case["tensor"].as_str().unwrap()].flatten_all().unwrap().to_vec1::<u8>().unwrap();
         assert_eq!(got.len(), want.len(), "{name}");

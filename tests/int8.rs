@@ -20,10 +20,18 @@ fn images(dtype: WeightDType) -> Vec<Vec<u8>> {
     let model = common::fixtures().join("models/tiny-lcm");
     let pipe = LcmPipeline::load(model.to_str().unwrap(), &LoadOptions { dtype, ..Default::default() }).unwrap();
     assert_eq!(pipe.weight_dtype(), dtype);
-    let base = GenerateRequest { prompt: "a photo of a cat".into(), num_inference_steps: 4, seed: 0, ..Default::default() };
+    let base =
+        GenerateRequest { prompt: "a photo of a cat".into(), num_inference_steps: 4, seed: 0, ..Default::default() };
     [
         GenerateRequest { width: Some(32), height: Some(32), ..base.clone() },
-        GenerateRequest { prompt: "an oil painting of a lighthouse".into(), width: Some(64), height: Some(64), seed: 3, num_images_per_prompt: 2, ..base },
+        GenerateRequest {
+            prompt: "an oil painting of a lighthouse".into(),
+            width: Some(64),
+            height: Some(64),
+            seed: 3,
+            num_images_per_prompt: 2,
+            ..base
+        },
     ]
     .iter()
     .map(|r| pipe.generate(r, |_, _| {}).unwrap().iter().flat_map(|i| i.pixels.iter().copied()).collect())
@@ -87,7 +95,10 @@ fn layers_load_as_8_bit_and_match_the_float_ones() {
     let (vq, vf) = (w.var_builder(None, int8, &Device::Cpu), w.var_builder(None, int8.float(), &Device::Cpu));
     let x = Tensor::randn(0f32, 1.0, (2, 64, 9, 7), &Device::Cpu).unwrap();
     for (name, c_out) in [("conv", 256), ("small", 32)] {
-        let (q, f) = (Conv2d::new(vq.pp(name), 64, c_out, 3, 1, 1).unwrap(), Conv2d::new(vf.pp(name), 64, c_out, 3, 1, 1).unwrap());
+        let (q, f) = (
+            Conv2d::new(vq.pp(name), 64, c_out, 3, 1, 1).unwrap(),
+            Conv2d::new(vf.pp(name), 64, c_out, 3, 1, 1).unwrap(),
+        );
         assert_eq!(matches!(q.weight, Weight::Int8(_)), c_out == 256, "{name}");
         assert!(matches!(f.weight, Weight::Float(_)));
         assert_eq!(q.weight.dims(), &[c_out, 64, 3, 3]);

@@ -103,7 +103,7 @@ fn every_lcm_lora_sdxl_key_maps_to_the_real_sdxl_unet() {
 #[test]
 fn sdxl_lora_on_sd15_says_it_is_for_another_base_model() {
     let lora = lora_from_listing("loras/latent-consistency__lcm-lora-sdxl/keys.txt");
-    let err = lora.deltas_for(LoraComponent::Unet, &Listed::new("sd15/unet/keys.txt")).err().expect("must fail");
+    let err = lora.deltas_for(LoraComponent::Unet, &Listed::new("sd15/unet/keys.txt")).expect_err("must fail");
     assert!(err.to_string().contains("another base model"), "{err}");
 }
 
@@ -112,6 +112,11 @@ mod parity {
     use lcm::pipelines::{GenerateRequest, LcmPipeline, LoadOptions, LoraSpec, PipelineKind};
 
     /// `fuse_lora(lora_scale=k)` multiplies every adapter weight by k.
+    /// The tiny SD1.5 model through `StableDiffusionPipeline`, as the references were made.
+    fn sd_options() -> LoadOptions {
+        LoadOptions { pipeline: Some(PipelineKind::StableDiffusion), ..Default::default() }
+    }
+
     fn specs(case: &serde_json::Value) -> Vec<LoraSpec> {
         common::lora_specs(case, case["fuse_lora_scale"].as_f64().unwrap_or(1.0))
     }
@@ -149,8 +154,9 @@ mod parity {
         let mut worst = 0;
         for case in cases {
             let name = case["name"].as_str().unwrap();
-            let opts = LoadOptions { loras: specs(case), ..Default::default() };
-            let pipe = LcmPipeline::load(model.to_str().unwrap(), &opts).unwrap().with_kind(PipelineKind::StableDiffusion);
+            let opts =
+                LoadOptions { loras: specs(case), pipeline: Some(PipelineKind::StableDiffusion), ..Default::default() };
+            let pipe = LcmPipeline::load(model.to_str().unwrap(), &opts).unwrap();
             for r in &pipe.components.lora_reports {
                 if name.starts_with("partial") {
                     // Like diffusers: the 6 valid modules apply, the 12 unknown tensors are
@@ -179,7 +185,7 @@ mod parity {
         let cases = listing["cases"].as_array().unwrap();
         let both = cases.iter().find(|c| c["loras"].as_array().unwrap().len() == 2).expect("a two-adapter case");
         let model = common::fixtures().join("models/tiny-sd");
-        let mut pipe = LcmPipeline::load(model.to_str().unwrap(), &LoadOptions::default()).unwrap().with_kind(PipelineKind::StableDiffusion);
+        let mut pipe = LcmPipeline::load(model.to_str().unwrap(), &sd_options()).unwrap();
         let mut specs = specs(both);
         let weights: Vec<f64> = specs.iter().map(|s| s.weight).collect();
         for (i, s) in specs.iter_mut().enumerate() {
@@ -195,7 +201,7 @@ mod parity {
         assert!(pipe.set_adapters(&[("nope", 1.0)]).is_err());
         pipe.delete_adapter("a0").unwrap();
         pipe.delete_adapter("a1").unwrap();
-        let plain = LcmPipeline::load(model.to_str().unwrap(), &LoadOptions::default()).unwrap().with_kind(PipelineKind::StableDiffusion);
+        let plain = LcmPipeline::load(model.to_str().unwrap(), &sd_options()).unwrap();
         let a = pipe.generate(&request(both), |_, _| {}).unwrap();
         let b = plain.generate(&request(both), |_, _| {}).unwrap();
         assert_eq!(a, b, "after deleting every adapter the base model is back");

@@ -43,14 +43,16 @@ fn pipelines_match_diffusers() {
             ..Default::default()
         };
         let model = fx.join(case["model"].as_str().unwrap());
-        let pipe = LcmPipeline::load(model.to_str().unwrap(), &opts).unwrap().with_kind(kind(case["pipeline"].as_str().unwrap()));
+        let opts = LoadOptions { pipeline: Some(kind(case["pipeline"].as_str().unwrap())), ..opts };
+        let pipe = LcmPipeline::load(model.to_str().unwrap(), &opts).unwrap();
+        let req = request_for(case);
         assert_eq!(
-            pipe.uses_cfg(case["guidance_scale"].as_f64().unwrap()),
+            pipe.plan(&req).unwrap().do_classifier_free_guidance,
             case["classifier_free_guidance_used"].as_bool().unwrap(),
             "{name}: classifier-free guidance"
         );
         let mut steps = 0;
-        let images = pipe.generate(&request_for(case), |_, _| steps += 1).unwrap();
+        let images = pipe.generate(&req, |_, _| steps += 1).unwrap();
         assert_eq!(steps, case["timesteps"].as_array().unwrap().len(), "{name}");
         let want = refs[name].flatten_all().unwrap().to_vec1::<u8>().unwrap();
         let got: Vec<u8> = images.iter().flat_map(|i| i.pixels.iter().copied()).collect();
@@ -66,9 +68,9 @@ fn pipelines_match_diffusers() {
 fn pipeline_kind_follows_model_index() {
     let fx = common::fixtures().join("models");
     let lcm = LcmPipeline::load(fx.join("tiny-lcm").to_str().unwrap(), &LoadOptions::default()).unwrap();
-    assert_eq!(lcm.kind, PipelineKind::LatentConsistencyModel);
+    assert_eq!(lcm.kind(), PipelineKind::LatentConsistencyModel);
     let sd = LcmPipeline::load(fx.join("tiny-sd").to_str().unwrap(), &LoadOptions::default()).unwrap();
-    assert_eq!(sd.kind, PipelineKind::StableDiffusion);
+    assert_eq!(sd.kind(), PipelineKind::StableDiffusion);
     assert_eq!(sd.default_size(), (32, 32));
 }
 

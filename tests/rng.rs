@@ -19,7 +19,8 @@ fn randn_streams_match_torch_exactly() {
         }
         let (s, g) = gen.as_mut().unwrap();
         assert_eq!(*s, seed);
-        let shape: Vec<usize> = case["shape"].as_array().unwrap().iter().map(|v| v.as_u64().unwrap() as usize).collect();
+        let shape: Vec<usize> =
+            case["shape"].as_array().unwrap().iter().map(|v| v.as_u64().unwrap() as usize).collect();
         let got = g.randn(shape.iter().product());
         let want = common::to_vec_f32(&refs[case["name"].as_str().unwrap()]);
         let mismatches = got.iter().zip(&want).filter(|(a, b)| a.to_bits() != b.to_bits()).count();
@@ -58,7 +59,8 @@ fn half_draws_match(stem: &str, mode: HalfRandn) {
         }
         let (s, g) = gen.as_mut().unwrap();
         assert_eq!(*s, seed);
-        let shape: Vec<usize> = case["shape"].as_array().unwrap().iter().map(|v| v.as_u64().unwrap() as usize).collect();
+        let shape: Vec<usize> =
+            case["shape"].as_array().unwrap().iter().map(|v| v.as_u64().unwrap() as usize).collect();
         let dtype = match case["dtype"].as_str().unwrap() {
             "float16" => candle_core::DType::F16,
             "bfloat16" => candle_core::DType::BF16,
@@ -74,7 +76,7 @@ fn half_draws_match(stem: &str, mode: HalfRandn) {
         let mismatches = got.iter().zip(&want).filter(|(a, b)| a.to_bits() != b.to_bits()).count();
         assert_eq!(mismatches, 0, "{stem} {name}: {mismatches} of {} values differ", want.len());
         let n: usize = shape.iter().product();
-        if n > 16 && n % 16 != 0 {
+        if n > 16 && !n.is_multiple_of(16) {
             tails += 1;
         }
     }
@@ -86,7 +88,8 @@ fn half_draws_match(stem: &str, mode: HalfRandn) {
 #[test]
 fn half_precision_draws_differ_from_rounded_f32_where_torch_does() {
     let a = TorchGenerator::manual_seed(3).with_half_randn(HalfRandn::Blocked).randn_half(84, candle_core::DType::F16);
-    let b: Vec<f32> = TorchGenerator::manual_seed(3).randn(84).iter().map(|v| half::f16::from_f32(*v).to_f32()).collect();
+    let b: Vec<f32> =
+        TorchGenerator::manual_seed(3).randn(84).iter().map(|v| half::f16::from_f32(*v).to_f32()).collect();
     assert_eq!(a[..64], b[..64]);
     assert!(a[68..].iter().zip(&b[68..]).filter(|(x, y)| x != y).count() > 8);
 }

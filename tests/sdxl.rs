@@ -26,14 +26,13 @@ fn sdxl_pipelines_match_diffusers() {
             ..Default::default()
         };
         let pipe = LcmPipeline::load(&model_dir(), &opts).unwrap();
-        assert_eq!(pipe.kind, PipelineKind::StableDiffusionXL);
+        assert_eq!(pipe.kind(), PipelineKind::StableDiffusionXL);
         assert_eq!(pipe.default_size(), (32, 32));
         for r in &pipe.components.lora_reports {
             assert!(r.unmatched_keys.is_empty(), "{name}: {:?}", r.warning());
             assert_eq!(r.matched_modules, 168);
         }
         let g = case["guidance_scale"].as_f64().unwrap();
-        assert_eq!(pipe.uses_cfg(g), case["classifier_free_guidance_used"].as_bool().unwrap(), "{name}");
         let req = GenerateRequest {
             prompt: case["prompt"].as_str().unwrap().into(),
             negative_prompt: case["negative_prompt"].as_str().map(String::from),
@@ -45,6 +44,8 @@ fn sdxl_pipelines_match_diffusers() {
             num_images_per_prompt: case["num_images_per_prompt"].as_u64().unwrap() as usize,
             ..Default::default()
         };
+        let cfg = pipe.plan(&req).unwrap().do_classifier_free_guidance;
+        assert_eq!(cfg, case["classifier_free_guidance_used"].as_bool().unwrap(), "{name}");
         let images = pipe.generate(&req, |_, _| {}).unwrap();
         let got: Vec<u8> = images.iter().flat_map(|i| i.pixels.iter().copied()).collect();
         let want = refs[case["tensor"].as_str().unwrap()].flatten_all().unwrap().to_vec1::<u8>().unwrap();
@@ -92,7 +93,8 @@ fn sdxl_unets_match_diffusers() {
     let fx = common::fixtures().join("models");
     for (prefix, dir) in [("unet", fx.join("tiny-sdxl/unet")), ("unet_lcm", fx.join("tiny-sdxl-lcm-unet"))] {
         let cfg: UNet2DConditionConfig = lcm::config::read_config(&dir.join("config.json")).unwrap();
-        let vb = lcm::loaders::weights::load_component(&dir, None, candle_core::DType::F32, &candle_core::Device::Cpu).unwrap();
+        let vb = lcm::loaders::weights::load_component(&dir, None, candle_core::DType::F32, &candle_core::Device::Cpu)
+            .unwrap();
         let unet = UNet2DConditionModel::new(vb, &cfg).unwrap();
         let r = |k: &str| refs[&format!("{prefix}.{k}")].clone();
         let cond = UNetConditioning {
@@ -113,6 +115,6 @@ fn real_sdxl_lora_on_sd15_and_sd15_lora_on_sdxl_are_refused() {
     let sd15 = fx.join("models/tiny-sd");
     let mut pipe = LcmPipeline::load(sd15.to_str().unwrap(), &LoadOptions::default()).unwrap();
     let sdxl_lora = LoraSpec::parse(fx.join("loras/sdxl_lcm_like").to_str().unwrap()).unwrap();
-    let err = pipe.load_loras(&[sdxl_lora]).err().expect("SDXL LoRA on SD1.5 must fail").to_string();
+    let err = pipe.load_loras(&[sdxl_lora]).expect_err("SDXL LoRA on SD1.5 must fail").to_string();
     assert!(err.contains("another base model") || err.contains("matches nothing"), "{err}");
 }

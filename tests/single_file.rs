@@ -60,7 +60,8 @@ fn architectures_are_detected_from_the_keys() {
         assert_eq!(got, arch);
     }
     // A LoRA or a diffusers-named UNet is not a single-file checkpoint.
-    let err = Architecture::detect(|n| (n == "down_blocks.0.resnets.0.conv1.weight").then(|| vec![320, 320, 3, 3])).unwrap_err();
+    let err = Architecture::detect(|n| (n == "down_blocks.0.resnets.0.conv1.weight").then(|| vec![320, 320, 3, 3]))
+        .unwrap_err();
     assert!(err.to_string().contains("not a Stable Diffusion single-file checkpoint"), "{err}");
 }
 
@@ -126,7 +127,10 @@ impl SimpleBackend for ListedZeros {
     }
 }
 
-fn builder(shapes: &BTreeMap<String, Vec<usize>>) -> (candle_nn::VarBuilder<'static>, Arc<Mutex<BTreeMap<String, Vec<usize>>>>) {
+/// The names a model asked for, with their shapes.
+type Asked = Arc<Mutex<BTreeMap<String, Vec<usize>>>>;
+
+fn builder(shapes: &BTreeMap<String, Vec<usize>>) -> (candle_nn::VarBuilder<'static>, Asked) {
     let asked = Arc::new(Mutex::new(BTreeMap::new()));
     let backend = ListedZeros { shapes: shapes.clone(), asked: asked.clone() };
     (candle_nn::VarBuilder::from_backend(Box::new(backend), DType::F32, Device::Cpu), asked)
@@ -154,9 +158,13 @@ fn other_layouts_build_their_networks_from_the_mapped_weights() {
         };
         check(Component::Unet, &|vb| UNet2DConditionModel::new(vb, &serde_json::from_str(c.unet)?).map(|_| ()));
         check(Component::Vae, &|vb| AutoencoderKL::new(vb, &serde_json::from_str(c.vae)?).map(|_| ()));
-        check(Component::TextEncoder, &|vb| Ok(ClipTextModel::new(vb, &serde_json::from_str(c.text_encoder)?).map(|_| ())?));
+        check(Component::TextEncoder, &|vb| {
+            Ok(ClipTextModel::new(vb, &serde_json::from_str(c.text_encoder)?).map(|_| ())?)
+        });
         if let Some(te2) = c.text_encoder_2 {
-            check(Component::TextEncoder2, &|vb| Ok(ClipTextModelWithProjection::new(vb, &serde_json::from_str(te2)?).map(|_| ())?));
+            check(Component::TextEncoder2, &|vb| {
+                Ok(ClipTextModelWithProjection::new(vb, &serde_json::from_str(te2)?).map(|_| ())?)
+            });
         }
     }
 }
@@ -190,7 +198,9 @@ fn random_sd15_single_file_matches_diffusers() {
 #[test]
 fn bad_single_files_are_clear_errors() {
     let tmp = tempfile::tempdir().unwrap();
-    let load = |p: &std::path::Path| LcmPipeline::load(p.to_str().unwrap(), &LoadOptions::default()).err().map(|e| format!("{e:#}")).unwrap();
+    let load = |p: &std::path::Path| {
+        LcmPipeline::load(p.to_str().unwrap(), &LoadOptions::default()).err().map(|e| format!("{e:#}")).unwrap()
+    };
     // Pickles are refused without being read.
     let ckpt = tmp.path().join("model.ckpt");
     std::fs::write(&ckpt, b"\x80\x02not really a pickle").unwrap();
@@ -238,9 +248,18 @@ fn built_in_tokenizers_equal_the_real_files() {
     for ((config, special), dir) in cases {
         let built_in = ClipTokenizer::embedded(config, special).unwrap();
         let files = ClipTokenizer::from_dir(common::fixtures().join(dir)).unwrap();
-        assert_eq!((built_in.pad_id(), built_in.bos_id(), built_in.eos_id()), (files.pad_id(), files.bos_id(), files.eos_id()), "{dir}");
-        for prompt in ["a photo of a cat", "wow!! <|endoftext|> Ünïcödé 東京 🎉 don't", "", &"long ".repeat(100)] {
-            assert_eq!(built_in.encode_padded(prompt).unwrap(), files.encode_padded(prompt).unwrap(), "{dir}: {prompt}");
+        assert_eq!(
+            (built_in.pad_id(), built_in.bos_id(), built_in.eos_id()),
+            (files.pad_id(), files.bos_id(), files.eos_id()),
+            "{dir}"
+        );
+        for prompt in ["a photo of a cat", "wow!! <|endoftext|> Ünïcödé 東京 🎉 don't", "", &"long ".repeat(100)]
+        {
+            assert_eq!(
+                built_in.encode_padded(prompt).unwrap(),
+                files.encode_padded(prompt).unwrap(),
+                "{dir}: {prompt}"
+            );
         }
     }
 }

@@ -133,10 +133,9 @@ fn real_configs_build_and_run() {
     // (model, input channels, feature shapes for a 64x64 input)
     let sd15: &[[usize; 4]] = &[[1, 320, 8, 8], [1, 640, 4, 4], [1, 1280, 2, 2], [1, 1280, 1, 1]];
     let sdxl: &[[usize; 4]] = &[[1, 320, 4, 4], [1, 640, 4, 4], [1, 1280, 2, 2], [1, 1280, 2, 2]];
-    for (name, in_ch, shapes, total) in [
-        ("TencentARC__t2iadapter_canny_sd15v2", 1, sd15, 64),
-        ("TencentARC__t2i-adapter-canny-sdxl-1.0", 3, sdxl, 32),
-    ] {
+    for (name, in_ch, shapes, total) in
+        [("TencentARC__t2iadapter_canny_sd15v2", 1, sd15, 64), ("TencentARC__t2i-adapter-canny-sdxl-1.0", 3, sdxl, 32)]
+    {
         let (dir, cfg) = real_config(name);
         assert_eq!(cfg.in_channels, in_ch, "{name}");
         let (_, seen) = build_recorded(&cfg);

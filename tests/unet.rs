@@ -8,9 +8,7 @@ use candle_core::{DType, Device, Shape, Tensor};
 use candle_nn::var_builder::SimpleBackend;
 use candle_nn::VarBuilder;
 use lcm::loaders::weights::{load_component, safetensors_files};
-use lcm::models::unet_2d_condition::{
-    AddedCond, UNet2DConditionConfig, UNet2DConditionModel, UNetConditioning,
-};
+use lcm::models::unet_2d_condition::{AddedCond, UNet2DConditionConfig, UNet2DConditionModel, UNetConditioning};
 use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
@@ -36,14 +34,7 @@ impl Recorder {
 }
 
 impl SimpleBackend for Recorder {
-    fn get(
-        &self,
-        s: Shape,
-        name: &str,
-        h: candle_nn::Init,
-        dtype: DType,
-        dev: &Device,
-    ) -> candle_core::Result<Tensor> {
+    fn get(&self, s: Shape, name: &str, h: candle_nn::Init, dtype: DType, dev: &Device) -> candle_core::Result<Tensor> {
         let prev = self.seen.lock().unwrap().insert(name.to_string(), s.dims().to_vec());
         assert!(prev.is_none(), "weight {name} requested twice");
         match &self.inner {
@@ -63,21 +54,11 @@ impl SimpleBackend for Recorder {
 }
 
 /// Build a UNet through a [`Recorder`]; returns the model and the weights it requested.
-fn build_recorded(
-    rec: Recorder,
-    cfg: &UNet2DConditionConfig,
-) -> (UNet2DConditionModel, BTreeMap<String, Vec<usize>>) {
+fn build_recorded(rec: Recorder, cfg: &UNet2DConditionConfig) -> (UNet2DConditionModel, BTreeMap<String, Vec<usize>>) {
     let rec = std::sync::Arc::new(rec);
     struct Shared(std::sync::Arc<Recorder>);
     impl SimpleBackend for Shared {
-        fn get(
-            &self,
-            s: Shape,
-            n: &str,
-            h: candle_nn::Init,
-            d: DType,
-            dev: &Device,
-        ) -> candle_core::Result<Tensor> {
+        fn get(&self, s: Shape, n: &str, h: candle_nn::Init, d: DType, dev: &Device) -> candle_core::Result<Tensor> {
             self.0.get(s, n, h, d, dev)
         }
         fn get_unchecked(&self, n: &str, d: DType, dev: &Device) -> candle_core::Result<Tensor> {
@@ -92,7 +73,6 @@ fn build_recorded(
     let seen = rec.seen.lock().unwrap().clone();
     (model, seen)
 }
-
 
 fn file_keys(dir: &Path) -> BTreeMap<String, Vec<usize>> {
     let st = unsafe { MmapedSafetensors::multi(&safetensors_files(dir, None).unwrap()) }.unwrap();
@@ -228,12 +208,7 @@ fn parity_extra_misc() {
 fn parity_per_sample_timesteps() {
     let (model, r) = extra("sd");
     let out = model
-        .forward(
-            &r["sample_pertime"],
-            &r["timestep_pertime"],
-            &r["encoder_hidden_states_pertime"],
-            &Default::default(),
-        )
+        .forward(&r["sample_pertime"], &r["timestep_pertime"], &r["encoder_hidden_states_pertime"], &Default::default())
         .unwrap();
     check("sd per-sample timesteps", &out, &r["out_pertime"]);
 }
@@ -256,14 +231,11 @@ fn parity_residuals(case: &str) {
         ..base.clone()
     };
     check(&format!("{case} controlnet"), &run(&control), &r["out_controlnet"]);
-    let adapter = UNetConditioning {
-        down_intrablock_additional_residuals: Some(residuals(&r, "adapter_res")),
-        ..base.clone()
-    };
+    let adapter =
+        UNetConditioning { down_intrablock_additional_residuals: Some(residuals(&r, "adapter_res")), ..base.clone() };
     check(&format!("{case} t2i-adapter"), &run(&adapter), &r["out_adapter"]);
     // diffusers' deprecated form: adapter residuals in `down_block_additional_residuals` alone.
-    let legacy =
-        UNetConditioning { down_block_additional_residuals: Some(residuals(&r, "adapter_res")), ..base };
+    let legacy = UNetConditioning { down_block_additional_residuals: Some(residuals(&r, "adapter_res")), ..base };
     check(&format!("{case} t2i-adapter (legacy argument)"), &run(&legacy), &r["out_adapter"]);
 }
 
@@ -314,8 +286,7 @@ fn real_unet_configs_build_with_exact_weight_names() {
 #[test]
 fn sd2_config_builds() {
     let mut v: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(real_configs().join("sd15/unet/config.json")).unwrap())
-            .unwrap();
+        serde_json::from_str(&std::fs::read_to_string(real_configs().join("sd15/unet/config.json")).unwrap()).unwrap();
     v["attention_head_dim"] = serde_json::json!([5, 10, 20, 20]);
     v["cross_attention_dim"] = serde_json::json!(1024);
     v["use_linear_projection"] = serde_json::json!(true);
@@ -425,12 +396,10 @@ fn bad_configs_are_errors() {
 fn wrong_weight_shape_is_an_error_naming_the_weight() {
     let dir = common::fixtures().join("models/tiny-sd/unet");
     let cfg = UNet2DConditionConfig::from_file(&dir.join("config.json")).unwrap();
-    let mut tensors =
-        candle_core::safetensors::load(&safetensors_files(&dir, None).unwrap()[0], &Device::Cpu).unwrap();
+    let mut tensors = candle_core::safetensors::load(&safetensors_files(&dir, None).unwrap()[0], &Device::Cpu).unwrap();
     let name = "down_blocks.0.attentions.0.transformer_blocks.0.attn2.to_k.weight";
     let shape = tensors[name].dims().to_vec();
-    tensors
-        .insert(name.to_string(), Tensor::zeros((shape[0], shape[1] + 1), DType::F32, &Device::Cpu).unwrap());
+    tensors.insert(name.to_string(), Tensor::zeros((shape[0], shape[1] + 1), DType::F32, &Device::Cpu).unwrap());
     let vb = VarBuilder::from_tensors(tensors.clone(), DType::F32, &Device::Cpu);
     let e = format!("{:#}", UNet2DConditionModel::new(vb, &cfg).unwrap_err());
     assert!(e.contains(name), "{e}");
@@ -445,9 +414,7 @@ fn wrong_weight_shape_is_an_error_naming_the_weight() {
 fn bad_inputs_are_errors() {
     let dir = common::fixtures().join("models/tiny-lcm/unet");
     let cfg = UNet2DConditionConfig::from_file(&dir.join("config.json")).unwrap();
-    let model =
-        UNet2DConditionModel::new(load_component(&dir, None, DType::F32, &Device::Cpu).unwrap(), &cfg)
-            .unwrap();
+    let model = UNet2DConditionModel::new(load_component(&dir, None, DType::F32, &Device::Cpu).unwrap(), &cfg).unwrap();
     let dev = Device::Cpu;
     let x = Tensor::zeros((2, 4, 8, 8), DType::F32, &dev).unwrap();
     let ehs = Tensor::zeros((2, 5, 16), DType::F32, &dev).unwrap();

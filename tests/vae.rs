@@ -26,14 +26,7 @@ struct Inner {
 struct Recorder(Arc<Inner>);
 
 impl SimpleBackend for Recorder {
-    fn get(
-        &self,
-        s: Shape,
-        name: &str,
-        h: candle_nn::Init,
-        dtype: DType,
-        dev: &Device,
-    ) -> candle_core::Result<Tensor> {
+    fn get(&self, s: Shape, name: &str, h: candle_nn::Init, dtype: DType, dev: &Device) -> candle_core::Result<Tensor> {
         let prev = self.0.seen.lock().unwrap().insert(name.to_string(), s.dims().to_vec());
         assert!(prev.is_none(), "weight {name} requested twice");
         match &self.0.inner {
@@ -60,7 +53,6 @@ fn build_recorded(
     (model, seen)
 }
 
-
 /// Load a VAE folder, checking that the model uses every tensor of the file and nothing else.
 fn load_vae(dir: &Path) -> AutoencoderKL {
     let cfg = AutoencoderKLConfig::from_file(&dir.join("config.json")).unwrap();
@@ -86,14 +78,7 @@ fn parity_main_fixture(model: &str) {
     check(&format!("vae_{model} latent_mean"), &post.mean, &r["latent_mean"]);
     check(&format!("vae_{model} latent_logvar"), &post.logvar, &r["latent_logvar"]);
     assert!(
-        Tensor::eq(post.mode(), &post.mean)
-            .unwrap()
-            .flatten_all()
-            .unwrap()
-            .min(0)
-            .unwrap()
-            .to_scalar::<u8>()
-            .unwrap()
+        Tensor::eq(post.mode(), &post.mean).unwrap().flatten_all().unwrap().min(0).unwrap().to_scalar::<u8>().unwrap()
             == 1
     );
     check(&format!("vae_{model} decoded"), &vae.decode(&r["latents"]).unwrap(), &r["decoded"]);
@@ -173,9 +158,7 @@ fn real_vae_configs_build_with_exact_weight_names() {
             let m = m.unwrap().path();
             std::fs::read_dir(&m).unwrap().map(|c| c.unwrap().path()).collect::<Vec<_>>()
         })
-        .filter(|d| {
-            d.file_name().unwrap().to_str().unwrap().starts_with("vae") && d.join("config.json").exists()
-        })
+        .filter(|d| d.file_name().unwrap().to_str().unwrap().starts_with("vae") && d.join("config.json").exists())
         .collect();
     dirs.sort();
     let mut with_keys = 0;
@@ -189,21 +172,14 @@ fn real_vae_configs_build_with_exact_weight_names() {
             common::assert_same_keys(&keys.display().to_string(), &seen, &common::read_keys(&keys));
             with_keys += 1;
         }
-        println!(
-            "{}: {} weights{}",
-            dir.display(),
-            seen.len(),
-            if keys.exists() { ", match keys.txt" } else { "" }
-        );
+        println!("{}: {} weights{}", dir.display(), seen.len(), if keys.exists() { ", match keys.txt" } else { "" });
     }
     assert!(dirs.len() >= 5 && with_keys >= 2, "{} VAE configs, {with_keys} with keys", dirs.len());
 }
 
 fn tiny_config() -> serde_json::Value {
-    serde_json::from_str(
-        &std::fs::read_to_string(common::fixtures().join("models/tiny-sd/vae/config.json")).unwrap(),
-    )
-    .unwrap()
+    serde_json::from_str(&std::fs::read_to_string(common::fixtures().join("models/tiny-sd/vae/config.json")).unwrap())
+        .unwrap()
 }
 
 fn build_err(v: serde_json::Value) -> String {
@@ -220,8 +196,7 @@ fn bad_configs_are_errors() {
     v["up_block_types"] = serde_json::json!(["UpDecoderBlock2D"]);
     assert!(build_err(v).contains("up_block_types"));
     let mut v = tiny_config();
-    v["down_block_types"] =
-        serde_json::json!(["DownEncoderBlock2D", "DownEncoderBlock2D", "DownEncoderBlock2D"]);
+    v["down_block_types"] = serde_json::json!(["DownEncoderBlock2D", "DownEncoderBlock2D", "DownEncoderBlock2D"]);
     assert!(build_err(v).contains("down_block_types"));
     let mut v = tiny_config();
     v["block_out_channels"] = serde_json::json!([]);
@@ -240,8 +215,7 @@ fn bad_configs_are_errors() {
 fn wrong_weight_shape_is_an_error_naming_the_weight() {
     let dir = common::fixtures().join("models/tiny-sd/vae");
     let cfg = AutoencoderKLConfig::from_file(&dir.join("config.json")).unwrap();
-    let mut tensors =
-        candle_core::safetensors::load(&safetensors_files(&dir, None).unwrap()[0], &Device::Cpu).unwrap();
+    let mut tensors = candle_core::safetensors::load(&safetensors_files(&dir, None).unwrap()[0], &Device::Cpu).unwrap();
     let name = "decoder.mid_block.attentions.0.to_q.weight";
     tensors.insert(name.to_string(), Tensor::zeros((3, 3), DType::F32, &Device::Cpu).unwrap());
     let vb = VarBuilder::from_tensors(tensors.clone(), DType::F32, &Device::Cpu);
@@ -259,8 +233,7 @@ fn wrong_weight_shape_is_an_error_naming_the_weight() {
 fn legacy_attention_names_load() {
     let dir = common::fixtures().join("models/tiny-sd/vae");
     let cfg = AutoencoderKLConfig::from_file(&dir.join("config.json")).unwrap();
-    let tensors =
-        candle_core::safetensors::load(&safetensors_files(&dir, None).unwrap()[0], &Device::Cpu).unwrap();
+    let tensors = candle_core::safetensors::load(&safetensors_files(&dir, None).unwrap()[0], &Device::Cpu).unwrap();
     let renamed: HashMap<String, Tensor> = tensors
         .iter()
         .map(|(k, v)| {
@@ -297,10 +270,8 @@ fn conv2d_matches_direct_sum() {
             for ci in 0..c {
                 for ky in 0..kh {
                     for kx in 0..kw {
-                        let (iy, ix) = (
-                            (y * stride + ky) as isize - pad as isize,
-                            (xx * stride + kx) as isize - pad as isize,
-                        );
+                        let (iy, ix) =
+                            ((y * stride + ky) as isize - pad as isize, (xx * stride + kx) as isize - pad as isize);
                         if iy >= 0 && ix >= 0 && (iy as usize) < h && (ix as usize) < w {
                             s += xv[((ni * c + ci) * h + iy as usize) * w + ix as usize] as f64
                                 * kv[((oi * c + ci) * kh + ky) * kw + kx] as f64;

@@ -13,7 +13,8 @@ fn fixture(p: &str) -> PathBuf {
 }
 
 fn reference(name: &str) -> Vec<u8> {
-    let t = candle_core::safetensors::load(fixture("vaes/reference/pipelines.safetensors"), &candle_core::Device::Cpu).unwrap();
+    let t = candle_core::safetensors::load(fixture("vaes/reference/pipelines.safetensors"), &candle_core::Device::Cpu)
+        .unwrap();
     t[name].flatten_all().unwrap().to_vec1::<u8>().unwrap()
 }
 
@@ -52,7 +53,8 @@ fn replaced_autoencoders_match_diffusers() {
 #[test]
 fn previews_match_diffusers_callback() {
     let pipe = load(None);
-    let tiny = Autoencoder::load(&fixture("vaes/taesd-tiny"), None, candle_core::DType::F32, &candle_core::Device::Cpu).unwrap();
+    let tiny = Autoencoder::load(&fixture("vaes/taesd-tiny"), None, candle_core::DType::F32, &candle_core::Device::Cpu)
+        .unwrap();
     assert!(tiny.is_tiny());
     let mut previews = Vec::new();
     let image = pipe
@@ -88,10 +90,24 @@ fn cli_vae_and_previews() {
     let out = tmp.path().join("cat.png");
     let previews = tmp.path().join("previews");
     let args = |extra: &[&str]| -> Vec<String> {
-        let mut a: Vec<String> = ["generate", "--model", model.to_str().unwrap(), "--prompt", "a photo of a cat", "--steps", "4", "--width", "32", "--height", "32", "--seed", "0"]
-            .iter()
-            .map(|s| s.to_string())
-            .collect();
+        let mut a: Vec<String> = [
+            "generate",
+            "--model",
+            model.to_str().unwrap(),
+            "--prompt",
+            "a photo of a cat",
+            "--steps",
+            "4",
+            "--width",
+            "32",
+            "--height",
+            "32",
+            "--seed",
+            "0",
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
         a.extend(extra.iter().map(|s| s.to_string()));
         a
     };
@@ -105,7 +121,14 @@ fn cli_vae_and_previews() {
     assert_close(&png_pixels(&out), &reference("lcm_taesd"), "cli --vae");
     // --preview with the same tiny autoencoder: one PNG per step, the model's own VAE at the end.
     let out2 = tmp.path().join("cat2.png");
-    let o = run(&["--preview", previews.to_str().unwrap(), "--preview-vae", taesd.to_str().unwrap(), "-o", out2.to_str().unwrap()]);
+    let o = run(&[
+        "--preview",
+        previews.to_str().unwrap(),
+        "--preview-vae",
+        taesd.to_str().unwrap(),
+        "-o",
+        out2.to_str().unwrap(),
+    ]);
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     assert_close(&png_pixels(&out2), &reference("lcm_preview.final"), "cli final");
     for i in 0..4 {
@@ -114,7 +137,14 @@ fn cli_vae_and_previews() {
     }
     // Existing previews are not overwritten without --overwrite; nothing is generated.
     let out3 = tmp.path().join("cat3.png");
-    let o = run(&["--preview", previews.to_str().unwrap(), "--preview-vae", taesd.to_str().unwrap(), "-o", out3.to_str().unwrap()]);
+    let o = run(&[
+        "--preview",
+        previews.to_str().unwrap(),
+        "--preview-vae",
+        taesd.to_str().unwrap(),
+        "-o",
+        out3.to_str().unwrap(),
+    ]);
     let err = String::from_utf8_lossy(&o.stderr);
     assert!(!o.status.success() && err.trim().lines().count() == 1 && err.contains("--overwrite"), "{err}");
     assert!(!out3.exists());
@@ -132,7 +162,12 @@ fn cli_vae_and_previews() {
 fn wrong_latent_channels_are_errors() {
     for vae in ["vaes/kl-alt", "vaes/taesd-tiny"] {
         let ae = Autoencoder::load(&fixture(vae), None, candle_core::DType::F32, &candle_core::Device::Cpu).unwrap();
-        let z = candle_core::Tensor::zeros((1, ae.latent_channels() + 1, 4, 4), candle_core::DType::F32, &candle_core::Device::Cpu).unwrap();
+        let z = candle_core::Tensor::zeros(
+            (1, ae.latent_channels() + 1, 4, 4),
+            candle_core::DType::F32,
+            &candle_core::Device::Cpu,
+        )
+        .unwrap();
         let err = ae.decode(&z).unwrap_err();
         assert!(err.to_string().contains("channels"), "{vae}: {err}");
     }

@@ -2,10 +2,10 @@
 //! validate, and for the scheduler set its timesteps as a request would.
 #![no_main]
 mod common;
-use libfuzzer_sys::fuzz_target;
 use lcm::models::{autoencoder_kl::AutoencoderKLConfig, autoencoder_tiny::AutoencoderTinyConfig};
 use lcm::models::{clip_text_model::ClipTextConfig, unet_2d_condition::UNet2DConditionConfig};
 use lcm::schedulers::{LcmScheduler, LcmSchedulerConfig, TimestepRequest};
+use libfuzzer_sys::fuzz_target;
 
 fuzz_target!(|data: &[u8]| {
     let _ = serde_json::from_slice::<UNet2DConditionConfig>(data);
@@ -15,7 +15,12 @@ fuzz_target!(|data: &[u8]| {
     if let Ok(config) = serde_json::from_slice::<LcmSchedulerConfig>(data) {
         if let Ok(mut s) = LcmScheduler::new(config) {
             for steps in [1, 4, 8] {
-                let _ = s.set_timesteps(&TimestepRequest { num_inference_steps: Some(steps), original_inference_steps: None, timesteps: None, strength: Some(1.0) });
+                let _ = s.set_timesteps(&TimestepRequest {
+                    num_inference_steps: Some(steps),
+                    original_inference_steps: None,
+                    timesteps: None,
+                    strength: Some(1.0),
+                });
             }
         }
     }

@@ -3,9 +3,9 @@
 //! formats mapped onto the same listing as the base weights).
 #![no_main]
 use candle_core::{DType, Device, Tensor};
-use libfuzzer_sys::fuzz_target;
 use lcm::loaders::lora::{LoraComponent, LoraFile, WeightIndex};
 use lcm::loaders::single_file::{map_listing, Architecture, Component};
+use libfuzzer_sys::fuzz_target;
 use std::collections::HashMap;
 
 struct Listing(Vec<String>, HashMap<String, Vec<usize>>);
@@ -26,7 +26,13 @@ fuzz_target!(|data: &[u8]| {
         let mut parts = line.split_whitespace();
         let (Some(name), dims) = (parts.next(), parts.next().unwrap_or("")) else { continue };
         // Small tensors only: the shapes, not the sizes, are what is under test.
-        let shape: Vec<usize> = dims.trim_matches(|c| c == '[' || c == ']').split(',').filter_map(|d| d.parse().ok()).map(|d: usize| d % 65).take(4).collect();
+        let shape: Vec<usize> = dims
+            .trim_matches(|c| c == '[' || c == ']')
+            .split(',')
+            .filter_map(|d| d.parse().ok())
+            .map(|d: usize| d % 65)
+            .take(4)
+            .collect();
         listing.push((name.to_string(), shape));
     }
     let shapes: HashMap<String, Vec<usize>> = listing.iter().cloned().collect();
@@ -35,8 +41,10 @@ fuzz_target!(|data: &[u8]| {
             let _ = map_listing(arch, c, &listing, 2, 4);
         }
     }
-    let tensors: HashMap<String, Tensor> =
-        shapes.iter().filter_map(|(n, s)| Some((n.clone(), Tensor::zeros(s.as_slice(), DType::F32, &Device::Cpu).ok()?))).collect();
+    let tensors: HashMap<String, Tensor> = shapes
+        .iter()
+        .filter_map(|(n, s)| Some((n.clone(), Tensor::zeros(s.as_slice(), DType::F32, &Device::Cpu).ok()?)))
+        .collect();
     if let Ok(lora) = LoraFile::from_tensors("fuzz", tensors, HashMap::new()) {
         let index = Listing(listing.iter().map(|(n, _)| n.clone()).collect(), shapes);
         for c in [LoraComponent::Unet, LoraComponent::TextEncoder, LoraComponent::TextEncoder2] {

@@ -37,26 +37,8 @@ pub fn attention(
             let kh = &k[h * lk * d..(h + 1) * lk * d];
             let vh = &v[h * lk * dv..(h + 1) * lk * dv];
             (
-                PackedB::new(
-                    d,
-                    lk,
-                    &Strided {
-                        data: kh,
-                        row_stride: 1,
-                        col_stride: d,
-                    },
-                    arith,
-                ),
-                PackedB::new(
-                    lk,
-                    dv,
-                    &Strided {
-                        data: vh,
-                        row_stride: dv,
-                        col_stride: 1,
-                    },
-                    arith,
-                ),
+                PackedB::new(d, lk, &Strided { data: kh, row_stride: 1, col_stride: d }, arith),
+                PackedB::new(lk, dv, &Strided { data: vh, row_stride: dv, col_stride: 1 }, arith),
             )
         })
         .collect();
@@ -70,11 +52,7 @@ pub fn attention(
         SCORES.with(|scores| {
             let mut scores = scores.borrow_mut();
             scores.resize(rows * lk, 0.0);
-            let qb = Strided {
-                data: &q[(h * lq + q0) * d..(h * lq + q0 + rows) * d],
-                row_stride: d,
-                col_stride: 1,
-            };
+            let qb = Strided { data: &q[(h * lq + q0) * d..(h * lq + q0 + rows) * d], row_stride: d, col_stride: 1 };
             gemm_single_thread(arith, rows, lk, d, &qb, kt, &mut scores, lk, false);
             let mut sums = [0f32; QUERY_BLOCK];
             for (r, row) in scores.chunks_exact_mut(lk).enumerate() {
@@ -86,14 +64,8 @@ pub fn attention(
                 masked.fill(0.0);
             }
             // SAFETY: task (h, b) alone writes rows q0..q0+rows of head h.
-            let o = unsafe {
-                std::slice::from_raw_parts_mut(outp.get().add((h * lq + q0) * dv), rows * dv)
-            };
-            let pb = Strided {
-                data: &scores,
-                row_stride: lk,
-                col_stride: 1,
-            };
+            let o = unsafe { std::slice::from_raw_parts_mut(outp.get().add((h * lq + q0) * dv), rows * dv) };
+            let pb = Strided { data: &scores, row_stride: lk, col_stride: 1 };
             gemm_single_thread(arith, rows, dv, lk, &pb, vp, o, dv, false);
             for (row, s) in o.chunks_exact_mut(dv).zip(&sums) {
                 let inv = 1.0 / s;
@@ -119,12 +91,9 @@ mod tests {
             seed = seed.wrapping_mul(1664525).wrapping_add(1013904223);
             (seed >> 8) as f32 / (1 << 24) as f32 * 4.0 - 2.0
         };
-        for &(heads, lq, lk, d, dv, causal) in &[
-            (2, 5, 7, 3, 4, false),
-            (3, 100, 77, 40, 40, false),
-            (2, 77, 77, 64, 64, true),
-            (1, 1, 300, 8, 17, false),
-        ] {
+        for &(heads, lq, lk, d, dv, causal) in
+            &[(2, 5, 7, 3, 4, false), (3, 100, 77, 40, 40, false), (2, 77, 77, 64, 64, true), (1, 1, 300, 8, 17, false)]
+        {
             let q: Vec<f32> = (0..heads * lq * d).map(|_| rnd()).collect();
             let k: Vec<f32> = (0..heads * lk * d).map(|_| rnd()).collect();
             let v: Vec<f32> = (0..heads * lk * dv).map(|_| rnd()).collect();
@@ -145,11 +114,7 @@ mod tests {
                     let n = if causal { i + 1 } else { lk };
                     let s: Vec<f64> = (0..n)
                         .map(|j| {
-                            (0..d)
-                                .map(|t| {
-                                    q[(h * lq + i) * d + t] as f64 * k[(h * lk + j) * d + t] as f64
-                                })
-                                .sum::<f64>()
+                            (0..d).map(|t| q[(h * lq + i) * d + t] as f64 * k[(h * lk + j) * d + t] as f64).sum::<f64>()
                                 * scale as f64
                         })
                         .collect();
@@ -157,14 +122,9 @@ mod tests {
                     let e: Vec<f64> = s.iter().map(|x| (x - m).exp()).collect();
                     let z: f64 = e.iter().sum();
                     for c in 0..dv {
-                        let want: f64 = (0..n)
-                            .map(|j| e[j] / z * v[(h * lk + j) * dv + c] as f64)
-                            .sum();
+                        let want: f64 = (0..n).map(|j| e[j] / z * v[(h * lk + j) * dv + c] as f64).sum();
                         let g = got[(h * lq + i) * dv + c] as f64;
-                        assert!(
-                            (g - want).abs() < 1e-5,
-                            "{heads} {lq} {lk} {d}: {g} vs {want}"
-                        );
+                        assert!((g - want).abs() < 1e-5, "{heads} {lq} {lk} {d}: {g} vs {want}");
                     }
                 }
             }

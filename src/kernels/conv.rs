@@ -45,11 +45,7 @@ pub fn conv2d<W: Elem>(x: &[f32], weight: &[W], bias: Option<&[f32]>, s: &ConvSh
 pub fn conv2d_direct<W: Elem>(x: &[f32], weight: &[W], bias: Option<&[f32]>, s: &ConvShape, arith: Arith) -> Vec<f32> {
     let (ho, wo) = s.out_hw();
     let (pixels, depth) = (ho * wo, s.c_in * s.kh * s.kw);
-    let a = Strided {
-        data: weight,
-        row_stride: depth,
-        col_stride: 1,
-    };
+    let a = Strided { data: weight, row_stride: depth, col_stride: 1 };
     per_image(x, bias, s, |_, yb, b| gemm(arith, s.c_out, pixels, depth, &a, b, yb, pixels, bias.is_some()))
 }
 
@@ -65,10 +61,7 @@ pub(super) fn per_image(
     let (ho, wo) = s.out_hw();
     let pixels = ho * wo;
     let mut y = vec![0f32; s.batch * s.c_out * pixels];
-    for (xb, yb) in x
-        .chunks_exact(s.c_in * s.h * s.w)
-        .zip(y.chunks_exact_mut(s.c_out * pixels))
-    {
+    for (xb, yb) in x.chunks_exact(s.c_in * s.h * s.w).zip(y.chunks_exact_mut(s.c_out * pixels)) {
         if let Some(bias) = bias {
             for (row, b) in yb.chunks_exact_mut(pixels).zip(bias) {
                 row.fill(*b);
@@ -103,12 +96,7 @@ struct Run {
 impl PackB for ImplicitIm2col<'_> {
     fn pack_b(&self, p0: usize, kc: usize, j0: usize, nc: usize, dst: &mut [f32]) {
         let s = self.s;
-        let (h, w, stride, pad) = (
-            s.h as isize,
-            s.w as isize,
-            s.stride as isize,
-            s.padding as isize,
-        );
+        let (h, w, stride, pad) = (s.h as isize, s.w as isize, s.stride as isize, s.padding as isize);
         let khw = s.kh * s.kw;
         let panels = nc.div_ceil(NR);
         // The output-row runs of every panel, found once for the whole block.
@@ -148,11 +136,7 @@ impl PackB for ImplicitIm2col<'_> {
                 } else {
                     for (t, v) in d.iter_mut().enumerate() {
                         let ix = ix0 + t as isize * stride;
-                        *v = if ix >= 0 && ix < w {
-                            row[ix as usize]
-                        } else {
-                            0.0
-                        };
+                        *v = if ix >= 0 && ix < w { row[ix as usize] } else { 0.0 };
                     }
                 }
             }
@@ -186,16 +170,9 @@ mod tests {
                                 for kx in 0..s.kw {
                                     let iy = (oy * s.stride + ky) as isize - s.padding as isize;
                                     let ix = (ox * s.stride + kx) as isize - s.padding as isize;
-                                    if iy >= 0
-                                        && ix >= 0
-                                        && (iy as usize) < s.h
-                                        && (ix as usize) < s.w
-                                    {
-                                        acc += x[((b * s.c_in + ci) * s.h + iy as usize) * s.w
-                                            + ix as usize]
-                                            as f64
-                                            * wt[((co * s.c_in + ci) * s.kh + ky) * s.kw + kx]
-                                                as f64;
+                                    if iy >= 0 && ix >= 0 && (iy as usize) < s.h && (ix as usize) < s.w {
+                                        acc += x[((b * s.c_in + ci) * s.h + iy as usize) * s.w + ix as usize] as f64
+                                            * wt[((co * s.c_in + ci) * s.kh + ky) * s.kw + kx] as f64;
                                     }
                                 }
                             }
@@ -224,17 +201,7 @@ mod tests {
             (1, 6, 10, 11, 9, 3, 2, 0),
         ];
         for &(batch, c_in, h, w, c_out, k, stride, padding) in &shapes {
-            let s = ConvShape {
-                batch,
-                c_in,
-                h,
-                w,
-                c_out,
-                kh: k,
-                kw: k,
-                stride,
-                padding,
-            };
+            let s = ConvShape { batch, c_in, h, w, c_out, kh: k, kw: k, stride, padding };
             let x: Vec<f32> = (0..batch * c_in * h * w).map(|_| rnd()).collect();
             let wt: Vec<f32> = (0..c_out * c_in * k * k).map(|_| rnd()).collect();
             let bias: Vec<f32> = (0..c_out).map(|_| rnd()).collect();
@@ -249,7 +216,10 @@ mod tests {
             let wb: Vec<half::bf16> = wt.iter().map(|v| half::bf16::from_f32(*v)).collect();
             let want_h = naive(&x, &wh.iter().map(|v| v.to_f32()).collect::<Vec<_>>(), &bias, &s);
             let want_b = naive(&x, &wb.iter().map(|v| v.to_f32()).collect::<Vec<_>>(), &bias, &s);
-            for (got, want) in [(conv2d(&x, &wh, Some(&bias), &s, Arith::F32), want_h), (conv2d(&x, &wb, Some(&bias), &s, Arith::F32), want_b)] {
+            for (got, want) in [
+                (conv2d(&x, &wh, Some(&bias), &s, Arith::F32), want_h),
+                (conv2d(&x, &wb, Some(&bias), &s, Arith::F32), want_b),
+            ] {
                 for (g, e) in got.iter().zip(&want) {
                     assert!((g - e).abs() < 1e-4, "half {s:?}: {g} vs {e}");
                 }

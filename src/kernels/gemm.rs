@@ -354,8 +354,7 @@ impl Strided<'_, f32> {
             let r0 = i0 + panel * MR;
             let rows = MR.min(i0 + mc - r0);
             if self.col_stride == 1 && rows == MR {
-                let rs: [&[f32]; MR] =
-                    std::array::from_fn(|r| &self.data[(r0 + r) * self.row_stride + p0..][..kc]);
+                let rs: [&[f32]; MR] = std::array::from_fn(|r| &self.data[(r0 + r) * self.row_stride + p0..][..kc]);
                 for (p, o) in out.chunks_exact_mut(MR).enumerate() {
                     for r in 0..MR {
                         o[r] = rs[r][p];
@@ -364,11 +363,7 @@ impl Strided<'_, f32> {
             } else {
                 for p in 0..kc {
                     for r in 0..MR {
-                        out[p * MR + r] = if r < rows {
-                            self.at(r0 + r, p0 + p)
-                        } else {
-                            0.0
-                        };
+                        out[p * MR + r] = if r < rows { self.at(r0 + r, p0 + p) } else { 0.0 };
                     }
                 }
             }
@@ -453,12 +448,14 @@ fn gemm_on(
         // chunk's arithmetic: round it once for all of them (2048^3: 380 -> 720 GFLOP/s). f32
         // re-packs per chunk, measured faster (2048^3: 390 vs 310 GFLOP/s with a shared copy).
         let shared;
-        let a: &dyn PackA = if tile.pairs && parallel_pieces(n, tile.cols, work) > 1 && a.packed(0, 0, block_depth(k).min(k)).is_none() {
-            shared = PackedA::new(m, k, a, tile.arith());
-            &shared
-        } else {
-            a
-        };
+        let a: &dyn PackA =
+            if tile.pairs && parallel_pieces(n, tile.cols, work) > 1 && a.packed(0, 0, block_depth(k).min(k)).is_none()
+            {
+                shared = PackedA::new(m, k, a, tile.arith());
+                &shared
+            } else {
+                a
+            };
         parallel_chunks(n, tile.cols, work, |j0, nc| unsafe {
             gemm_serial(tile, m, nc, k, 0, j0, a, b, cp.get(), ldc, accumulate)
         });
@@ -557,16 +554,32 @@ unsafe fn gemm_serial(
                 // A value's place in a panel: `kc` deep, or `kc / 2` pairs deep for bf16.
                 let depth = if kernel.pairs { kc.div_ceil(2) } else { kc };
                 let jb = j_base + jc;
-                let bpacked = block(kernel.pairs, b.packed_pairs(pc, kc, jb), b.packed(pc, kc, jb), kc, NR, nc, bbuf, bpairs, |d| {
-                    b.pack_b(pc, kc, jb, nc, d)
-                });
+                let bpacked = block(
+                    kernel.pairs,
+                    b.packed_pairs(pc, kc, jb),
+                    b.packed(pc, kc, jb),
+                    kc,
+                    NR,
+                    nc,
+                    bbuf,
+                    bpairs,
+                    |d| b.pack_b(pc, kc, jb, nc, d),
+                );
                 let acc = accumulate || pc > 0;
                 for ic in (0..m).step_by(MC) {
                     let mc = MC.min(m - ic);
                     let ib = i_base + ic;
-                    let apacked = block(kernel.pairs, a.packed_pairs(ib, pc, kc), a.packed(ib, pc, kc), kc, MR, mc, abuf, apairs, |d| {
-                        a.pack_a(ib, mc, pc, kc, d)
-                    });
+                    let apacked = block(
+                        kernel.pairs,
+                        a.packed_pairs(ib, pc, kc),
+                        a.packed(ib, pc, kc),
+                        kc,
+                        MR,
+                        mc,
+                        abuf,
+                        apairs,
+                        |d| a.pack_a(ib, mc, pc, kc, d),
+                    );
                     for jr in (0..nc).step_by(kernel.cols) {
                         let nr = kernel.cols.min(nc - jr);
                         let bp = bpacked.add(jr * depth);
@@ -690,14 +703,7 @@ unsafe fn kernel_generic(
 }
 
 #[inline]
-unsafe fn store_tile(
-    acc: &[[f32; NR]; MR],
-    c: *mut f32,
-    ldc: usize,
-    accumulate: bool,
-    mr: usize,
-    nr: usize,
-) {
+unsafe fn store_tile(acc: &[[f32; NR]; MR], c: *mut f32, ldc: usize, accumulate: bool, mr: usize, nr: usize) {
     for (r, row) in acc.iter().enumerate().take(mr) {
         let out = std::slice::from_raw_parts_mut(c.add(r * ldc), nr);
         if accumulate {
@@ -919,14 +925,7 @@ mod x86 {
             step!();
             p += 1;
         }
-        let rows = [
-            [c00, c01],
-            [c10, c11],
-            [c20, c21],
-            [c30, c31],
-            [c40, c41],
-            [c50, c51],
-        ];
+        let rows = [[c00, c01], [c10, c11], [c20, c21], [c30, c31], [c40, c41], [c50, c51]];
         if mr == MR && nr == NR {
             for (r, [lo, hi]) in rows.iter().enumerate() {
                 let out = c.add(r * ldc);
@@ -1001,14 +1000,20 @@ mod tests {
                         let (mut x, mut y) = (vec![f32::NAN; len], vec![f32::NAN; len]);
                         a.pack_a(i0, mc, p0, kc, &mut x);
                         af.pack_a(i0, mc, p0, kc, &mut y);
-                        assert!(x.iter().zip(&y).all(|(p, q)| p.to_bits() == q.to_bits()), "{name} pack_a {m}x{k} {ta}");
+                        assert!(
+                            x.iter().zip(&y).all(|(p, q)| p.to_bits() == q.to_bits()),
+                            "{name} pack_a {m}x{k} {ta}"
+                        );
                     }
                     for (p0, kc, j0, nc) in [(0, k, 0, n), (k / 4, k - k / 4, n / 3, n - n / 3)] {
                         let len = nc.div_ceil(NR) * NR * kc;
                         let (mut x, mut y) = (vec![f32::NAN; len], vec![f32::NAN; len]);
                         b.pack_b(p0, kc, j0, nc, &mut x);
                         bf.pack_b(p0, kc, j0, nc, &mut y);
-                        assert!(x.iter().zip(&y).all(|(p, q)| p.to_bits() == q.to_bits()), "{name} pack_b {k}x{n} {tb}");
+                        assert!(
+                            x.iter().zip(&y).all(|(p, q)| p.to_bits() == q.to_bits()),
+                            "{name} pack_b {k}x{n} {tb}"
+                        );
                     }
                     // Products against f64 on the half values (both operands half, or one).
                     let want = naive(m, n, k, &af, &bf);
@@ -1017,7 +1022,10 @@ mod tests {
                     let mut c2 = vec![0f32; m * n];
                     gemm(Arith::F32, m, n, k, &af, &b, &mut c2, n, false);
                     for ((x, y), w) in c.iter().zip(&c2).zip(&want) {
-                        assert!((x - w).abs() < 1e-4 && (y - w).abs() < 1e-4, "{name} {m}x{n}x{k} {ta} {tb}: {x} {y} vs {w}");
+                        assert!(
+                            (x - w).abs() < 1e-4 && (y - w).abs() < 1e-4,
+                            "{name} {m}x{n}x{k} {ta} {tb}: {x} {y} vs {w}"
+                        );
                     }
                 }
             }
@@ -1037,7 +1045,9 @@ mod tests {
             println!("skipped: CPU path {} (this CPU lacks it)", path.name());
         }
         let paths: Vec<CpuPath> = CpuPath::ALL.into_iter().filter(|p| p.supported()).collect();
-        for &(m, n, k) in &[(1, 1, 1), (5, 7, 3), (12, 32, 64), (13, 33, 300), (25, 70, 513), (150, 1100, 40), (600, 96, 90)] {
+        for &(m, n, k) in
+            &[(1, 1, 1), (5, 7, 3), (12, 32, 64), (13, 33, 300), (25, 70, 513), (150, 1100, 40), (600, 96, 90)]
+        {
             let av: Vec<f32> = (0..m * k).map(|_| rnd()).collect();
             let bv: Vec<f32> = (0..k * n).map(|_| rnd()).collect();
             let a = Strided { data: &av[..], row_stride: k, col_stride: 1 };
@@ -1080,7 +1090,18 @@ mod tests {
     #[test]
     fn bf16_rounding_is_round_to_nearest_even() {
         let mut seed = 11u32;
-        let specials = [0.0f32, -0.0, 1.0, f32::INFINITY, f32::NEG_INFINITY, f32::MIN_POSITIVE, 1e-40, f32::MAX, 1.00390625, 1.01171875];
+        let specials = [
+            0.0f32,
+            -0.0,
+            1.0,
+            f32::INFINITY,
+            f32::NEG_INFINITY,
+            f32::MIN_POSITIVE,
+            1e-40,
+            f32::MAX,
+            1.003_906_3,
+            1.011_718_8,
+        ];
         let randoms = (0..200_000).map(|_| {
             seed = seed.wrapping_mul(1664525).wrapping_add(1013904223);
             f32::from_bits(seed)
@@ -1110,7 +1131,16 @@ mod tests {
         let round = |v: &[f32]| -> Vec<f32> { v.iter().map(|x| f32::from_bits(bf16_bits(*x) << 16)).collect() };
         // (30, 2000, 301): column chunks sharing A packed once (odd depth); (700, 96, 90): row
         // chunks sharing B packed once.
-        for &(m, n, k) in &[(1, 1, 1), (5, 7, 3), (12, 32, 64), (13, 33, 301), (25, 70, 513), (150, 1100, 40), (30, 2000, 301), (700, 96, 90)] {
+        for &(m, n, k) in &[
+            (1, 1, 1),
+            (5, 7, 3),
+            (12, 32, 64),
+            (13, 33, 301),
+            (25, 70, 513),
+            (150, 1100, 40),
+            (30, 2000, 301),
+            (700, 96, 90),
+        ] {
             let av: Vec<f32> = (0..m * k).map(|_| rnd()).collect();
             let bv: Vec<f32> = (0..k * n).map(|_| rnd()).collect();
             let (ar, br) = (round(&av), round(&bv));
@@ -1161,51 +1191,25 @@ mod tests {
     #[test]
     fn matches_naive_on_odd_shapes_and_strides() {
         let mut rnd = uniform(1);
-        for &(m, n, k) in &[
-            (1, 1, 1),
-            (7, 17, 3),
-            (13, 40, 300),
-            (77, 33, 513),
-            (6, 16, 256),
-            (100, 1030, 20),
-        ] {
+        for &(m, n, k) in &[(1, 1, 1), (7, 17, 3), (13, 40, 300), (77, 33, 513), (6, 16, 256), (100, 1030, 20)] {
             let av: Vec<f32> = (0..m * k).map(|_| rnd()).collect();
             let bv: Vec<f32> = (0..k * n).map(|_| rnd()).collect();
             for (ta, tb) in [(false, false), (true, false), (false, true), (true, true)] {
                 let a = if ta {
-                    Strided {
-                        data: &av,
-                        row_stride: 1,
-                        col_stride: m,
-                    }
+                    Strided { data: &av, row_stride: 1, col_stride: m }
                 } else {
-                    Strided {
-                        data: &av,
-                        row_stride: k,
-                        col_stride: 1,
-                    }
+                    Strided { data: &av, row_stride: k, col_stride: 1 }
                 };
                 let b = if tb {
-                    Strided {
-                        data: &bv,
-                        row_stride: 1,
-                        col_stride: k,
-                    }
+                    Strided { data: &bv, row_stride: 1, col_stride: k }
                 } else {
-                    Strided {
-                        data: &bv,
-                        row_stride: n,
-                        col_stride: 1,
-                    }
+                    Strided { data: &bv, row_stride: n, col_stride: 1 }
                 };
                 let want = naive(m, n, k, &a, &b);
                 let mut c = vec![1f32; m * n];
                 gemm(Arith::F32, m, n, k, &a, &b, &mut c, n, true);
                 for (x, y) in c.iter().zip(&want) {
-                    assert!(
-                        (x - 1.0 - y).abs() < 1e-4,
-                        "{m}x{n}x{k} {ta} {tb}: {x} vs {y}"
-                    );
+                    assert!((x - 1.0 - y).abs() < 1e-4, "{m}x{n}x{k} {ta} {tb}: {x} vs {y}");
                 }
                 gemm(Arith::F32, m, n, k, &a, &b, &mut c, n, false);
                 for (x, y) in c.iter().zip(&want) {

@@ -152,10 +152,8 @@ impl Int8Matrix {
         let mut per_row: Vec<(f32, Vec<i32>)> = vec![(0.0, Vec::new()); rows];
         {
             use rayon::prelude::*;
-            data.par_chunks_mut(panel_len.max(1))
-                .zip(per_row.par_chunks_mut(unit))
-                .enumerate()
-                .for_each(|(panel, (dst, out))| {
+            data.par_chunks_mut(panel_len.max(1)).zip(per_row.par_chunks_mut(unit)).enumerate().for_each(
+                |(panel, (dst, out))| {
                     let mut row = vec![0f32; k];
                     for (lane, o) in out.iter_mut().enumerate() {
                         let i = panel * unit + lane;
@@ -169,7 +167,8 @@ impl Int8Matrix {
                         }
                         *o = (scale, block_sums);
                     }
-                });
+                },
+            );
         }
         for (i, (scale, block_sums)) in per_row.into_iter().enumerate() {
             scales[i] = scale;
@@ -177,15 +176,7 @@ impl Int8Matrix {
                 sums[b * rows + i] = s;
             }
         }
-        Self {
-            rows,
-            k,
-            kq,
-            unit,
-            data,
-            scales,
-            sums,
-        }
+        Self { rows, k, kq, unit, data, scales, sums }
     }
 
     pub fn rows(&self) -> usize {
@@ -280,11 +271,7 @@ pub fn linear_on(path: Int8Path, x: &[f32], rows: usize, w: &Int8Matrix, bias: O
     if rows == 0 || n == 0 || k == 0 {
         return y;
     }
-    let a = Strided {
-        data: x,
-        row_stride: k,
-        col_stride: 1,
-    };
+    let a = Strided { data: x, row_stride: k, col_stride: 1 };
     if path == Int8Path::Dequantized {
         gemm::gemm(Arith::F32, rows, n, k, &a, &Dequantized(w), &mut y, n, true);
         return y;
@@ -363,11 +350,7 @@ pub fn conv2d_on(path: Int8Path, x: &[f32], w: &Int8Matrix, bias: Option<&[f32]>
                             for jp in (0..ncb).step_by(2 * NR) {
                                 let cols = (2 * NR).min(ncb - jp);
                                 let b0 = buf[(jp / NR) * kqb * NR * 4..].as_ptr();
-                                let b1 = if cols > NR {
-                                    buf[(jp / NR + 1) * kqb * NR * 4..].as_ptr()
-                                } else {
-                                    b0
-                                };
+                                let b1 = if cols > NR { buf[(jp / NR + 1) * kqb * NR * 4..].as_ptr() } else { b0 };
                                 let tile = product(path, kqb, a, b0, b1, false);
                                 let out = Epilogue {
                                     rows: MR.min(s.c_out - i),
@@ -505,10 +488,7 @@ unsafe fn tile_portable(
     tile: &mut [[i32; 2 * NR]; MR],
 ) {
     let a = std::slice::from_raw_parts(a, kqb * MR * 4);
-    let b = [
-        std::slice::from_raw_parts(b0, kqb * NR * 4),
-        std::slice::from_raw_parts(b1, kqb * NR * 4),
-    ];
+    let b = [std::slice::from_raw_parts(b0, kqb * NR * 4), std::slice::from_raw_parts(b1, kqb * NR * 4)];
     let (sa, sb) = if a_u8 { (0, 128) } else { (128, 0) };
     // Read the unsigned side as u8 and the signed side as i8 (the same bytes VNNI sees).
     let val = |byte: u8, unsigned_offset: i32| {
@@ -586,19 +566,12 @@ struct Dequantized<'a>(&'a Int8Matrix);
 impl PackA for Dequantized<'_> {
     fn pack_a(&self, i0: usize, mc: usize, p0: usize, kc: usize, dst: &mut [f32]) {
         let w = self.0;
-        for (ip, panel) in dst
-            .chunks_exact_mut(kc * gemm::MR)
-            .take(mc.div_ceil(gemm::MR))
-            .enumerate()
-        {
+        for (ip, panel) in dst.chunks_exact_mut(kc * gemm::MR).take(mc.div_ceil(gemm::MR)).enumerate() {
             for r in 0..gemm::MR {
                 let i = i0 + ip * gemm::MR + r;
                 for p in 0..kc {
-                    panel[p * gemm::MR + r] = if ip * gemm::MR + r < mc {
-                        w.q(i, p0 + p) as f32 * w.scales[i]
-                    } else {
-                        0.0
-                    };
+                    panel[p * gemm::MR + r] =
+                        if ip * gemm::MR + r < mc { w.q(i, p0 + p) as f32 * w.scales[i] } else { 0.0 };
                 }
             }
         }
@@ -608,19 +581,12 @@ impl PackA for Dequantized<'_> {
 impl PackB for Dequantized<'_> {
     fn pack_b(&self, p0: usize, kc: usize, j0: usize, nc: usize, dst: &mut [f32]) {
         let w = self.0;
-        for (jp, panel) in dst
-            .chunks_exact_mut(kc * gemm::NR)
-            .take(nc.div_ceil(gemm::NR))
-            .enumerate()
-        {
+        for (jp, panel) in dst.chunks_exact_mut(kc * gemm::NR).take(nc.div_ceil(gemm::NR)).enumerate() {
             for c in 0..gemm::NR {
                 let j = j0 + jp * gemm::NR + c;
                 for p in 0..kc {
-                    panel[p * gemm::NR + c] = if jp * gemm::NR + c < nc {
-                        w.q(j, p0 + p) as f32 * w.scales[j]
-                    } else {
-                        0.0
-                    };
+                    panel[p * gemm::NR + c] =
+                        if jp * gemm::NR + c < nc { w.q(j, p0 + p) as f32 * w.scales[j] } else { 0.0 };
                 }
             }
         }
@@ -721,23 +687,10 @@ mod tests {
 
     #[test]
     fn conv_paths_agree_and_stay_near_f64() {
-        for &(c_in, c_out, h, kern, stride, pad) in &[
-            (3, 5, 7, 3, 1, 1),
-            (64, 13, 9, 3, 2, 1),
-            (70, 40, 6, 1, 1, 0),
-            (200, 30, 5, 3, 1, 1),
-        ] {
-            let s = ConvShape {
-                batch: 2,
-                c_in,
-                h,
-                w: h + 1,
-                c_out,
-                kh: kern,
-                kw: kern,
-                stride,
-                padding: pad,
-            };
+        for &(c_in, c_out, h, kern, stride, pad) in
+            &[(3, 5, 7, 3, 1, 1), (64, 13, 9, 3, 2, 1), (70, 40, 6, 1, 1, 0), (200, 30, 5, 3, 1, 1)]
+        {
+            let s = ConvShape { batch: 2, c_in, h, w: h + 1, c_out, kh: kern, kw: kern, stride, padding: pad };
             let mut r = uniform(c_in as u32 * 3 + c_out as u32);
             let x: Vec<f32> = (0..2 * c_in * h * (h + 1)).map(|_| r()).collect();
             let depth = c_in * kern * kern;
@@ -756,10 +709,7 @@ mod tests {
     fn zero_and_bf16_weights_quantize() {
         let q = Int8Matrix::quantize(&[0f32; 8], 2, 4, Side::Left);
         assert!(q.dequantized().iter().all(|v| *v == 0.0));
-        let w: Vec<half::bf16> = [1.0f32, -2.0, 0.5, 0.25, 0.0]
-            .iter()
-            .map(|v| half::bf16::from_f32(*v))
-            .collect();
+        let w: Vec<half::bf16> = [1.0f32, -2.0, 0.5, 0.25, 0.0].iter().map(|v| half::bf16::from_f32(*v)).collect();
         let q = Int8Matrix::quantize(&w, 1, 5, Side::Right);
         assert_eq!((q.q(0, 1), q.scales[0]), (-127, 2.0 / 127.0));
         for (a, b) in w.iter().zip(q.dequantized()) {

@@ -83,10 +83,9 @@ impl CpuPath {
         let names: Vec<&str> = CpuPath::ALL.iter().map(|p| p.name()).collect();
         match CpuPath::parse(&v) {
             None => Err(format!("LCM_CPU_PATH={v:?} is not a CPU path (one of: {})", names.join(", "))),
-            Some(p) if !p.supported() => Err(format!(
-                "LCM_CPU_PATH={v:?}: this CPU lacks it (best here: {})",
-                CpuPath::detected().name()
-            )),
+            Some(p) if !p.supported() => {
+                Err(format!("LCM_CPU_PATH={v:?}: this CPU lacks it (best here: {})", CpuPath::detected().name()))
+            }
             Some(_) => Ok(()),
         }
     }
@@ -212,12 +211,7 @@ fn piece_len(total: usize, align: usize, work: usize) -> usize {
 
 /// Run `f(start, len)` over `0..total` cut into pieces (multiples of `align`, except the last)
 /// on rayon's pool: a few pieces per thread so a busy core does not hold everyone up.
-pub(crate) fn parallel_chunks(
-    total: usize,
-    align: usize,
-    work: usize,
-    f: impl Fn(usize, usize) + Sync,
-) {
+pub(crate) fn parallel_chunks(total: usize, align: usize, work: usize, f: impl Fn(usize, usize) + Sync) {
     let chunk = piece_len(total, align, work);
     if chunk >= total {
         f(0, total);
@@ -233,7 +227,14 @@ pub(crate) fn parallel_chunks(
 /// `y[r] = W x[r] + b` for a few rows `x[r]` (`W` is `[out, in]` row-major): one dot product
 /// per output, the outputs shared out among threads. Half-precision `W` rows are widened a
 /// block at a time.
-pub(crate) fn gemv_rows<W: Elem>(x: &[f32], rows: usize, k: usize, w: &[W], n: usize, bias: Option<&[f32]>) -> Vec<f32> {
+pub(crate) fn gemv_rows<W: Elem>(
+    x: &[f32],
+    rows: usize,
+    k: usize,
+    w: &[W],
+    n: usize,
+    bias: Option<&[f32]>,
+) -> Vec<f32> {
     let mut y = vec![0f32; rows * n];
     let yp = SendPtr(y.as_mut_ptr());
     parallel_chunks(n, 16, 2 * rows * n * k, |j0, len| {
@@ -368,30 +369,20 @@ pub(crate) fn gelu_erf(x: &[f32], mul: Option<&[f32]>, out: &mut [f32]) {
 fn gelu_scalar(x: f32) -> f32 {
     let z = (x * std::f32::consts::FRAC_1_SQRT_2).abs();
     let t = 1.0 / (0.327_591_1 * z + 1.0);
-    let r =
-        (((1.061_405_4 * t - 1.453_152) * t + 1.421_413_8) * t - 0.284_496_74) * t + 0.254_829_6;
+    let r = (((1.061_405_4 * t - 1.453_152) * t + 1.421_413_8) * t - 0.284_496_74) * t + 0.254_829_6;
     let erf = 1.0 - r * t * (-z * z).exp();
     0.5 * x * (1.0 + erf.copysign(x))
 }
 
 /// Layer normalization of each `width`-long row (two passes: mean, then centred variance).
-pub(crate) fn layer_norm(
-    x: &[f32],
-    width: usize,
-    weight: &[f32],
-    bias: Option<&[f32]>,
-    eps: f32,
-) -> Vec<f32> {
+pub(crate) fn layer_norm(x: &[f32], width: usize, weight: &[f32], bias: Option<&[f32]>, eps: f32) -> Vec<f32> {
     let mut y = vec![0f32; x.len()];
     let rows = x.len() / width.max(1);
     let yp = SendPtr(y.as_mut_ptr());
     parallel_chunks(rows, 1, x.len() * 8, |r0, n| {
         // SAFETY: each chunk writes its own rows.
         let ys = unsafe { std::slice::from_raw_parts_mut(yp.get().add(r0 * width), n * width) };
-        for (xr, yr) in x[r0 * width..(r0 + n) * width]
-            .chunks_exact(width)
-            .zip(ys.chunks_exact_mut(width))
-        {
+        for (xr, yr) in x[r0 * width..(r0 + n) * width].chunks_exact(width).zip(ys.chunks_exact_mut(width)) {
             let mean = xr.iter().sum::<f32>() / width as f32;
             let var = xr.iter().map(|&v| (v - mean) * (v - mean)).sum::<f32>() / width as f32;
             let rstd = 1.0 / (var + eps).sqrt();
@@ -433,9 +424,10 @@ mod x86 {
     pub(super) unsafe fn exp8(x: __m256) -> __m256 {
         let x = _mm256_min_ps(x, _mm256_set1_ps(88.376_26));
         let xc = _mm256_max_ps(x, _mm256_set1_ps(-87.336_55));
-        let n = _mm256_round_ps::<{ _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC }>(
-            _mm256_mul_ps(xc, _mm256_set1_ps(std::f32::consts::LOG2_E)),
-        );
+        let n = _mm256_round_ps::<{ _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC }>(_mm256_mul_ps(
+            xc,
+            _mm256_set1_ps(std::f32::consts::LOG2_E),
+        ));
         let r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693_359_4), xc);
         let r = _mm256_fnmadd_ps(n, _mm256_set1_ps(-2.121_944_4e-4), r);
         let mut p = _mm256_set1_ps(1.987_569_1e-4);
@@ -452,10 +444,7 @@ mod x86 {
         )));
         let y = _mm256_mul_ps(p, pow2n);
         // Below the smallest normal: 0 (softmax of masked or far-off scores).
-        _mm256_and_ps(
-            y,
-            _mm256_cmp_ps::<_CMP_GE_OQ>(x, _mm256_set1_ps(-87.336_55)),
-        )
+        _mm256_and_ps(y, _mm256_cmp_ps::<_CMP_GE_OQ>(x, _mm256_set1_ps(-87.336_55)))
     }
 
     #[target_feature(enable = "avx2,fma")]
@@ -564,8 +553,8 @@ mod tests {
         let check = |y: Vec<f32>, wv: Vec<f32>| {
             for r in 0..rows {
                 for j in 0..n {
-                    let want: f64 = bias[j] as f64
-                        + (0..k).map(|p| x[r * k + p] as f64 * wv[j * k + p] as f64).sum::<f64>();
+                    let want: f64 =
+                        bias[j] as f64 + (0..k).map(|p| x[r * k + p] as f64 * wv[j * k + p] as f64).sum::<f64>();
                     assert!((y[r * n + j] as f64 - want).abs() < 1e-4, "{} vs {want}", y[r * n + j]);
                 }
             }
@@ -586,10 +575,7 @@ mod tests {
                 continue;
             }
             let want = 0.5 * v as f64 * (1.0 + libm_erf(v as f64 / 2f64.sqrt()));
-            assert!(
-                (g as f64 - want).abs() < 2e-6 * (1.0 + want.abs()),
-                "gelu({v}) = {g}, want {want}"
-            );
+            assert!((g as f64 - want).abs() < 2e-6 * (1.0 + want.abs()), "gelu({v}) = {g}, want {want}");
         }
         let mut e = x.clone();
         let sum = super::exp_sub_inplace(&mut e, 1.0, 2.0);

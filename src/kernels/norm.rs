@@ -30,11 +30,7 @@ pub fn group_norm(
         let rstd = 1.0 / (var + eps).sqrt();
         // SAFETY: each (batch, group) task writes its own contiguous range.
         let ys = unsafe { std::slice::from_raw_parts_mut(yp.get().add(bg * n), n) };
-        for (c, (xr, yr)) in xs
-            .chunks_exact(spatial)
-            .zip(ys.chunks_exact_mut(spatial))
-            .enumerate()
-        {
+        for (c, (xr, yr)) in xs.chunks_exact(spatial).zip(ys.chunks_exact_mut(spatial)).enumerate() {
             let ch = g * per_group + c;
             let (scale, shift) = (rstd * weight[ch], bias[ch] - mean * rstd * weight[ch]);
             for (o, &v) in yr.iter_mut().zip(xr) {
@@ -79,9 +75,7 @@ mod tests {
     #[test]
     fn matches_naive() {
         let (b, c, s, g) = (2, 6, 13, 3);
-        let x: Vec<f32> = (0..b * c * s)
-            .map(|i| ((i * 37 % 101) as f32 - 50.0) / 7.0)
-            .collect();
+        let x: Vec<f32> = (0..b * c * s).map(|i| ((i * 37 % 101) as f32 - 50.0) / 7.0).collect();
         let w: Vec<f32> = (0..c).map(|i| 0.5 + i as f32 * 0.1).collect();
         let bias: Vec<f32> = (0..c).map(|i| i as f32 * -0.2).collect();
         for silu in [false, true] {
@@ -93,16 +87,11 @@ mod tests {
                 let v = xs.iter().map(|&v| (v as f64 - m).powi(2)).sum::<f64>() / n as f64;
                 for i in 0..n {
                     let ch = (bg % g) * (c / g) + i / s;
-                    let mut want =
-                        (xs[i] as f64 - m) / (v + 1e-5).sqrt() * w[ch] as f64 + bias[ch] as f64;
+                    let mut want = (xs[i] as f64 - m) / (v + 1e-5).sqrt() * w[ch] as f64 + bias[ch] as f64;
                     if silu {
                         want /= 1.0 + (-want).exp();
                     }
-                    assert!(
-                        (y[bg * n + i] as f64 - want).abs() < 1e-5,
-                        "{} vs {want}",
-                        y[bg * n + i]
-                    );
+                    assert!((y[bg * n + i] as f64 - want).abs() < 1e-5, "{} vs {want}", y[bg * n + i]);
                 }
             }
         }

@@ -118,11 +118,7 @@ pub fn conv2d<W: Elem>(x: &[f32], weight: &[W], bias: Option<&[f32]>, s: &ConvSh
             PackedB::new(
                 ci,
                 co,
-                &Strided {
-                    data: &u[xi * ci * co..(xi + 1) * ci * co],
-                    row_stride: co,
-                    col_stride: 1,
-                },
+                &Strided { data: &u[xi * ci * co..(xi + 1) * ci * co], row_stride: co, col_stride: 1 },
                 Arith::F32,
             )
         })
@@ -155,7 +151,17 @@ pub fn conv2d<W: Elem>(x: &[f32], weight: &[W], bias: Option<&[f32]>, s: &ConvSh
             // The 36 products M[xi] = V[xi] · U[xi]: [tiles x c_out].
             for xi in 0..A * A {
                 let a = Strided { data: &v[xi * tiles * ci..(xi + 1) * tiles * ci], row_stride: ci, col_stride: 1 };
-                gemm_single_thread(Arith::F32, tiles, co, ci, &a, &packed[xi], &mut m[xi * tiles * co..(xi + 1) * tiles * co], co, false);
+                gemm_single_thread(
+                    Arith::F32,
+                    tiles,
+                    co,
+                    ci,
+                    &a,
+                    &packed[xi],
+                    &mut m[xi * tiles * co..(xi + 1) * tiles * co],
+                    co,
+                    false,
+                );
             }
             // SAFETY: the output rows of tile rows r0..r1 of image b belong to this task.
             let yb = unsafe { std::slice::from_raw_parts_mut(yp.get().add(b * co * h * w), co * h * w) };
@@ -164,7 +170,6 @@ pub fn conv2d<W: Elem>(x: &[f32], weight: &[W], bias: Option<&[f32]>, s: &ConvSh
     });
     y
 }
-
 
 /// Where one task's tiles are: `tiles` tiles from tile row `r0`, `tx` per row; its input strip is
 /// `srows x scols` (padding included).
@@ -227,7 +232,8 @@ fn fill_strip_body(xb: &[f32], strip: &mut [f32], g: &Geometry) {
                 row[xx * ci + c0..xx * ci + c0 + cn].fill(0.0);
             }
             if cn == L {
-                let src: [&[f32]; L] = std::array::from_fn(|k| &xb[((c0 + k) * h + iy) * w..((c0 + k) * h + iy + 1) * w]);
+                let src: [&[f32]; L] =
+                    std::array::from_fn(|k| &xb[((c0 + k) * h + iy) * w..((c0 + k) * h + iy + 1) * w]);
                 for x in 0..w {
                     let d = &mut row[(x + 1) * ci + c0..(x + 1) * ci + c0 + L];
                     for k in 0..L {
@@ -335,23 +341,10 @@ mod tests {
             seed = seed.wrapping_mul(1664525).wrapping_add(1013904223);
             (seed >> 8) as f32 / (1 << 24) as f32 - 0.5
         };
-        for &(batch, ci, co, h, w) in &[
-            (1, 16, 16, 32, 32),
-            (2, 17, 24, 30, 37),
-            (1, 32, 20, 9, 70),
-            (1, 16, 40, 64, 5),
-        ] {
-            let s = ConvShape {
-                batch,
-                c_in: ci,
-                h,
-                w,
-                c_out: co,
-                kh: 3,
-                kw: 3,
-                stride: 1,
-                padding: 1,
-            };
+        for &(batch, ci, co, h, w) in
+            &[(1, 16, 16, 32, 32), (2, 17, 24, 30, 37), (1, 32, 20, 9, 70), (1, 16, 40, 64, 5)]
+        {
+            let s = ConvShape { batch, c_in: ci, h, w, c_out: co, kh: 3, kw: 3, stride: 1, padding: 1 };
             let x: Vec<f32> = (0..batch * ci * h * w).map(|_| rnd() * 20.0).collect();
             let wt: Vec<f32> = (0..co * ci * 9).map(|_| rnd()).collect();
             let bias: Vec<f32> = (0..co).map(|_| rnd()).collect();

@@ -29,15 +29,16 @@ impl ModelSource {
             || arg.contains('\\')
             || arg.matches('/').count() > 1;
         if looks_like_path {
-            bail!("model folder {arg} does not exist");
+            crate::error::not_found!("model folder {arg} does not exist");
         }
         // A file name (`style.safetensors`, `model.ckpt`) is never a hub repo id: say it is
         // missing rather than asking the network (repo ids may hold dots, as `...-sdxl-1.0`,
         // so only file extensions count).
-        const FILE_EXTENSIONS: [&str; 10] = ["safetensors", "ckpt", "pt", "pth", "bin", "json", "gguf", "png", "jpg", "jpeg"];
+        const FILE_EXTENSIONS: [&str; 10] =
+            ["safetensors", "ckpt", "pt", "pth", "bin", "json", "gguf", "png", "jpg", "jpeg"];
         let ext = path.extension().and_then(|e| e.to_str()).map(|e| e.to_ascii_lowercase());
         if ext.is_some_and(|e| FILE_EXTENSIONS.contains(&e.as_str())) {
-            bail!("no such file: {arg}");
+            crate::error::not_found!("no such file: {arg}");
         }
         Ok(Self::Hub(arg.to_string()))
     }
@@ -93,7 +94,9 @@ fn api(cache: &Cache) -> std::result::Result<hf_hub::api::sync::Api, String> {
         .with_progress(std::io::stderr().is_terminal())
         .with_retries(0);
     // A mirror, as huggingface_hub's HF_ENDPOINT.
-    if let Some(endpoint) = std::env::var("HF_ENDPOINT").ok().map(|e| e.trim_end_matches('/').to_string()).filter(|e| !e.is_empty()) {
+    if let Some(endpoint) =
+        std::env::var("HF_ENDPOINT").ok().map(|e| e.trim_end_matches('/').to_string()).filter(|e| !e.is_empty())
+    {
         builder = builder.with_endpoint(endpoint);
     }
     builder.build().map_err(|e| e.to_string())
@@ -115,9 +118,13 @@ pub fn download(repo_id: &str, variant: Option<&str>) -> Result<PathBuf> {
         let info = repo.info().map_err(|e| e.to_string())?;
         let pipeline = info.siblings.iter().any(|s| s.rfilename == "model_index.json");
         let folders: &[&str] = if pipeline { PIPELINE_FOLDERS } else { &[] };
-        let files: Vec<&str> = info.siblings.iter().map(|s| s.rfilename.as_str()).filter(|f| wanted(f, folders, variant)).collect();
+        let files: Vec<&str> =
+            info.siblings.iter().map(|s| s.rfilename.as_str()).filter(|f| wanted(f, folders, variant)).collect();
         if !files.iter().any(|f| f.ends_with(".safetensors")) {
-            return Err(format!("`{repo_id}` has no {}.safetensors weights to download", variant.map(|v| format!("{v} ")).unwrap_or_default()));
+            return Err(format!(
+                "`{repo_id}` has no {}.safetensors weights to download",
+                variant.map(|v| format!("{v} ")).unwrap_or_default()
+            ));
         }
         let mut dir = None;
         for f in files {
@@ -143,7 +150,8 @@ pub fn snapshot(repo_id: &str, folders: &[&str], variant: Option<&str>, marker: 
     let cache = cache();
     let cache_dir = cache.path().clone();
     let cached = cache.repo(Repo::new(repo_id.to_string(), RepoType::Model)).get(marker);
-    let hint = format!("give a local path instead, or download it into {} where the hub is reachable", cache_dir.display());
+    let hint =
+        format!("give a local path instead, or download it into {} where the hub is reachable", cache_dir.display());
     if offline() {
         return match cached {
             Some(p) => Ok(p.parent().unwrap_or(Path::new(".")).to_path_buf()),

@@ -117,7 +117,9 @@ fn parse_key(key: &str) -> Option<(LoraComponent, ModuleKey, &'static str)> {
     }
     // Attention processors: `<attn>.processor.to_q_lora.down.weight` -> `<attn>.to_q`.
     if let Some((attn, tail)) = rest.split_once(".processor.") {
-        for (proj, target) in [("to_q_lora", "to_q"), ("to_k_lora", "to_k"), ("to_v_lora", "to_v"), ("to_out_lora", "to_out.0")] {
+        for (proj, target) in
+            [("to_q_lora", "to_q"), ("to_k_lora", "to_k"), ("to_v_lora", "to_v"), ("to_out_lora", "to_out.0")]
+        {
             for (suffix, part) in [(".down.weight", "down"), (".up.weight", "up")] {
                 if tail == format!("{proj}{suffix}") {
                     return Some((comp, ModuleKey::Dotted(format!("{attn}.{target}")), part));
@@ -179,7 +181,11 @@ impl LoraFile {
     }
 
     /// Build from tensors already in memory (`metadata`: the safetensors `__metadata__`).
-    pub fn from_tensors(source: &str, tensors: HashMap<String, Tensor>, metadata: HashMap<String, String>) -> Result<Self> {
+    pub fn from_tensors(
+        source: &str,
+        tensors: HashMap<String, Tensor>,
+        metadata: HashMap<String, String>,
+    ) -> Result<Self> {
         let mut modules: BTreeMap<(LoraComponent, ModuleKey), RawModule> = BTreeMap::new();
         let mut unknown = Vec::new();
         let mut keys: Vec<_> = tensors.keys().cloned().collect();
@@ -195,7 +201,10 @@ impl LoraFile {
             match part {
                 "down" => m.down = Some(t.to_dtype(DType::F32)?),
                 "up" => m.up = Some(t.to_dtype(DType::F32)?),
-                _ => m.alpha = Some(t.to_dtype(DType::F64)?.flatten_all()?.to_vec1::<f64>()?.first().copied().unwrap_or(0.0)),
+                _ => {
+                    m.alpha =
+                        Some(t.to_dtype(DType::F64)?.flatten_all()?.to_vec1::<f64>()?.first().copied().unwrap_or(0.0))
+                }
             }
         }
         if modules.is_empty() {
@@ -206,7 +215,10 @@ impl LoraFile {
         }
         for ((_, module), m) in &modules {
             if m.down.is_none() || m.up.is_none() {
-                bail!("LoRA {source}: module {module:?} has no {} matrix", if m.down.is_none() { "down" } else { "up" });
+                bail!(
+                    "LoRA {source}: module {module:?} has no {} matrix",
+                    if m.down.is_none() { "down" } else { "up" }
+                );
             }
         }
         Ok(Self { source: source.to_string(), modules, metadata_alpha: parse_metadata(&metadata) })
@@ -214,7 +226,11 @@ impl LoraFile {
 
     /// Match the file against a component's weights; returns the updates (at weight 1.0) and
     /// the keys that matched nothing.
-    pub fn deltas_for(&self, component: LoraComponent, weights: &dyn WeightIndex) -> Result<(WeightDeltas, Vec<String>)> {
+    pub fn deltas_for(
+        &self,
+        component: LoraComponent,
+        weights: &dyn WeightIndex,
+    ) -> Result<(WeightDeltas, Vec<String>)> {
         let index = ModuleIndex::new(component, weights);
         let mut deltas = WeightDeltas::default();
         let mut unmatched = Vec::new();
@@ -226,7 +242,13 @@ impl LoraFile {
             let (up, down) = (m.up.as_ref().unwrap(), m.down.as_ref().unwrap());
             let rank = down.dim(0)?;
             if up.dims().len() < 2 || up.dim(1)? != rank || up.dims()[2..].iter().any(|&d| d != 1) {
-                bail!("LoRA {}: {} has up {:?} and down {:?}, which do not compose", self.source, module, up.dims(), down.dims());
+                bail!(
+                    "LoRA {}: {} has up {:?} and down {:?}, which do not compose",
+                    self.source,
+                    module,
+                    up.dims(),
+                    down.dims()
+                );
             }
             let up2 = up.reshape((up.dim(0)?, rank))?;
             let down2 = down.reshape((rank, down.elem_count() / rank))?;
@@ -299,7 +321,9 @@ fn parse_metadata(meta: &HashMap<String, String>) -> HashMap<LoraComponent, Meta
         };
         let m = out.entry(comp).or_default();
         let map = |v: &serde_json::Value| -> HashMap<String, f64> {
-            v.as_object().map(|o| o.iter().filter_map(|(k, v)| Some((k.clone(), v.as_f64()?))).collect()).unwrap_or_default()
+            v.as_object()
+                .map(|o| o.iter().filter_map(|(k, v)| Some((k.clone(), v.as_f64()?))).collect())
+                .unwrap_or_default()
         };
         match field {
             "lora_alpha" => m.lora_alpha = v.as_f64(),

@@ -19,18 +19,15 @@ pub struct ModelIndex {
 impl ModelIndex {
     pub fn read(root: &Path) -> Result<Self> {
         if !root.is_dir() {
-            bail!("model folder {} does not exist or is not a folder", root.display());
+            crate::error::not_found!("model folder {} does not exist or is not a folder", root.display());
         }
         let path = root.join("model_index.json");
         if !path.is_file() {
-            bail!(
-                "{} has no model_index.json; is it a diffusers pipeline folder?",
-                root.display()
-            );
+            bail!("{} has no model_index.json; is it a diffusers pipeline folder?", root.display());
         }
         let text = std::fs::read_to_string(&path).with_context(|| format!("cannot read {}", path.display()))?;
-        let json: serde_json::Value = serde_json::from_str(&text)
-            .map_err(|e| anyhow::anyhow!("invalid {}: {e}", path.display()))?;
+        let json: serde_json::Value =
+            serde_json::from_str(&text).map_err(|e| anyhow::anyhow!("invalid {}: {e}", path.display()))?;
         let obj = json.as_object().ok_or_else(|| anyhow::anyhow!("invalid {}: not an object", path.display()))?;
         let class_name = obj.get("_class_name").and_then(|v| v.as_str()).unwrap_or("").to_string();
         let components = obj
@@ -73,10 +70,7 @@ pub fn standalone_component_dir(root: &Path, subfolder: &str, config_file: &str)
     } else if root.join(subfolder).join(config_file).is_file() {
         Ok(root.join(subfolder))
     } else {
-        bail!(
-            "{} has no {config_file} (nor {subfolder}/{config_file})",
-            root.display()
-        )
+        bail!("{} has no {config_file} (nor {subfolder}/{config_file})", root.display())
     }
 }
 

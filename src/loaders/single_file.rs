@@ -3,7 +3,7 @@
 //!
 //! The architecture is read from the keys (as diffusers' `infer_diffusers_model_type`), the
 //! configs are the ones diffusers would fetch for it (embedded here, so nothing is downloaded),
-//! and every weight is renamed to diffusers' name by [`diffusers_name`] (one table of rules, the
+//! and every weight is renamed to diffusers' name by `diffusers_name` (one table of rules, the
 //! inverse of which `tests/fixtures/make_single_file_fixtures.py` checks against diffusers' own
 //! converters). Weights are read from the file lazily like any other safetensors file.
 
@@ -166,7 +166,7 @@ impl SingleFile {
             );
         }
         if !path.is_file() {
-            bail!("checkpoint file {} does not exist", path.display());
+            crate::error::not_found!("checkpoint file {} does not exist", path.display());
         }
         let weights = ComponentWeights::open_files(&[path.to_path_buf()])?;
         let arch = Architecture::detect(|n| weights.shape(n))
@@ -176,7 +176,12 @@ impl SingleFile {
 
     /// The weights of one component under diffusers' names. `layers_per_block` (UNet) and
     /// `up_blocks` (VAE) come from the component's config, as in diffusers' converters.
-    pub fn component(&self, component: Component, layers_per_block: usize, up_blocks: usize) -> Result<ComponentWeights> {
+    pub fn component(
+        &self,
+        component: Component,
+        layers_per_block: usize,
+        up_blocks: usize,
+    ) -> Result<ComponentWeights> {
         let entries = renames(self.arch, component, self.weights.names(), layers_per_block, up_blocks);
         if entries.is_empty() {
             bail!("the checkpoint has no {component:?} weights");
@@ -186,7 +191,13 @@ impl SingleFile {
 }
 
 /// `(diffusers name, stored name, view)` for every tensor of `component` among `stored`.
-fn renames(arch: Architecture, component: Component, stored: &[String], lpb: usize, up: usize) -> Vec<(String, String, WeightView)> {
+fn renames(
+    arch: Architecture,
+    component: Component,
+    stored: &[String],
+    lpb: usize,
+    up: usize,
+) -> Vec<(String, String, WeightView)> {
     let mut out = Vec::new();
     for s in stored {
         match diffusers_name(arch, component, s, lpb, up) {
@@ -217,7 +228,9 @@ pub fn map_listing(
     renames(arch, component, &names, layers_per_block, up_blocks)
         .into_iter()
         .map(|(name, stored, view)| {
-            let shape = view.apply(shapes[stored.as_str()]).ok_or_else(|| anyhow::anyhow!("{stored} cannot be cut as {view:?}"))?;
+            let shape = view
+                .apply(shapes[stored.as_str()])
+                .ok_or_else(|| anyhow::anyhow!("{stored} cannot be cut as {view:?}"))?;
             Ok((name, shape))
         })
         .collect()
@@ -250,7 +263,8 @@ fn diffusers_name(
         }
         Component::TextEncoder if arch.is_v2() => open_clip_name(stored.strip_prefix("cond_stage_model.model.")?),
         Component::TextEncoder => {
-            let prefix = if arch.is_xl() { "conditioner.embedders.0.transformer." } else { "cond_stage_model.transformer." };
+            let prefix =
+                if arch.is_xl() { "conditioner.embedders.0.transformer." } else { "cond_stage_model.transformer." };
             let rest = stored.strip_prefix(prefix)?;
             if rest.ends_with("position_ids") {
                 return None;
@@ -258,7 +272,9 @@ fn diffusers_name(
             // Old checkpoints omit `text_model.` (transformers' earlier CLIPTextModel layout).
             whole(if rest.starts_with("text_model.") { rest.to_string() } else { format!("text_model.{rest}") })
         }
-        Component::TextEncoder2 if arch.is_xl() => open_clip_name(stored.strip_prefix("conditioner.embedders.1.model.")?),
+        Component::TextEncoder2 if arch.is_xl() => {
+            open_clip_name(stored.strip_prefix("conditioner.embedders.1.model.")?)
+        }
         Component::TextEncoder2 => None,
     }
 }

@@ -12,8 +12,7 @@ use std::sync::Arc;
 /// with `variant = Some("fp16")` only `name.fp16.safetensors` (or its shards), otherwise only
 /// files without a variant infix.
 pub fn safetensors_files(dir: &Path, variant: Option<&str>) -> Result<Vec<PathBuf>> {
-    let entries = std::fs::read_dir(dir)
-        .with_context(|| format!("cannot read model folder {}", dir.display()))?;
+    let entries = std::fs::read_dir(dir).with_context(|| format!("cannot read model folder {}", dir.display()))?;
     let mut all = Vec::new();
     for entry in entries {
         let path = entry?.path();
@@ -22,11 +21,7 @@ pub fn safetensors_files(dir: &Path, variant: Option<&str>) -> Result<Vec<PathBu
         }
     }
     all.sort();
-    let picked: Vec<PathBuf> = all
-        .iter()
-        .filter(|p| file_variant(p).as_deref() == variant)
-        .cloned()
-        .collect();
+    let picked: Vec<PathBuf> = all.iter().filter(|p| file_variant(p).as_deref() == variant).cloned().collect();
     if picked.is_empty() {
         let has_bin = std::fs::read_dir(dir)?
             .filter_map(|e| e.ok())
@@ -37,10 +32,9 @@ pub fn safetensors_files(dir: &Path, variant: Option<&str>) -> Result<Vec<PathBu
                 dir.display(),
                 all.iter().filter_map(|p| p.file_name()?.to_str().map(String::from)).collect::<Vec<_>>().join(", ")
             ),
-            (_, _, true) => bail!(
-                "{} has only PyTorch .bin weights; convert them to .safetensors first",
-                dir.display()
-            ),
+            (_, _, true) => {
+                bail!("{} has only PyTorch .bin weights; convert them to .safetensors first", dir.display())
+            }
             _ => bail!("no .safetensors weights in {}", dir.display()),
         }
     }
@@ -220,7 +214,12 @@ impl ComponentWeights {
 
     /// A `VarBuilder` over these weights, with `deltas` (e.g. fused LoRAs) added on load (in
     /// f32, then stored in the weights' dtype).
-    pub fn var_builder(&self, deltas: Option<Arc<WeightDeltas>>, precision: impl Into<Precision>, device: &Device) -> VarBuilder<'static> {
+    pub fn var_builder(
+        &self,
+        deltas: Option<Arc<WeightDeltas>>,
+        precision: impl Into<Precision>,
+        device: &Device,
+    ) -> VarBuilder<'static> {
         let p = precision.into();
         let backend = FusedWeights { base: self.tensors.clone(), deltas: deltas.unwrap_or_default(), precision: p };
         VarBuilder::from_backend(Box::new(backend), p.compute, device.clone())
@@ -295,7 +294,9 @@ impl WeightFiles {
         let mut files = Vec::new();
         let mut index = HashMap::new();
         for (i, path) in paths.iter().enumerate() {
-            let bad = |e: &dyn std::fmt::Display| anyhow::anyhow!("cannot load weights {}: {}", path.display(), one_line(&e.to_string()));
+            let bad = |e: &dyn std::fmt::Display| {
+                anyhow::anyhow!("cannot load weights {}: {}", path.display(), one_line(&e.to_string()))
+            };
             let file = std::fs::File::open(path).map_err(|e| bad(&e))?;
             let (header_len, metadata) = {
                 // The header is validated against the whole file (offsets contiguous, sizes
@@ -309,7 +310,14 @@ impl WeightFiles {
             for (name, info) in metadata.tensors() {
                 let dtype = candle_dtype(info.dtype).map_err(|e| bad(&format!("{name}: {e}")))?;
                 let (start, end) = info.data_offsets;
-                let stored = StoredTensor { file: i, dtype, shape: info.shape.clone(), offset: (8 + header_len + start) as u64, len: end - start, transposed: false };
+                let stored = StoredTensor {
+                    file: i,
+                    dtype,
+                    shape: info.shape.clone(),
+                    offset: (8 + header_len + start) as u64,
+                    len: end - start,
+                    transposed: false,
+                };
                 index.insert(name, stored);
             }
             files.push((path.clone(), file));
@@ -323,7 +331,8 @@ impl WeightFiles {
             return Err(candle_core::Error::CannotFindTensor { path: name.to_string() }.bt());
         };
         let (path, file) = &self.files[t.file];
-        let read_err = |e: std::io::Error| candle_core::Error::Msg(format!("cannot read {name} from {}: {e}", path.display()));
+        let read_err =
+            |e: std::io::Error| candle_core::Error::Msg(format!("cannot read {name} from {}: {e}", path.display()));
         if t.dtype == DType::F32 {
             // Straight into the tensor's buffer: one copy from the page cache, none in between.
             let mut data = vec![0f32; t.len / 4];
@@ -478,7 +487,12 @@ impl SimpleBackend for FusedWeights {
     fn get(&self, s: Shape, name: &str, _: candle_nn::Init, dtype: DType, dev: &Device) -> candle_core::Result<Tensor> {
         let w = self.base.load(name, dev)?;
         if w.shape() != &s {
-            Err(candle_core::Error::UnexpectedShape { msg: format!("shape mismatch for {name}"), expected: s, got: w.shape().clone() }.bt())?
+            Err(candle_core::Error::UnexpectedShape {
+                msg: format!("shape mismatch for {name}"),
+                expected: s,
+                got: w.shape().clone(),
+            }
+            .bt())?
         }
         let dtype = self.dtype_for(w.shape(), dtype);
         self.deltas.apply(name, w, dtype)
@@ -507,7 +521,11 @@ pub(crate) fn one_line(s: &str) -> String {
 /// zeros for 1-D biases. For building real architectures without their weights (tests,
 /// benchmarks).
 pub fn random_var_builder(seed: u64, dtype: DType, device: &Device) -> VarBuilder<'static> {
-    VarBuilder::from_backend(Box::new(RandomWeights { state: std::sync::atomic::AtomicU64::new(seed | 1), record: None }), dtype, device.clone())
+    VarBuilder::from_backend(
+        Box::new(RandomWeights { state: std::sync::atomic::AtomicU64::new(seed | 1), record: None }),
+        dtype,
+        device.clone(),
+    )
 }
 
 /// Weights a [`recording_random_var_builder`] handed out, by name (to save as a safetensors file).
@@ -530,7 +548,9 @@ impl SimpleBackend for RandomWeights {
     fn get(&self, s: Shape, name: &str, _: candle_nn::Init, dtype: DType, dev: &Device) -> candle_core::Result<Tensor> {
         let t = self.make(&s, name, dev)?;
         if let Some(r) = &self.record {
-            r.lock().map_err(|_| candle_core::Error::Msg("weight record poisoned".into()))?.insert(name.to_string(), t.clone());
+            r.lock()
+                .map_err(|_| candle_core::Error::Msg("weight record poisoned".into()))?
+                .insert(name.to_string(), t.clone());
         }
         t.to_dtype(dtype)
     }

@@ -76,13 +76,9 @@ impl Attention {
         };
         // VAE checkpoints saved before diffusers 0.14 name the mid-block attention
         // query/key/value/proj_attn; diffusers renames them on load, and so do we.
-        let legacy =
-            group_norm.is_some() && !vb.contains_tensor("to_q.weight") && vb.contains_tensor("query.weight");
-        let [q, k, v, o] = if legacy {
-            ["query", "key", "value", "proj_attn"]
-        } else {
-            ["to_q", "to_k", "to_v", "to_out.0"]
-        };
+        let legacy = group_norm.is_some() && !vb.contains_tensor("to_q.weight") && vb.contains_tensor("query.weight");
+        let [q, k, v, o] =
+            if legacy { ["query", "key", "value", "proj_attn"] } else { ["to_q", "to_k", "to_v", "to_out.0"] };
         Ok(Self {
             to_q: Linear::new(vb.pp(q), cfg.query_dim, inner, cfg.bias)?,
             to_k: Linear::new(vb.pp(k), kv_dim, inner, cfg.bias)?,
@@ -210,8 +206,7 @@ impl BasicTransformerBlock {
             num_attention_heads,
             attention_head_dim,
         );
-        let attn2_cfg =
-            AttentionConfig::new(dim, Some(cross_attention_dim), num_attention_heads, attention_head_dim);
+        let attn2_cfg = AttentionConfig::new(dim, Some(cross_attention_dim), num_attention_heads, attention_head_dim);
         Ok(Self {
             norm1: LayerNorm::new(vb.pp("norm1"), dim, eps)?,
             attn1: Attention::new(vb.pp("attn1"), &attn1_cfg)?,

@@ -5,13 +5,13 @@ use crate::config::read_config;
 use crate::loaders::weights::{ComponentWeights, Precision};
 use crate::models::autoencoder_kl::{AutoencoderKL, AutoencoderKLConfig};
 use crate::models::autoencoder_tiny::{AutoencoderTiny, AutoencoderTinyConfig};
-use crate::pipelines::components::vae_precision;
-use crate::pipelines::PipelineKind;
 use crate::random::TorchGenerator;
 use anyhow::{bail, Context, Result};
 use candle_core::{DType, Device, Tensor};
 use std::path::Path;
 
+// One per pipeline (and one for previews): the variants' sizes do not matter.
+#[allow(clippy::large_enum_variant)]
 pub enum Autoencoder {
     Kl(AutoencoderKL),
     /// TAESD / TAESDXL: a distilled decoder, far faster on CPU.
@@ -22,16 +22,17 @@ impl Autoencoder {
     /// An autoencoder folder (`config.json` + weights), by its config's `_class_name`, with its
     /// weights kept at `precision` (a `DType`, or `--dtype`'s [`Precision`]).
     pub fn load(dir: &Path, variant: Option<&str>, precision: impl Into<Precision>, device: &Device) -> Result<Self> {
-        Self::load_as(dir, variant, |_| precision.into(), device)
+        Self::load_with(dir, variant, |_| precision.into(), device)
     }
 
-    /// [`load`](Self::load) as the `pipeline` uses it: SDXL pipelines run an autoencoder whose
-    /// config sets `force_upcast` in f32 when the model is in half precision.
-    pub fn load_for(dir: &Path, variant: Option<&str>, pipeline: PipelineKind, precision: Precision, device: &Device) -> Result<Self> {
-        Self::load_as(dir, variant, |force_upcast| vae_precision(pipeline, force_upcast, precision), device)
-    }
-
-    fn load_as(dir: &Path, variant: Option<&str>, precision: impl FnOnce(bool) -> Precision, device: &Device) -> Result<Self> {
+    /// [`load`](Self::load) with the precision chosen from the config's `force_upcast` (a
+    /// pipeline's rule: SDXL runs such an autoencoder in f32 when the model is in half precision).
+    pub fn load_with(
+        dir: &Path,
+        variant: Option<&str>,
+        precision: impl FnOnce(bool) -> Precision,
+        device: &Device,
+    ) -> Result<Self> {
         let config_path = dir.join("config.json");
         let raw: serde_json::Value = read_config(&config_path)?;
         let class = raw.get("_class_name").and_then(|c| c.as_str()).unwrap_or("AutoencoderKL");

@@ -125,10 +125,7 @@ impl AutoencoderKL {
             )
         }
         if c.up_block_types.len() != n {
-            bail!(
-                "vae config: up_block_types has {} entries but block_out_channels has {n}",
-                c.up_block_types.len()
-            )
+            bail!("vae config: up_block_types has {} entries but block_out_channels has {n}", c.up_block_types.len())
         }
         if let Some(t) = c.down_block_types.iter().find(|t| t.as_str() != "DownEncoderBlock2D") {
             bail!("vae config: down block type `{t}` is not supported (supported: DownEncoderBlock2D)")
@@ -149,16 +146,10 @@ impl AutoencoderKL {
         let encoder = Encoder::new(vb.pp("encoder"), c.in_channels, c.latent_channels, &p)?;
         let decoder = Decoder::new(vb.pp("decoder"), c.latent_channels, c.out_channels, &p)?;
         let l = c.latent_channels;
-        let quant_conv = if c.use_quant_conv {
-            Some(Conv2d::new(vb.pp("quant_conv"), 2 * l, 2 * l, 1, 1, 0)?)
-        } else {
-            None
-        };
-        let post_quant_conv = if c.use_post_quant_conv {
-            Some(Conv2d::new(vb.pp("post_quant_conv"), l, l, 1, 1, 0)?)
-        } else {
-            None
-        };
+        let quant_conv =
+            if c.use_quant_conv { Some(Conv2d::new(vb.pp("quant_conv"), 2 * l, 2 * l, 1, 1, 0)?) } else { None };
+        let post_quant_conv =
+            if c.use_post_quant_conv { Some(Conv2d::new(vb.pp("post_quant_conv"), l, l, 1, 1, 0)?) } else { None };
         Ok(Self { config: c.clone(), encoder, decoder, quant_conv, post_quant_conv, dtype })
     }
 

@@ -125,9 +125,9 @@ impl TinyActivation {
             "gelu" => Self::Common(Activation::Gelu),
             "relu" => Self::Common(Activation::Relu),
             "mish" => Self::Mish,
-            other => candle_core::bail!(
-                "unsupported act_fn `{other}` (diffusers accepts swish, silu, mish, gelu, relu)"
-            ),
+            other => {
+                candle_core::bail!("unsupported act_fn `{other}` (diffusers accepts swish, silu, mish, gelu, relu)")
+            }
         })
     }
 
@@ -186,9 +186,7 @@ impl TinyLayer {
             // integer factor: each pixel repeated s x s times, exactly what `nn.Upsample` picks
             Self::Upsample(s) => {
                 let (n, c, h, w) = x.dims4()?;
-                x.reshape((n, c, h, 1, w, 1))?
-                    .broadcast_as((n, c, h, *s, w, *s))?
-                    .reshape((n, c, h * s, w * s))
+                x.reshape((n, c, h, 1, w, 1))?.broadcast_as((n, c, h, *s, w, *s))?.reshape((n, c, h * s, w * s))
             }
         }
     }
@@ -350,7 +348,10 @@ impl AutoencoderTiny {
         }
         // For an integer factor, "nearest-exact" picks the same source pixels as "nearest".
         if !matches!(c.upsample_fn.as_str(), "nearest" | "nearest-exact") {
-            bail!("tiny vae config: upsample_fn `{}` is not supported (supported: nearest, nearest-exact)", c.upsample_fn)
+            bail!(
+                "tiny vae config: upsample_fn `{}` is not supported (supported: nearest, nearest-exact)",
+                c.upsample_fn
+            )
         }
         let act = TinyActivation::from_name(&c.act_fn).map_err(|e| anyhow::anyhow!("tiny vae config: {e}"))?;
         let encoder = EncoderTiny::new(vb.pp("encoder"), c, act)?;

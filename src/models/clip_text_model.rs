@@ -223,11 +223,8 @@ pub struct ClipTextModel {
 impl ClipTextModel {
     /// Build from a `VarBuilder` over the component's weights (either layout).
     pub fn new(vb: VarBuilder, cfg: &ClipTextConfig) -> Result<Self> {
-        let vb = if vb.contains_tensor("text_model.embeddings.token_embedding.weight") {
-            vb.pp("text_model")
-        } else {
-            vb
-        };
+        let vb =
+            if vb.contains_tensor("text_model.embeddings.token_embedding.weight") { vb.pp("text_model") } else { vb };
         Self::new_unprefixed(vb, cfg)
     }
 
@@ -329,11 +326,8 @@ impl ClipTextModel {
     fn embed(&self, ids: &Tensor) -> Result<Tensor> {
         let (b, seq) = ids.dims2()?;
         let h = self.config.hidden_size;
-        let tok = self
-            .token_embedding
-            .index_select(&ids.flatten_all()?, 0)?
-            .reshape((b, seq, h))?
-            .to_dtype(self.dtype)?;
+        let tok =
+            self.token_embedding.index_select(&ids.flatten_all()?, 0)?.reshape((b, seq, h))?.to_dtype(self.dtype)?;
         let pos = self.position_embedding.narrow(0, 0, seq)?.to_dtype(self.dtype)?;
         tok.broadcast_add(&pos)
     }

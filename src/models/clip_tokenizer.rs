@@ -28,7 +28,8 @@ use tokenizers::pre_tokenizers::split::{Split, SplitPattern};
 use tokenizers::{AddedToken, NormalizerWrapper, PreTokenizerWrapper, SplitDelimiterBehavior, Tokenizer};
 
 /// The pre-tokenizer regex of transformers' `CLIPTokenizer`.
-const CLIP_SPLIT_REGEX: &str = r"<\|startoftext\|>|<\|endoftext\|>|'s|'t|'re|'ve|'m|'ll|'d|[\p{L}]+|[\p{N}]|[^\s\p{L}\p{N}]+";
+const CLIP_SPLIT_REGEX: &str =
+    r"<\|startoftext\|>|<\|endoftext\|>|'s|'t|'re|'ve|'m|'ll|'d|[\p{L}]+|[\p{N}]|[^\s\p{L}\p{N}]+";
 
 /// `CLIPTokenizer`'s defaults for the named special tokens it takes.
 const DEFAULT_UNK: &str = "<|endoftext|>";
@@ -124,9 +125,9 @@ impl ClipTokenizer {
         if let Some(unk) = unk {
             bpe = bpe.unk_token(unk);
         }
-        let bpe = bpe.build().map_err(|e| {
-            anyhow::anyhow!("invalid tokenizer in {}: {}", dir.display(), one_line(&e.to_string()))
-        })?;
+        let bpe = bpe
+            .build()
+            .map_err(|e| anyhow::anyhow!("invalid tokenizer in {}: {}", dir.display(), one_line(&e.to_string())))?;
 
         let mut tokenizer = Tokenizer::new(bpe);
         let replace = Replace::new(ReplacePattern::Regex(r"\s+".to_string()), " ")
@@ -136,25 +137,20 @@ impl ClipTokenizer {
             NormalizerWrapper::Replace(replace),
             NormalizerWrapper::Lowercase(Lowercase),
         ]))));
-        let split = Split::new(
-            SplitPattern::Regex(CLIP_SPLIT_REGEX.to_string()),
-            SplitDelimiterBehavior::Removed,
-            true,
-        )
-        .map_err(|e| anyhow::anyhow!("tokenizer pre-tokenizer: {e}"))?;
-        tokenizer.with_pre_tokenizer(Some(PreTokenizerWrapper::Sequence(PreTokenizerSequence::new(
-            vec![
-                PreTokenizerWrapper::Split(split),
-                PreTokenizerWrapper::ByteLevel(ByteLevel::new(false, true, true)),
-            ],
-        ))));
+        let split =
+            Split::new(SplitPattern::Regex(CLIP_SPLIT_REGEX.to_string()), SplitDelimiterBehavior::Removed, true)
+                .map_err(|e| anyhow::anyhow!("tokenizer pre-tokenizer: {e}"))?;
+        tokenizer.with_pre_tokenizer(Some(PreTokenizerWrapper::Sequence(PreTokenizerSequence::new(vec![
+            PreTokenizerWrapper::Split(split),
+            PreTokenizerWrapper::ByteLevel(ByteLevel::new(false, true, true)),
+        ]))));
         tokenizer.add_tokens(&specials.added);
 
         let id_of = |key: &str, default: &str| -> Result<u32> {
             let content = specials.named.get(key).map(|s| s.content()).unwrap_or(default);
-            tokenizer.token_to_id(content).with_context(|| {
-                format!("tokenizer in {}: {key} `{content}` is not in the vocabulary", dir.display())
-            })
+            tokenizer
+                .token_to_id(content)
+                .with_context(|| format!("tokenizer in {}: {key} `{content}` is not in the vocabulary", dir.display()))
         };
         let bos_id = id_of("bos_token", DEFAULT_BOS)?;
         let eos_id = id_of("eos_token", DEFAULT_EOS)?;
@@ -385,9 +381,10 @@ fn resolve_special_tokens(
                 let Value::Object(obj) = item else {
                     bail!("invalid {}: an entry of `added_tokens` is not an object", file.display())
                 };
-                let id = obj.get("id").and_then(Value::as_u64).with_context(|| {
-                    format!("invalid {}: an entry of `added_tokens` has no `id`", file.display())
-                })?;
+                let id = obj
+                    .get("id")
+                    .and_then(Value::as_u64)
+                    .with_context(|| format!("invalid {}: an entry of `added_tokens` has no `id`", file.display()))?;
                 let def = TokenDef::from_object(obj, false, &file)?;
                 by_content.insert(def.content.clone(), def.clone());
                 decoder.insert(id, def);
@@ -423,14 +420,9 @@ fn resolve_special_tokens(
     }
     let named_contents: HashSet<&str> = named.values().map(|s| s.content()).collect();
     let defs = queue.into_iter().map(|spec| match spec {
-        TokenSpec::Str(content) => TokenDef {
-            content,
-            single_word: false,
-            lstrip: false,
-            rstrip: false,
-            normalized: false,
-            special: true,
-        },
+        TokenSpec::Str(content) => {
+            TokenDef { content, single_word: false, lstrip: false, rstrip: false, normalized: false, special: true }
+        }
         TokenSpec::Def(mut d) => {
             if !d.special && named_contents.contains(d.content.as_str()) {
                 d.special = true;
@@ -465,8 +457,7 @@ fn read_json_object_opt(path: &Path) -> Result<Option<Map<String, Value>>> {
     if !path.exists() {
         return Ok(None);
     }
-    let text = std::fs::read_to_string(path)
-        .with_context(|| format!("cannot read {}", path.display()))?;
+    let text = std::fs::read_to_string(path).with_context(|| format!("cannot read {}", path.display()))?;
     match serde_json::from_str::<Value>(&text) {
         Ok(Value::Object(m)) => Ok(Some(m)),
         Ok(_) => bail!("invalid {}: not a JSON object", path.display()),

@@ -19,9 +19,9 @@ pub struct ControlNetConfig {
     pub unet: UNet2DConditionConfig,
     #[serde(default = "d_conditioning_channels")]
     pub conditioning_channels: usize,
-    /// `rgb` or `bgr` (the conditioning image's channels are flipped for `bgr`).
-    #[serde(default = "d_rgb")]
-    pub controlnet_conditioning_channel_order: String,
+    /// The conditioning image's channels are flipped for `bgr`.
+    #[serde(default)]
+    pub controlnet_conditioning_channel_order: ChannelOrder,
     #[serde(default = "d_embedding_channels")]
     pub conditioning_embedding_out_channels: Vec<usize>,
     /// Shuffle-style ControlNets: residuals averaged over space (and guess mode forced on).
@@ -32,11 +32,28 @@ pub struct ControlNetConfig {
 fn d_conditioning_channels() -> usize {
     3
 }
-fn d_rgb() -> String {
-    "rgb".into()
-}
 fn d_embedding_channels() -> Vec<usize> {
     vec![16, 32, 96, 256]
+}
+
+/// A ControlNet call's control arguments (diffusers' `controlnet_cond`, `conditioning_scale`,
+/// `guess_mode`).
+#[derive(Clone, Copy, Debug)]
+pub struct ControlNetCond<'a> {
+    /// `[b, conditioning_channels, H, W]` in [0, 1], `H, W` the latent size times the VAE factor.
+    pub image: &'a Tensor,
+    pub conditioning_scale: f64,
+    /// Scales the residuals from 0.1 (first) to 1.0 (mid block).
+    pub guess_mode: bool,
+}
+
+/// `controlnet_conditioning_channel_order`.
+#[derive(Clone, Copy, Debug, Default, serde::Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum ChannelOrder {
+    #[default]
+    Rgb,
+    Bgr,
 }
 
 impl ControlNetConfig {
@@ -56,7 +73,9 @@ pub struct ConditioningEmbedding {
 
 impl ConditioningEmbedding {
     fn new(vb: VarBuilder, out_channels: usize, in_channels: usize, channels: &[usize]) -> anyhow::Result<Self> {
-        let Some(&first) = channels.first() else { bail!("controlnet config: conditioning_embedding_out_channels is empty") };
+        let Some(&first) = channels.first() else {
+            bail!("controlnet config: conditioning_embedding_out_channels is empty")
+        };
         let conv_in = Conv2d::new(vb.pp("conv_in"), in_channels, first, 3, 1, 1)?;
         let mut blocks = Vec::new();
         for (i, w) in channels.windows(2).enumerate() {
@@ -86,7 +105,7 @@ pub struct ControlNetOutput {
 
 impl ControlNetOutput {
     /// `MultiControlNetModel`: residuals of several ControlNets are summed.
-    pub fn add(self, other: &ControlNetOutput) -> Result<Self> {
+    pub fn sum_with(self, other: &ControlNetOutput) -> Result<Self> {
         if self.down_block_res_samples.len() != other.down_block_res_samples.len() {
             candle_core::bail!(
                 "ControlNets with different numbers of residuals ({} and {}) cannot be combined",
@@ -100,7 +119,10 @@ impl ControlNetOutput {
             .zip(&other.down_block_res_samples)
             .map(|(a, b)| a + b)
             .collect::<Result<Vec<_>>>()?;
-        Ok(Self { down_block_res_samples: down, mid_block_res_sample: (&self.mid_block_res_sample + &other.mid_block_res_sample)? })
+        Ok(Self {
+            down_block_res_samples: down,
+            mid_block_res_sample: (&self.mid_block_res_sample + &other.mid_block_res_sample)?,
+        })
     }
 
     /// Into the UNet's conditioning (`down_block_additional_residuals`, `mid_block_additional_residual`).
@@ -130,10 +152,6 @@ impl ControlNetModel {
         if c.time_cond_proj_dim.is_some() {
             bail!("controlnet config: time_cond_proj_dim is not a ControlNetModel option")
         }
-        match config.controlnet_conditioning_channel_order.as_str() {
-            "rgb" | "bgr" => {}
-            other => bail!("controlnet config: unknown controlnet_conditioning_channel_order `{other}` (rgb or bgr)"),
-        }
         if config.conditioning_channels == 0 {
             bail!("controlnet config: conditioning_channels must be positive")
         }
@@ -156,24 +174,28 @@ impl ControlNetModel {
         }
         let last = boc[boc.len() - 1];
         let controlnet_mid_block = Conv2d::new(vb.pp("controlnet_mid_block"), last, last, 1, 1, 0)?;
-        Ok(Self { config: config.clone(), down, controlnet_cond_embedding, controlnet_down_blocks, controlnet_mid_block })
+        Ok(Self {
+            config: config.clone(),
+            down,
+            controlnet_cond_embedding,
+            controlnet_down_blocks,
+            controlnet_mid_block,
+        })
     }
 
-    /// The residuals for `sample` at `timestep` given the conditioning image `controlnet_cond`
-    /// (`[b, conditioning_channels, H, W]` in [0, 1], `H, W` = latent size times 8 for SD).
+    /// The residuals for `sample` at `timestep` given the conditioning image (`control`).
     /// `cond` supplies SDXL's `added_cond`; `timestep_cond` is not a ControlNet input and is
-    /// ignored. `guess_mode` scales the residuals from 0.1 (first) to 1.0 (mid block).
+    /// ignored.
     pub fn forward(
         &self,
         sample: &Tensor,
         timestep: impl Into<Timestep>,
         encoder_hidden_states: &Tensor,
-        controlnet_cond: &Tensor,
-        conditioning_scale: f64,
+        control: ControlNetCond,
         cond: &UNetConditioning,
-        guess_mode: bool,
     ) -> Result<ControlNetOutput> {
-        let controlnet_cond = if self.config.controlnet_conditioning_channel_order == "bgr" {
+        let ControlNetCond { image: controlnet_cond, conditioning_scale, guess_mode } = control;
+        let controlnet_cond = if self.config.controlnet_conditioning_channel_order == ChannelOrder::Bgr {
             let c = controlnet_cond.dim(1)?;
             let idx = Tensor::new((0..c as u32).rev().collect::<Vec<_>>(), controlnet_cond.device())?;
             controlnet_cond.index_select(&idx, 1)?
@@ -196,7 +218,11 @@ impl ControlNetModel {
         let x = self.down.mid(x, &emb, encoder_hidden_states, &NoHooks)?;
 
         if skips.len() != self.controlnet_down_blocks.len() {
-            candle_core::bail!("controlnet: {} skip connections for {} zero convolutions", skips.len(), self.controlnet_down_blocks.len())
+            candle_core::bail!(
+                "controlnet: {} skip connections for {} zero convolutions",
+                skips.len(),
+                self.controlnet_down_blocks.len()
+            )
         }
         let mut down = skips
             .iter()

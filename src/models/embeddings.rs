@@ -77,8 +77,7 @@ impl TimestepEmbedding {
             Some(d) => Some(Linear::new(vb.pp("cond_proj"), d, in_channels, false)?),
             None => None,
         };
-        let linear_2 =
-            Linear::new(vb.pp("linear_2"), time_embed_dim, out_dim.unwrap_or(time_embed_dim), true)?;
+        let linear_2 = Linear::new(vb.pp("linear_2"), time_embed_dim, out_dim.unwrap_or(time_embed_dim), true)?;
         Ok(Self {
             linear_1,
             act: Activation::from_name(act_fn)?,

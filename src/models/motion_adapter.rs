@@ -158,11 +158,18 @@ pub struct AnimateDiffTransformer3D {
 }
 
 impl AnimateDiffTransformer3D {
-    fn new(vb: VarBuilder, channels: usize, heads: usize, layers: usize, groups: usize, max_seq_length: usize) -> anyhow::Result<Self> {
-        if heads == 0 || channels % heads != 0 {
+    fn new(
+        vb: VarBuilder,
+        channels: usize,
+        heads: usize,
+        layers: usize,
+        groups: usize,
+        max_seq_length: usize,
+    ) -> anyhow::Result<Self> {
+        if heads == 0 || !channels.is_multiple_of(heads) {
             bail!("motion adapter config: {channels} channels do not split into {heads} attention heads");
         }
-        if groups == 0 || channels % groups != 0 {
+        if groups == 0 || !channels.is_multiple_of(groups) {
             bail!("motion adapter: {channels} channels do not split into {groups} groups (the UNet's norm_num_groups)");
         }
         let inner = heads * (channels / heads);
@@ -184,7 +191,10 @@ impl AnimateDiffTransformer3D {
             candle_core::bail!("a batch of {bf} is not a whole number of {frames}-frame videos")
         }
         if frames > self.max_seq_length {
-            candle_core::bail!("{frames} frames exceed the motion adapter's motion_max_seq_length {}", self.max_seq_length)
+            candle_core::bail!(
+                "{frames} frames exceed the motion adapter's motion_max_seq_length {}",
+                self.max_seq_length
+            )
         }
         let b = bf / frames;
         // [b, f, c, h, w] -> [b, c, f, h, w]: GroupNorm statistics span the frames of a video.
@@ -221,10 +231,14 @@ fn expand_depths(d: &Depths, n: usize, layers: &[usize]) -> anyhow::Result<Vec<V
             .map(|(e, &l)| match e {
                 PerBlock::One(k) => Ok(vec![*k; l]),
                 PerBlock::Each(v) if v.len() == l => Ok(v.clone()),
-                PerBlock::Each(v) => bail!("motion adapter config: {} transformer depths for a block of {l} motion layers", v.len()),
+                PerBlock::Each(v) => {
+                    bail!("motion adapter config: {} transformer depths for a block of {l} motion layers", v.len())
+                }
             })
             .collect::<anyhow::Result<Vec<_>>>()?,
-        Depths::Each(v) => bail!("motion adapter config: motion_transformer_layers_per_block has {} entries for {n} blocks", v.len()),
+        Depths::Each(v) => {
+            bail!("motion adapter config: motion_transformer_layers_per_block has {} entries for {n} blocks", v.len())
+        }
     })
 }
 
@@ -264,19 +278,33 @@ impl MotionModules {
                 DownBlock::CrossAttn(b) => b.resnets.len(),
             };
             if unet_layers != layers[i] {
-                bail!("the motion adapter has {} motion layers in down block {i}, the UNet {unet_layers} layers", layers[i])
+                bail!(
+                    "the motion adapter has {} motion layers in down block {i}, the UNet {unet_layers} layers",
+                    layers[i]
+                )
             }
             let vb = vb.pp("down_blocks").pp(i).pp("motion_modules");
             down.push(
                 (0..layers[i])
-                    .map(|j| AnimateDiffTransformer3D::new(vb.pp(j), c.block_out_channels[i], heads[i], depths[i][j], groups, seq))
+                    .map(|j| {
+                        AnimateDiffTransformer3D::new(
+                            vb.pp(j),
+                            c.block_out_channels[i],
+                            heads[i],
+                            depths[i][j],
+                            groups,
+                            seq,
+                        )
+                    })
                     .collect::<anyhow::Result<Vec<_>>>()?,
             );
         }
         let mid = if c.use_motion_mid_block {
             let attentions = match &unet.down.mid_block {
                 Some(MidBlock::CrossAttn(m)) => m.attentions.len(),
-                _ => bail!("the motion adapter has a mid-block motion module but the UNet's mid block has no attention"),
+                _ => {
+                    bail!("the motion adapter has a mid-block motion module but the UNet's mid block has no attention")
+                }
             };
             let k = c.motion_mid_block_layers_per_block;
             if k != attentions {
@@ -308,12 +336,24 @@ impl MotionModules {
                 UpBlock::CrossAttn(b) => b.resnets.len(),
             };
             if unet_layers != layers[r] + 1 {
-                bail!("the motion adapter has {} motion layers in up block {i}, the UNet {unet_layers} layers", layers[r] + 1)
+                bail!(
+                    "the motion adapter has {} motion layers in up block {i}, the UNet {unet_layers} layers",
+                    layers[r] + 1
+                )
             }
             let vb = vb.pp("up_blocks").pp(i).pp("motion_modules");
             up.push(
                 (0..unet_layers)
-                    .map(|j| AnimateDiffTransformer3D::new(vb.pp(j), c.block_out_channels[r], heads[r], up_depths[i][j], groups, seq))
+                    .map(|j| {
+                        AnimateDiffTransformer3D::new(
+                            vb.pp(j),
+                            c.block_out_channels[r],
+                            heads[r],
+                            up_depths[i][j],
+                            groups,
+                            seq,
+                        )
+                    })
                     .collect::<anyhow::Result<Vec<_>>>()?,
             );
         }
@@ -322,7 +362,14 @@ impl MotionModules {
 
     /// The most frames the positional embeddings cover (`motion_max_seq_length`).
     pub fn max_frames(&self) -> usize {
-        self.down.iter().chain(&self.up).chain(self.mid.iter()).flatten().map(|m| m.max_seq_length).min().unwrap_or(usize::MAX)
+        self.down
+            .iter()
+            .chain(&self.up)
+            .chain(self.mid.iter())
+            .flatten()
+            .map(|m| m.max_seq_length)
+            .min()
+            .unwrap_or(usize::MAX)
     }
 
     /// The hooks that run these modules inside the UNet for `frames`-frame videos.

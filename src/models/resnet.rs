@@ -20,9 +20,9 @@ impl TimeEmbeddingNorm {
         match name {
             "default" => Ok(Self::Default),
             "scale_shift" => Ok(Self::ScaleShift),
-            other => anyhow::bail!(
-                "resnet_time_scale_shift `{other}` is not supported (supported: default, scale_shift)"
-            ),
+            other => {
+                anyhow::bail!("resnet_time_scale_shift `{other}` is not supported (supported: default, scale_shift)")
+            }
         }
     }
 }

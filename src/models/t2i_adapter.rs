@@ -124,7 +124,13 @@ pub struct AdapterBlock {
 
 impl AdapterBlock {
     /// diffusers' `AdapterBlock(in_channels, out_channels, num_res_blocks, down)`.
-    pub fn full(vb: VarBuilder, in_channels: usize, out_channels: usize, num_res_blocks: usize, down: bool) -> Result<Self> {
+    pub fn full(
+        vb: VarBuilder,
+        in_channels: usize,
+        out_channels: usize,
+        num_res_blocks: usize,
+        down: bool,
+    ) -> Result<Self> {
         let in_conv = if in_channels != out_channels {
             Some(Conv2d::new(vb.pp("in_conv"), in_channels, out_channels, 1, 1, 0)?)
         } else {
@@ -137,7 +143,13 @@ impl AdapterBlock {
     }
 
     /// diffusers' `LightAdapterBlock(in_channels, out_channels, num_res_blocks, down)`.
-    pub fn light(vb: VarBuilder, in_channels: usize, out_channels: usize, num_res_blocks: usize, down: bool) -> Result<Self> {
+    pub fn light(
+        vb: VarBuilder,
+        in_channels: usize,
+        out_channels: usize,
+        num_res_blocks: usize,
+        down: bool,
+    ) -> Result<Self> {
         let mid = out_channels / 4;
         let in_conv = Conv2d::new(vb.pp("in_conv"), in_channels, mid, 1, 1, 0)?;
         let resnets = (0..num_res_blocks)
@@ -206,10 +218,7 @@ impl T2IAdapter {
                 // diffusers builds block i >= 3 for channels[i] -> channels[i] although it is fed
                 // channels[i - 1]; such a config fails in its forward, so refuse it here.
                 if let Some(i) = (3..n).find(|&i| ch[i] != ch[i - 1]) {
-                    bail!(
-                        "t2i adapter config: full_adapter_xl needs channels[{i}] == channels[{}], got {ch:?}",
-                        i - 1
-                    )
+                    bail!("t2i adapter config: full_adapter_xl needs channels[{i}] == channels[{}], got {ch:?}", i - 1)
                 }
                 let conv_in = Conv2d::new(vb.pp("conv_in"), unshuffled, ch[0], 3, 1, 1)?;
                 let mut body = Vec::with_capacity(n);
@@ -248,7 +257,12 @@ impl T2IAdapter {
     /// `*.fp16.safetensors` files), converting the weights to `dtype` on `device` (a
     /// [`Precision`](crate::loaders::weights::Precision): kernels in its weight dtype, features
     /// in its compute dtype).
-    pub fn load_with(dir: &Path, variant: Option<&str>, dtype: impl Into<crate::loaders::weights::Precision>, device: &Device) -> anyhow::Result<Self> {
+    pub fn load_with(
+        dir: &Path,
+        variant: Option<&str>,
+        dtype: impl Into<crate::loaders::weights::Precision>,
+        device: &Device,
+    ) -> anyhow::Result<Self> {
         let config = T2IAdapterConfig::from_file(&dir.join("config.json"))?;
         if let Some(class) = config.class_name.as_deref().filter(|c| *c != "T2IAdapter") {
             bail!("{} holds a `{class}`, not a `T2IAdapter`", dir.display())
@@ -263,9 +277,11 @@ impl T2IAdapter {
     pub fn forward(&self, x: &Tensor) -> Result<Vec<Tensor>> {
         let (_, c, h, w) = match x.dims() {
             &[b, c, h, w] => (b, c, h, w),
-            d => return Err(input_error(format!(
-                "t2i adapter: expected an input of shape [batch, channels, height, width], got {d:?}"
-            ))),
+            d => {
+                return Err(input_error(format!(
+                    "t2i adapter: expected an input of shape [batch, channels, height, width], got {d:?}"
+                )))
+            }
         };
         if c != self.config.in_channels {
             return Err(input_error(format!(
@@ -332,9 +348,7 @@ pub fn pixel_unshuffle(x: &Tensor, r: usize) -> Result<Tensor> {
     if r == 1 {
         return Ok(x.clone());
     }
-    x.reshape(vec![b, c, h / r, r, w / r, r])?
-        .permute((0, 1, 3, 5, 2, 4))?
-        .reshape((b, c * r * r, h / r, w / r))
+    x.reshape(vec![b, c, h / r, r, w / r, r])?.permute((0, 1, 3, 5, 2, 4))?.reshape((b, c * r * r, h / r, w / r))
 }
 
 /// `nn.AvgPool2d(kernel_size=2, stride=2, ceil_mode=True)` (padding 0): the output is
@@ -351,8 +365,7 @@ pub fn avg_pool2x2_ceil(x: &Tensor) -> Result<Tensor> {
         (sum * 0.25)?
     } else {
         let rows = |i: usize, n: usize| if 2 * i + 1 < n { 2.0f32 } else { 1.0 };
-        let inv: Vec<f32> =
-            (0..ho).flat_map(|i| (0..wo).map(move |j| 1.0 / (rows(i, h) * rows(j, w)))).collect();
+        let inv: Vec<f32> = (0..ho).flat_map(|i| (0..wo).map(move |j| 1.0 / (rows(i, h) * rows(j, w)))).collect();
         let inv = Tensor::from_vec(inv, (1, 1, ho, wo), x.device())?;
         sum.broadcast_mul(&inv)?
     };

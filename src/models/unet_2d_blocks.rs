@@ -1,9 +1,7 @@
 //! The down, mid and up blocks of the UNet and the VAE (diffusers `unets/unet_2d_blocks.py`).
 
 use crate::models::attention::{Attention, AttentionConfig, Transformer2DConfig, Transformer2DModel};
-use crate::models::resnet::{
-    Downsample2D, ResnetBlock2D, ResnetBlock2DConfig, TimeEmbeddingNorm, Upsample2D,
-};
+use crate::models::resnet::{Downsample2D, ResnetBlock2D, ResnetBlock2DConfig, TimeEmbeddingNorm, Upsample2D};
 use crate::nn::Activation;
 use candle_core::{Result, Tensor};
 use candle_nn::VarBuilder;
@@ -22,8 +20,7 @@ pub struct ResnetParams {
 
 impl ResnetParams {
     fn resnet(&self, vb: VarBuilder, cin: usize, cout: usize) -> Result<ResnetBlock2D> {
-        let mut cfg =
-            ResnetBlock2DConfig::new(cin, cout, self.temb_channels, self.groups, self.eps, self.act);
+        let mut cfg = ResnetBlock2DConfig::new(cin, cout, self.temb_channels, self.groups, self.eps, self.act);
         cfg.time_embedding_norm = self.time_embedding_norm;
         cfg.output_scale_factor = self.output_scale_factor;
         ResnetBlock2D::new(vb, &cfg)
@@ -42,13 +39,7 @@ pub struct CrossAttnParams {
 }
 
 impl CrossAttnParams {
-    fn transformer(
-        &self,
-        vb: VarBuilder,
-        channels: usize,
-        groups: usize,
-        i: usize,
-    ) -> Result<Transformer2DModel> {
+    fn transformer(&self, vb: VarBuilder, channels: usize, groups: usize, i: usize) -> Result<Transformer2DModel> {
         let heads = self.num_attention_heads;
         if heads == 0 || heads > channels {
             candle_core::bail!("{}: {heads} attention heads cannot split {channels} channels", vb.prefix())
@@ -362,8 +353,7 @@ impl UNetMidBlock2D {
                 if attention_head_dim == 0 {
                     candle_core::bail!("{}: attention_head_dim is 0", vb.prefix())
                 }
-                let mut cfg =
-                    AttentionConfig::new(channels, None, channels / attention_head_dim, attention_head_dim);
+                let mut cfg = AttentionConfig::new(channels, None, channels / attention_head_dim, attention_head_dim);
                 cfg.bias = true;
                 cfg.norm_num_groups = Some(rp.groups);
                 cfg.eps = rp.eps;
@@ -449,15 +439,8 @@ impl DownEncoderBlock2D {
         downsample_padding: usize,
         rp: &ResnetParams,
     ) -> Result<Self> {
-        let DownBlock2D { resnets, downsamplers } = DownBlock2D::new(
-            vb,
-            in_channels,
-            out_channels,
-            num_layers,
-            add_downsample,
-            downsample_padding,
-            rp,
-        )?;
+        let DownBlock2D { resnets, downsamplers } =
+            DownBlock2D::new(vb, in_channels, out_channels, num_layers, add_downsample, downsample_padding, rp)?;
         Ok(Self { resnets, downsamplers })
     }
 

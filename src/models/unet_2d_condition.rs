@@ -2,8 +2,8 @@
 //! variants (diffusers `unets/unet_2d_condition.py`), built from its `config.json`.
 
 use crate::config::{read_config, PerBlock};
-use crate::models::unet_2d_blocks::{CrossAttnParams, CrossAttnUpBlock2D, UpBlock2D};
 use crate::models::motion_adapter::MotionModules;
+use crate::models::unet_2d_blocks::{CrossAttnParams, CrossAttnUpBlock2D, UpBlock2D};
 use crate::models::unet_down_path::{layers_of, BlockHooks, BlockSettings, NoHooks, Place, UNetDownPath};
 use crate::nn::{Activation, Conv2d, GroupNorm};
 use anyhow::bail;
@@ -164,9 +164,7 @@ fn d_attention_type() -> Option<String> {
     Some("default".into())
 }
 fn d_down_block_types() -> Vec<String> {
-    ["CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"]
-        .map(String::from)
-        .to_vec()
+    ["CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"].map(String::from).to_vec()
 }
 fn d_up_block_types() -> Vec<String> {
     ["UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"].map(String::from).to_vec()
@@ -314,10 +312,7 @@ impl UNet2DConditionModel {
         let s = BlockSettings::from_config(c)?;
         let n = s.n;
         if c.up_block_types.len() != n {
-            bail!(
-                "unet config: down_block_types has {n} entries but up_block_types has {}",
-                c.up_block_types.len()
-            )
+            bail!("unet config: down_block_types has {n} entries but up_block_types has {}", c.up_block_types.len())
         }
         let reverse_transformer_layers: Vec<PerBlock<usize>> = match &c.reverse_transformer_layers_per_block {
             None => {
@@ -354,7 +349,13 @@ impl UNet2DConditionModel {
             let vb = vb.pp("up_blocks").pp(i);
             let block = match ty.strip_prefix("UNetRes").unwrap_or(ty) {
                 "UpBlock2D" => UpBlock::Up(UpBlock2D::new(
-                    vb, input_channel, prev_output_channel, output_channel, nl, !is_final, &rp,
+                    vb,
+                    input_channel,
+                    prev_output_channel,
+                    output_channel,
+                    nl,
+                    !is_final,
+                    rp,
                 )?),
                 "CrossAttnUpBlock2D" => {
                     let ap = CrossAttnParams {
@@ -365,10 +366,19 @@ impl UNet2DConditionModel {
                         only_cross_attention: rev_only_cross[i],
                     };
                     UpBlock::CrossAttn(CrossAttnUpBlock2D::new(
-                        vb, input_channel, prev_output_channel, output_channel, nl, !is_final, &rp, &ap,
+                        vb,
+                        input_channel,
+                        prev_output_channel,
+                        output_channel,
+                        nl,
+                        !is_final,
+                        rp,
+                        &ap,
                     )?)
                 }
-                other => bail!("unet config: up block type `{other}` is not supported (supported: UpBlock2D, CrossAttnUpBlock2D)"),
+                other => bail!(
+                    "unet config: up block type `{other}` is not supported (supported: UpBlock2D, CrossAttnUpBlock2D)"
+                ),
             };
             up_blocks.push(block);
         }
@@ -419,12 +429,11 @@ impl UNet2DConditionModel {
             cond.mid_block_additional_residual.is_some() && cond.down_block_additional_residuals.is_some();
         // diffusers still accepts T2I-Adapter residuals passed as `down_block_additional_residuals`
         // without a mid residual (deprecated) and treats them as intrablock residuals.
-        let intrablock =
-            match (&cond.down_intrablock_additional_residuals, &cond.mid_block_additional_residual) {
-                (Some(r), _) => Some(r),
-                (None, None) => cond.down_block_additional_residuals.as_ref(),
-                (None, Some(_)) => None,
-            };
+        let intrablock = match (&cond.down_intrablock_additional_residuals, &cond.mid_block_additional_residual) {
+            (Some(r), _) => Some(r),
+            (None, None) => cond.down_block_additional_residuals.as_ref(),
+            (None, Some(_)) => None,
+        };
         let mut intrablock = intrablock.map(|r| r.iter()).into_iter().flatten();
         let motion_hooks;
         let hooks: &dyn BlockHooks = match (&self.motion, cond.num_frames) {
@@ -432,7 +441,9 @@ impl UNet2DConditionModel {
                 motion_hooks = m.hooks(frames);
                 &motion_hooks
             }
-            (Some(_), None) => candle_core::bail!("this UNet has motion modules: give `num_frames` (frames folded into the batch)"),
+            (Some(_), None) => {
+                candle_core::bail!("this UNet has motion modules: give `num_frames` (frames folded into the batch)")
+            }
             (None, _) => &NoHooks,
         };
         let (mut x, mut skips) = self.down.down(x, &emb, ehs, &mut intrablock, hooks)?;
@@ -507,7 +518,9 @@ impl UNet2DConditionModel {
         let cond = UNetConditioning {
             timestep_cond: cond.timestep_cond.as_ref().map(per_frame).transpose()?,
             added_cond: match &cond.added_cond {
-                Some(a) => Some(AddedCond { text_embeds: per_frame(&a.text_embeds)?, time_ids: per_frame(&a.time_ids)? }),
+                Some(a) => {
+                    Some(AddedCond { text_embeds: per_frame(&a.text_embeds)?, time_ids: per_frame(&a.time_ids)? })
+                }
                 None => None,
             },
             num_frames: Some(f),

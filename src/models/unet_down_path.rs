@@ -8,8 +8,7 @@ use crate::config::PerBlock;
 use crate::models::embeddings::{TimestepEmbedding, Timesteps};
 use crate::models::resnet::TimeEmbeddingNorm;
 use crate::models::unet_2d_blocks::{
-    CrossAttnDownBlock2D, CrossAttnParams, DownBlock2D, ResnetParams, UNetMidBlock2D,
-    UNetMidBlock2DCrossAttn,
+    CrossAttnDownBlock2D, CrossAttnParams, DownBlock2D, ResnetParams, UNetMidBlock2D, UNetMidBlock2DCrossAttn,
 };
 use crate::models::unet_2d_condition::{Timestep, TransformerLayers, UNet2DConditionConfig, UNetConditioning};
 use crate::nn::{Activation, Conv2d};
@@ -108,16 +107,14 @@ impl BlockSettings {
         let Some(groups) = c.norm_num_groups else {
             return Err(unsupported("norm_num_groups: null"));
         };
-        let time_embedding_norm =
-            TimeEmbeddingNorm::from_name(&c.resnet_time_scale_shift).context("unet config")?;
+        let time_embedding_norm = TimeEmbeddingNorm::from_name(&c.resnet_time_scale_shift).context("unet config")?;
         let act = Activation::from_name(&c.act_fn).context("unet config: act_fn")?;
         let transformer_layers: Vec<PerBlock<usize>> = match &c.transformer_layers_per_block {
             TransformerLayers::One(v) => vec![PerBlock::One(*v); n],
             TransformerLayers::Each(v) if v.len() == n => v.clone(),
-            TransformerLayers::Each(v) => bail!(
-                "unet config: transformer_layers_per_block has {} entries but down_block_types has {n}",
-                v.len()
-            ),
+            TransformerLayers::Each(v) => {
+                bail!("unet config: transformer_layers_per_block has {} entries but down_block_types has {n}", v.len())
+            }
         };
         let time_embed_dim = c.time_embedding_dim.unwrap_or(c.block_out_channels[0] * 4);
         Ok(Self {
@@ -205,15 +202,8 @@ impl UNetDownPath {
                 let Some(in_dim) = c.projection_class_embeddings_input_dim else {
                     bail!("unet config: addition_embed_type `text_time` needs projection_class_embeddings_input_dim")
                 };
-                let emb = TimestepEmbedding::new(
-                    vb.pp("add_embedding"),
-                    in_dim,
-                    s.time_embed_dim,
-                    "silu",
-                    None,
-                    None,
-                    None,
-                )?;
+                let emb =
+                    TimestepEmbedding::new(vb.pp("add_embedding"), in_dim, s.time_embed_dim, "silu", None, None, None)?;
                 (Some(Timesteps::new(time_dim, c.flip_sin_to_cos, c.freq_shift)), Some(emb))
             }
             Some(other) => bail!("unet config: addition_embed_type `{other}` is not supported"),
@@ -275,7 +265,16 @@ impl UNetDownPath {
             }
             Some(other) => bail!("unet config: mid_block_type `{other}` is not supported (supported: UNetMidBlock2DCrossAttn, UNetMidBlock2D, null)"),
         };
-        Ok(Self { conv_in, time_proj, time_embedding, add_time_proj, add_embedding, time_embed_act, down_blocks, mid_block })
+        Ok(Self {
+            conv_in,
+            time_proj,
+            time_embedding,
+            add_time_proj,
+            add_embedding,
+            time_embed_act,
+            down_blocks,
+            mid_block,
+        })
     }
 
     /// Timesteps as a `[batch]` tensor.
@@ -304,13 +303,14 @@ impl UNetDownPath {
         let mut emb = self.time_embedding.forward(&t_emb, cond.timestep_cond.as_ref())?;
         if let (Some(proj), Some(add)) = (&self.add_time_proj, &self.add_embedding) {
             let Some(added) = &cond.added_cond else {
-                candle_core::bail!("this model (addition_embed_type `text_time`) needs `added_cond` (text_embeds and time_ids)")
+                candle_core::bail!(
+                    "this model (addition_embed_type `text_time`) needs `added_cond` (text_embeds and time_ids)"
+                )
             };
             let b = added.text_embeds.dim(0)?;
             let time_embeds = proj.forward(&added.time_ids.flatten_all()?)?.reshape((b, ()))?;
-            let add_embeds =
-                Tensor::cat(&[&added.text_embeds, &time_embeds.to_dtype(added.text_embeds.dtype())?], 1)?
-                    .to_dtype(emb.dtype())?;
+            let add_embeds = Tensor::cat(&[&added.text_embeds, &time_embeds.to_dtype(added.text_embeds.dtype())?], 1)?
+                .to_dtype(emb.dtype())?;
             emb = emb.broadcast_add(&add.forward(&add_embeds, None)?)?;
         }
         match &self.time_embed_act {
@@ -335,12 +335,14 @@ impl UNetDownPath {
             match block {
                 DownBlock::CrossAttn(b) => {
                     let extra = intrablock.next();
-                    let (y, states) = b.forward(&x, Some(emb), ehs, extra, Some(&|j, x| hooks.after_layer(Place::Down(i), j, x)))?;
+                    let (y, states) =
+                        b.forward(&x, Some(emb), ehs, extra, Some(&|j, x| hooks.after_layer(Place::Down(i), j, x)))?;
                     x = y;
                     skips.extend(states);
                 }
                 DownBlock::Down(b) => {
-                    let (y, mut states) = b.forward(&x, Some(emb), Some(&|j, x| hooks.after_layer(Place::Down(i), j, x)))?;
+                    let (y, mut states) =
+                        b.forward(&x, Some(emb), Some(&|j, x| hooks.after_layer(Place::Down(i), j, x)))?;
                     x = y;
                     if let Some(extra) = intrablock.next() {
                         // diffusers adds in place (`sample += ...`), so the skip connection that
@@ -388,7 +390,9 @@ impl UNetDownPath {
     /// The mid block, if the model has one (`x` unchanged otherwise).
     pub fn mid(&self, x: Tensor, emb: &Tensor, ehs: &Tensor, hooks: &dyn BlockHooks) -> Result<Tensor> {
         match &self.mid_block {
-            Some(MidBlock::CrossAttn(m)) => m.forward(&x, Some(emb), ehs, Some(&|j, x| hooks.after_layer(Place::Mid, j, x))),
+            Some(MidBlock::CrossAttn(m)) => {
+                m.forward(&x, Some(emb), ehs, Some(&|j, x| hooks.after_layer(Place::Mid, j, x)))
+            }
             Some(MidBlock::Plain(m)) => m.forward(&x, Some(emb)),
             None => Ok(x),
         }

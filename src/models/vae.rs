@@ -132,8 +132,7 @@ impl Decoder {
                 &rp,
             )?);
         }
-        let conv_norm_out =
-            GroupNorm::new(vb.pp("conv_norm_out"), p.norm_num_groups, rev[rev.len() - 1], 1e-6)?;
+        let conv_norm_out = GroupNorm::new(vb.pp("conv_norm_out"), p.norm_num_groups, rev[rev.len() - 1], 1e-6)?;
         let conv_act = Activation::Silu;
         let conv_out = Conv2d::new(vb.pp("conv_out"), rev[rev.len() - 1], out_channels, 3, 1, 1)?;
         Ok(Self { conv_in, mid_block, up_blocks, conv_norm_out, conv_act, conv_out })

@@ -6,14 +6,14 @@ use crate::loaders::lora::{LoraComponent, WeightIndex};
 use crate::loaders::single_file::{self, Component, SingleFile};
 use crate::loaders::weights::{ComponentWeights, Precision, WeightDType};
 use crate::loaders::{hub, model_index::resolve_component, ModelIndex, ModelSource};
-use crate::pipelines::PipelineKind;
-use crate::pipelines::adapters::{AdapterSet, LoraReport, LoraSpec};
 use crate::models::autoencoder::Autoencoder;
 use crate::models::autoencoder_kl::{AutoencoderKL, AutoencoderKLConfig};
 use crate::models::clip_text_model::{ClipTextConfig, ClipTextModel, ClipTextModelWithProjection};
 use crate::models::clip_tokenizer::ClipTokenizer;
 use crate::models::motion_adapter::{read_motion_config, MotionAdapterConfig, MotionModules};
 use crate::models::unet_2d_condition::{UNet2DConditionConfig, UNet2DConditionModel};
+use crate::pipelines::lora_set::{LoraReport, LoraSet, LoraSpec};
+use crate::pipelines::PipelineKind;
 use crate::schedulers::LcmSchedulerConfig;
 use anyhow::{Context, Result};
 use candle_core::{DType, Device};
@@ -42,6 +42,10 @@ pub struct LoadOptions {
     /// The precision the weights are kept in (`--dtype`), whatever the files store. On the
     /// CPU the activations stay f32: f16 / bf16 halve the weights' memory.
     pub dtype: WeightDType,
+    /// Follow another diffusers pipeline than the model's `model_index.json` names, as
+    /// instantiating another pipeline class on the same folder does (e.g. an LCM folder through
+    /// `StableDiffusionPipeline`). `None`: the folder's (AnimateDiff with a motion adapter).
+    pub pipeline: Option<PipelineKind>,
 }
 
 /// A `candle_core::Device` that defaults to the CPU (so `LoadOptions` can be `Default`).
@@ -81,10 +85,21 @@ pub fn vae_precision(pipeline: PipelineKind, force_upcast: bool, p: Precision) -
     }
 }
 
+/// An autoencoder folder for `kind`'s pipeline (the model's replacement `vae`, or a tiny one for
+/// previews), at the precision that pipeline runs it in ([`vae_precision`]).
+pub fn load_vae(dir: &Path, kind: PipelineKind, precision: Precision, device: &Device) -> Result<Autoencoder> {
+    Autoencoder::load_with(dir, None, |force_upcast| vae_precision(kind, force_upcast, precision), device)
+}
+
 /// Every network a Stable Diffusion pipeline needs, loaded.
 pub struct StableDiffusionComponents {
     pub name: String,
-    pub pipeline_class: String,
+    /// The pipeline whose semantics apply, resolved once at load ([`PipelineKind::resolve`]).
+    pub kind: PipelineKind,
+    /// Whether `kind` was asked for (`LoadOptions::pipeline`) rather than read from the model.
+    pub kind_requested: bool,
+    /// The precision the weights are kept in, as asked (`LoadOptions::dtype`).
+    pub weight_dtype: WeightDType,
     pub tokenizer: ClipTokenizer,
     pub text_encoder: ClipTextModel,
     pub unet: UNet2DConditionModel,
@@ -96,8 +111,8 @@ pub struct StableDiffusionComponents {
     /// SDXL: the second text encoder; `None` for SD1.x / SD2.x.
     pub text_encoder_2: Option<SecondTextEncoder>,
     pub force_zeros_for_empty_prompt: bool,
-    /// Loaded LoRA adapters and what loading them matched.
-    pub adapters: AdapterSet,
+    /// Loaded LoRAs and what loading them matched.
+    pub loras: LoraSet,
     pub lora_reports: Vec<LoraReport>,
     /// AnimateDiff: the motion adapter whose modules the UNet carries.
     pub motion: Option<MotionAdapterWeights>,
@@ -143,7 +158,6 @@ impl WeightIndex for UnetIndex<'_> {
     }
 }
 
-
 /// SDXL's second text encoder (`CLIPTextModelWithProjection`) with its tokenizer.
 pub struct SecondTextEncoder {
     pub tokenizer: ClipTokenizer,
@@ -182,7 +196,8 @@ fn folder_parts(model: &str, opts: &LoadOptions) -> Result<ModelParts> {
     let variant = opts.variant.as_deref();
     let root = pipeline_root(model, variant, opts.unet.is_some())?;
     let index = ModelIndex::read(&root)?;
-    PipelineKind::check_class_name(&index.class_name).with_context(|| format!("{}", root.join("model_index.json").display()))?;
+    PipelineKind::check_class_name(&index.class_name)
+        .with_context(|| format!("{}", root.join("model_index.json").display()))?;
     let tokenizer = ClipTokenizer::from_dir(index.component_dir("tokenizer", None)?)?;
     let text_encoder = component_parts(&index.component_dir("text_encoder", Some("config.json"))?, variant)?;
     let text_encoder_2 = if index.has("text_encoder_2") {
@@ -244,7 +259,10 @@ fn single_file_parts(path: &Path) -> Result<ModelParts> {
         pipeline_class: index["_class_name"].as_str().unwrap_or_default().to_string(),
         force_zeros_for_empty_prompt: index["force_zeros_for_empty_prompt"].as_bool().unwrap_or(true),
         tokenizer: ClipTokenizer::embedded(configs.tokenizer.0, configs.tokenizer.1)?,
-        text_encoder: (builtin_config("text_encoder", configs.text_encoder)?, loaded("text_encoder", Component::TextEncoder, 0, 0)?),
+        text_encoder: (
+            builtin_config("text_encoder", configs.text_encoder)?,
+            loaded("text_encoder", Component::TextEncoder, 0, 0)?,
+        ),
         text_encoder_2,
         unet: (unet_config.clone(), loaded("unet", Component::Unet, layers_per_block, 0)?),
         vae: (vae_config.clone(), loaded("vae", Component::Vae, 0, vae_config.up_block_types.len())?),
@@ -291,7 +309,16 @@ impl StableDiffusionComponents {
         if let (Some(arg), true) = (&opts.unet, single_file) {
             parts.unet = component_parts(&resolve_component(arg, "unet", variant)?, variant)?;
         }
-        let ModelParts { pipeline_class, force_zeros_for_empty_prompt, tokenizer, text_encoder, text_encoder_2: second, unet, vae, scheduler } = parts;
+        let ModelParts {
+            pipeline_class,
+            force_zeros_for_empty_prompt,
+            tokenizer,
+            text_encoder,
+            text_encoder_2: second,
+            unet,
+            vae,
+            scheduler,
+        } = parts;
         let (te_config, text_encoder_weights) = text_encoder;
         let (unet_config, unet_weights) = unet;
         let (vae_config, vae_weights) = vae;
@@ -299,14 +326,16 @@ impl StableDiffusionComponents {
         if opts.dtype == WeightDType::Int8 && !device.is_cpu() {
             anyhow::bail!("dtype int8 runs on the CPU only; on a GPU use f16 or bf16");
         }
-        let kind = PipelineKind::from_class_name(&pipeline_class);
+        let kind = PipelineKind::resolve(&pipeline_class, opts.pipeline, opts.motion_adapter.is_some())?;
         let vae = match &opts.vae {
             // A replacement autoencoder has its own files; the model's variant need not exist there.
-            Some(arg) => Autoencoder::load_for(&resolve_component(arg, "vae", None)?, None, kind, precision, device)
+            Some(arg) => load_vae(&resolve_component(arg, "vae", None)?, kind, precision, device)
                 .with_context(|| format!("--vae {arg}"))?,
             None => {
                 let p = vae_precision(kind, vae_config.force_upcast, precision);
-                Autoencoder::Kl(AutoencoderKL::new(vae_weights.var_builder(None, p, device), &vae_config).context("vae")?)
+                Autoencoder::Kl(
+                    AutoencoderKL::new(vae_weights.var_builder(None, p, device), &vae_config).context("vae")?,
+                )
             }
         };
 
@@ -321,7 +350,7 @@ impl StableDiffusionComponents {
         };
 
         // LoRAs are matched first so the networks are built once, with the updates fused in.
-        let mut adapters = AdapterSet::default();
+        let mut loras = LoraSet::default();
         let mut reports = Vec::new();
         let unet_index = UnetIndex::new(&unet_weights, motion.as_ref());
         for spec in &opts.loras {
@@ -330,14 +359,14 @@ impl StableDiffusionComponents {
             if let Some((_, _, w)) = &second {
                 targets.push((LoraComponent::TextEncoder2, w));
             }
-            reports.push(adapters.add(spec, &targets)?);
+            reports.push(loras.add(spec, &targets)?);
         }
-        let text_encoder = build_text_encoder(&text_encoder_weights, &te_config, &adapters, precision, device)?;
+        let text_encoder = build_text_encoder(&text_encoder_weights, &te_config, &loras, precision, device)?;
         drop(unet_index);
-        let unet = build_unet(&unet_weights, &unet_config, motion.as_ref(), &adapters, precision, device)?;
+        let unet = build_unet(&unet_weights, &unet_config, motion.as_ref(), &loras, precision, device)?;
         let text_encoder_2 = match second {
             Some((tokenizer, config, weights)) => {
-                let model = build_text_encoder_2(&weights, &config, &adapters, precision, device)?;
+                let model = build_text_encoder_2(&weights, &config, &loras, precision, device)?;
                 Some(SecondTextEncoder { tokenizer, model, config, weights })
             }
             None => None,
@@ -345,7 +374,9 @@ impl StableDiffusionComponents {
 
         Ok(Self {
             name: display_name(model),
-            pipeline_class,
+            kind,
+            kind_requested: opts.pipeline.is_some(),
+            weight_dtype: opts.dtype,
             tokenizer,
             text_encoder,
             text_encoder_config: te_config,
@@ -357,7 +388,7 @@ impl StableDiffusionComponents {
             unet_weights,
             vae,
             scheduler_config: scheduler,
-            adapters,
+            loras,
             lora_reports: reports,
             motion,
             precision,
@@ -375,7 +406,7 @@ impl StableDiffusionComponents {
             if let Some(t2) = &self.text_encoder_2 {
                 targets.push((LoraComponent::TextEncoder2, &t2.weights));
             }
-            reports.push(self.adapters.add(spec, &targets)?);
+            reports.push(self.loras.add(spec, &targets)?);
         }
         drop(unet_index);
         self.rebuild()?;
@@ -384,13 +415,13 @@ impl StableDiffusionComponents {
 
     /// `set_adapters(names, adapter_weights)`: only these adapters, at these weights.
     pub fn set_adapters(&mut self, names_and_weights: &[(&str, f64)]) -> Result<()> {
-        self.adapters.set_active(names_and_weights)?;
+        self.loras.set_active(names_and_weights)?;
         self.rebuild()
     }
 
     /// `delete_adapters(name)`.
     pub fn delete_adapter(&mut self, name: &str) -> Result<()> {
-        self.adapters.remove(name)?;
+        self.loras.remove(name)?;
         self.rebuild()
     }
 
@@ -398,29 +429,37 @@ impl StableDiffusionComponents {
     /// cache).
     fn rebuild(&mut self) -> Result<()> {
         let p = self.precision;
-        self.text_encoder = build_text_encoder(&self.text_encoder_weights, &self.text_encoder_config, &self.adapters, p, &self.device)?;
-        self.unet = build_unet(&self.unet_weights, &self.unet_config, self.motion.as_ref(), &self.adapters, p, &self.device)?;
+        self.text_encoder =
+            build_text_encoder(&self.text_encoder_weights, &self.text_encoder_config, &self.loras, p, &self.device)?;
+        self.unet =
+            build_unet(&self.unet_weights, &self.unet_config, self.motion.as_ref(), &self.loras, p, &self.device)?;
         if let Some(t2) = &mut self.text_encoder_2 {
-            t2.model = build_text_encoder_2(&t2.weights, &t2.config, &self.adapters, p, &self.device)?;
+            t2.model = build_text_encoder_2(&t2.weights, &t2.config, &self.loras, p, &self.device)?;
         }
         Ok(())
     }
 }
 
-fn build_text_encoder(w: &ComponentWeights, cfg: &ClipTextConfig, adapters: &AdapterSet, precision: Precision, device: &Device) -> Result<ClipTextModel> {
+fn build_text_encoder(
+    w: &ComponentWeights,
+    cfg: &ClipTextConfig,
+    loras: &LoraSet,
+    precision: Precision,
+    device: &Device,
+) -> Result<ClipTextModel> {
     // Text encoders stay in floating point in 8-bit mode: they run once per prompt.
-    let vb = w.var_builder(adapters.combined(LoraComponent::TextEncoder), precision.float(), device);
+    let vb = w.var_builder(loras.combined(LoraComponent::TextEncoder), precision.float(), device);
     ClipTextModel::new(vb, cfg).context("text_encoder")
 }
 
 fn build_text_encoder_2(
     w: &ComponentWeights,
     cfg: &ClipTextConfig,
-    adapters: &AdapterSet,
+    loras: &LoraSet,
     precision: Precision,
     device: &Device,
 ) -> Result<ClipTextModelWithProjection> {
-    let vb = w.var_builder(adapters.combined(LoraComponent::TextEncoder2), precision.float(), device);
+    let vb = w.var_builder(loras.combined(LoraComponent::TextEncoder2), precision.float(), device);
     ClipTextModelWithProjection::new(vb, cfg).context("text_encoder_2")
 }
 
@@ -428,17 +467,18 @@ fn build_unet(
     w: &ComponentWeights,
     cfg: &UNet2DConditionConfig,
     motion: Option<&MotionAdapterWeights>,
-    adapters: &AdapterSet,
+    loras: &LoraSet,
     precision: Precision,
     device: &Device,
 ) -> Result<UNet2DConditionModel> {
-    let deltas = adapters.combined(LoraComponent::Unet);
+    let deltas = loras.combined(LoraComponent::Unet);
     let vb = w.var_builder(deltas.clone(), precision, device);
     let unet = UNet2DConditionModel::new(vb, cfg).context("unet")?;
     Ok(match motion {
         Some(m) => {
             let vb = m.weights.var_builder(deltas, precision, device);
-            let modules = MotionModules::new(vb, &m.config, &unet).with_context(|| format!("motion adapter {}", m.name))?;
+            let modules =
+                MotionModules::new(vb, &m.config, &unet).with_context(|| format!("motion adapter {}", m.name))?;
             unet.with_motion(modules)
         }
         None => unet,

@@ -1,10 +1,10 @@
 //! Text and guidance conditioning: prompt embeddings, classifier-free-guidance pairs and the
 //! guidance-scale embedding of LCM-distilled UNets.
 
-use crate::ops::repeat_interleave;
 use crate::models::clip_text_model::ClipTextModel;
 use crate::models::clip_tokenizer::ClipTokenizer;
 use crate::models::unet_2d_condition::AddedCond;
+use crate::ops::repeat_interleave;
 use crate::pipelines::StableDiffusionComponents;
 use anyhow::Result;
 use candle_core::{Device, Tensor};
@@ -25,7 +25,6 @@ pub fn encode_prompts(
     let ids = Tensor::from_vec(ids, (prompts.len(), len), device)?;
     Ok(text_encoder.forward(&ids)?.last_hidden_state)
 }
-
 
 /// diffusers' `get_guidance_scale_embedding(w, embedding_dim)`: sinusoidal features of
 /// `w * 1000`, computed in f32 as PyTorch does.

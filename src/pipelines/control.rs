@@ -7,11 +7,12 @@ use crate::config::{check_class_name, read_config};
 use crate::image_processor::{preprocess_control_image, Image8};
 use crate::loaders::model_index::resolve_component;
 use crate::loaders::weights::{self, Precision};
-use crate::models::controlnet::{ControlNetConfig, ControlNetModel, ControlNetOutput};
+use crate::models::controlnet::{ControlNetCond, ControlNetConfig, ControlNetModel, ControlNetOutput};
 use crate::models::t2i_adapter::T2IAdapter;
 use crate::models::unet_2d_condition::{AddedCond, UNet2DConditionConfig, UNet2DConditionModel, UNetConditioning};
 use crate::ops::tile_batch;
 use crate::pipelines::components::display_name;
+use crate::pipelines::GenerationPlan;
 use anyhow::{bail, Context, Result};
 use candle_core::{DType, Device, Tensor};
 
@@ -59,7 +60,12 @@ pub fn load_controlnet(source: &str, variant: Option<&str>, device: &Device) -> 
 }
 
 /// [`load_controlnet`] with the weights in `precision` (see [`Precision`]).
-pub fn load_controlnet_with(source: &str, variant: Option<&str>, precision: impl Into<Precision>, device: &Device) -> Result<Named<ControlNetModel>> {
+pub fn load_controlnet_with(
+    source: &str,
+    variant: Option<&str>,
+    precision: impl Into<Precision>,
+    device: &Device,
+) -> Result<Named<ControlNetModel>> {
     let dir = resolve_component(source, "controlnet", variant)?;
     check_class_name(&dir, "ControlNetModel")?;
     let config: ControlNetConfig = read_config(&dir.join("config.json"))?;
@@ -74,7 +80,12 @@ pub fn load_t2i_adapter(source: &str, variant: Option<&str>, device: &Device) ->
 }
 
 /// [`load_t2i_adapter`] with the weights in `precision` (see [`Precision`]).
-pub fn load_t2i_adapter_with(source: &str, variant: Option<&str>, precision: impl Into<Precision>, device: &Device) -> Result<Named<T2IAdapter>> {
+pub fn load_t2i_adapter_with(
+    source: &str,
+    variant: Option<&str>,
+    precision: impl Into<Precision>,
+    device: &Device,
+) -> Result<Named<T2IAdapter>> {
     let dir = resolve_component(source, "adapter", variant)?;
     let model = T2IAdapter::load_with(&dir, variant, precision, device)?;
     Ok(Named { name: display_name(source), model })
@@ -116,6 +127,9 @@ pub(crate) struct ControlState<'a> {
     /// Steps (from the first) that get the adapter residuals: `adapter_conditioning_factor`.
     adapter_steps: usize,
     guess_mode: bool,
+    num_steps: usize,
+    /// Classifier-free guidance: the UNet's batch is doubled.
+    cfg: bool,
 }
 
 struct PreparedControlNet<'a> {
@@ -139,19 +153,15 @@ pub fn controlnet_keep(i: usize, total: usize, start: f64, end: f64) -> bool {
 }
 
 impl<'a> ControlState<'a> {
-    #[allow(clippy::too_many_arguments)]
     pub fn prepare(
         controlnets: &'a [Named<ControlNetModel>],
         adapters: &'a [Named<T2IAdapter>],
         unet: &UNet2DConditionModel,
         req: &ControlRequest<'a>,
-        (width, height): (usize, usize),
-        vae_scale_factor: usize,
-        n: usize,
-        cfg: bool,
-        num_steps: usize,
-        device: &Device,
+        plan: &GenerationPlan,
     ) -> Result<Self> {
+        let (width, height, device) = (plan.width, plan.height, &plan.device);
+        let (n, cfg, num_steps) = (plan.batch, plan.do_classifier_free_guidance, plan.timesteps.len());
         let guess_mode = req.guess_mode || controlnets.iter().any(|c| c.model.config.global_pool_conditions);
         let batch_copies = if cfg && !guess_mode { 2 * n } else { n };
         let mut prepared = Vec::new();
@@ -162,7 +172,8 @@ impl<'a> ControlState<'a> {
         }
 
         let mut adapter_residuals: Option<Vec<Tensor>> = None;
-        let expected = unet.down.intrablock_shapes(height / vae_scale_factor, width / vae_scale_factor);
+        let (lh, lw) = plan.latent_size();
+        let expected = unet.down.intrablock_shapes(lh, lw);
         for (ad, input) in adapters.iter().zip(req.adapter) {
             let image = preprocess_control_image(&input.image, width, height, ad.model.config.in_channels, device)?;
             let features = ad.model.forward(&image).with_context(|| format!("T2I-Adapter {}", ad.name))?;
@@ -176,44 +187,48 @@ impl<'a> ControlState<'a> {
                     )
                 }
             }
-            let scaled = features.iter().map(|f| f * input.conditioning_scale).collect::<candle_core::Result<Vec<_>>>()?;
+            let scaled =
+                features.iter().map(|f| f * input.conditioning_scale).collect::<candle_core::Result<Vec<_>>>()?;
             adapter_residuals = Some(match adapter_residuals {
                 None => scaled,
                 Some(acc) => {
                     if acc.len() != scaled.len() {
-                        bail!("the T2I-Adapters give different numbers of features ({} and {}) and cannot be combined", acc.len(), scaled.len())
+                        bail!(
+                            "the T2I-Adapters give different numbers of features ({} and {}) and cannot be combined",
+                            acc.len(),
+                            scaled.len()
+                        )
                     }
                     acc.iter().zip(&scaled).map(|(a, b)| a + b).collect::<candle_core::Result<Vec<_>>>()?
                 }
             });
         }
         let adapter_residuals = match adapter_residuals {
-            Some(r) => Some(r.iter().map(|f| tile_batch(f, if cfg { 2 * n } else { n })).collect::<candle_core::Result<Vec<_>>>()?),
+            Some(r) => Some(
+                r.iter()
+                    .map(|f| tile_batch(f, if cfg { 2 * n } else { n }))
+                    .collect::<candle_core::Result<Vec<_>>>()?,
+            ),
             None => None,
         };
         let f = req.adapter_conditioning_factor;
-        if !(0.0..=1.0).contains(&f) {
-            bail!("adapter conditioning factor must be in [0, 1], got {f}");
-        }
         let adapter_steps = (num_steps as f64 * f) as usize;
-        Ok(Self { controlnets: prepared, adapter_residuals, adapter_steps, guess_mode })
+        Ok(Self { controlnets: prepared, adapter_residuals, adapter_steps, guess_mode, num_steps, cfg })
     }
 
-    /// The UNet conditioning for step `i` of `total`: `base` plus the control residuals.
-    /// `model_in` is the UNet's latent input (doubled under CFG), `latents` the undoubled ones,
-    /// `prompt_embeds` the UNet's text states.
-    #[allow(clippy::too_many_arguments)]
+    /// The UNet conditioning for step `i`: `base` plus the control residuals. `model_in` is the
+    /// UNet's latent input (doubled under CFG), `latents` the undoubled ones, `prompt_embeds` the
+    /// UNet's text states.
     pub fn conditioning(
         &self,
         i: usize,
-        total: usize,
         t: f64,
         model_in: &Tensor,
         latents: &Tensor,
         prompt_embeds: &Tensor,
         base: &UNetConditioning,
-        cfg: bool,
     ) -> Result<UNetConditioning> {
+        let (total, cfg) = (self.num_steps, self.cfg);
         let mut cond = base.clone();
         // Guess mode under CFG: the ControlNets see only the conditional half; the unconditional
         // half gets zero residuals.
@@ -235,10 +250,11 @@ impl<'a> ControlState<'a> {
             if scale == 0.0 {
                 continue; // zero residuals change nothing
             }
-            let out = cn.model.forward(&cn_in, t, &cn_text, &cn.image, scale, &cn_cond, self.guess_mode)?;
+            let control = ControlNetCond { image: &cn.image, conditioning_scale: scale, guess_mode: self.guess_mode };
+            let out = cn.model.forward(&cn_in, t, &cn_text, control, &cn_cond)?;
             total_out = Some(match total_out {
                 None => out,
-                Some(acc) => acc.add(&out)?,
+                Some(acc) => acc.sum_with(&out)?,
             });
         }
         if let Some(mut out) = total_out {

@@ -2,13 +2,13 @@
 //! first timestep (image-to-image), or that plus the mask inputs (inpainting). The random draws
 //! happen in diffusers' order: image latent sample, noise, masked-image latent sample.
 
-use crate::ops::tile_batch;
+use super::GenerationPlan;
 use crate::image_processor::{preprocess_image, preprocess_mask, Image8};
 use crate::models::autoencoder::Autoencoder;
+use crate::ops::tile_batch;
 use crate::random::TorchGenerator;
-use crate::schedulers::LcmScheduler;
 use anyhow::Result;
-use candle_core::{DType, Device, Tensor};
+use candle_core::Tensor;
 
 /// Inpainting inputs carried through the loop.
 pub struct InpaintState {
@@ -44,46 +44,42 @@ fn nearest_resize(mask: &Tensor, h: usize, w: usize) -> Result<Tensor> {
 /// Image-to-image: `add_noise(encode(image) * scaling, noise, first timestep)`.
 pub fn image_to_image(
     vae: &Autoencoder,
-    scheduler: &LcmScheduler,
+    plan: &GenerationPlan,
     image: &Image8,
-    (width, height): (usize, usize),
-    n: usize,
-    first_timestep: i64,
     generator: &mut TorchGenerator,
-    (device, dtype): (&Device, DType),
 ) -> Result<Tensor> {
-    let init = preprocess_image(image, width, height, device)?;
-    let latents = tile_batch(&vae.encode_scaled(&init, generator)?, n)?.to_dtype(dtype)?;
+    let (device, dtype) = (&plan.device, plan.dtype);
+    let init = preprocess_image(image, plan.width, plan.height, device)?;
+    let latents = tile_batch(&vae.encode_scaled(&init, generator)?, plan.batch)?.to_dtype(dtype)?;
     let noise = generator.randn_on(latents.shape().clone(), dtype, device)?;
-    scheduler.add_noise(&latents, &noise, first_timestep)
+    plan.scheduler.add_noise(&latents, &noise, plan.timesteps[0])
 }
 
 /// Inpainting: start latents plus the mask inputs (diffusers' `prepare_latents` then
-/// `prepare_mask_latents`).
-#[allow(clippy::too_many_arguments)]
+/// `prepare_mask_latents`). A UNet of `unet_in_channels` equal to the latents' blends the
+/// unmasked area back after each step; a 9-channel one sees the mask inputs instead.
 pub fn inpaint(
     vae: &Autoencoder,
-    scheduler: &LcmScheduler,
+    plan: &GenerationPlan,
     image: &Image8,
     mask_image: &Image8,
-    (width, height): (usize, usize),
-    n: usize,
-    strength: f64,
-    (latent_channels, unet_in_channels): (usize, usize),
-    first_timestep: i64,
+    unet_in_channels: usize,
     generator: &mut TorchGenerator,
-    (device, dtype): (&Device, DType),
 ) -> Result<(Tensor, InpaintState)> {
+    let (device, dtype, n) = (&plan.device, plan.dtype, plan.batch);
+    let (width, height) = (plan.width, plan.height);
+    let (scheduler, first_timestep) = (&plan.scheduler, plan.timesteps[0]);
+    let latent_channels = vae.latent_channels();
     let init = preprocess_image(image, width, height, device)?;
-    let is_strength_max = strength == 1.0;
+    let is_strength_max = plan.strength == 1.0;
     let blends = unet_in_channels == latent_channels;
     let image_latents = if blends || !is_strength_max {
         Some(tile_batch(&vae.encode_scaled(&init, generator)?, n)?.to_dtype(dtype)?)
     } else {
         None
     };
-    let f = vae.vae_scale_factor();
-    let noise = generator.randn_on((n, latent_channels, height / f, width / f), dtype, device)?;
+    let (lh, lw) = plan.latent_size();
+    let noise = generator.randn_on((n, latent_channels, lh, lw), dtype, device)?;
     let latents = match (&image_latents, is_strength_max) {
         (Some(img), false) => scheduler.add_noise(img, &noise, first_timestep)?,
         _ => (&noise * scheduler.init_noise_sigma())?,
@@ -93,8 +89,8 @@ pub fn inpaint(
     let keep = mask_condition.lt(0.5)?.to_dtype(candle_core::DType::F32)?;
     let masked_image = init.broadcast_mul(&keep)?;
     let masked_image_latents = tile_batch(&vae.encode_scaled(&masked_image, generator)?, n)?.to_dtype(dtype)?;
-    let mask = tile_batch(&nearest_resize(&mask_condition, height / f, width / f)?, n)?.to_dtype(dtype)?;
-    let state = InpaintState { mask, masked_image_latents, image_latents: if blends { image_latents } else { None }, noise };
+    let mask = tile_batch(&nearest_resize(&mask_condition, lh, lw)?, n)?.to_dtype(dtype)?;
+    let state =
+        InpaintState { mask, masked_image_latents, image_latents: if blends { image_latents } else { None }, noise };
     Ok((latents, state))
 }
-

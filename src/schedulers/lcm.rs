@@ -8,17 +8,33 @@ use anyhow::{bail, Result};
 use candle_core::Tensor;
 use serde::Deserialize;
 
-fn d_num_train_timesteps() -> usize { 1000 }
-fn d_beta_start() -> f64 { 0.00085 }
-fn d_beta_end() -> f64 { 0.012 }
-fn d_beta_schedule() -> String { "scaled_linear".into() }
-fn d_original_inference_steps() -> usize { 50 }
-fn d_one() -> f64 { 1.0 }
-fn d_true() -> bool { true }
-fn d_prediction_type() -> String { "epsilon".into() }
-fn d_dynamic_thresholding_ratio() -> f64 { 0.995 }
-fn d_timestep_spacing() -> String { "leading".into() }
-fn d_timestep_scaling() -> f64 { 10.0 }
+fn d_num_train_timesteps() -> usize {
+    1000
+}
+fn d_beta_start() -> f64 {
+    0.00085
+}
+fn d_beta_end() -> f64 {
+    0.012
+}
+fn d_original_inference_steps() -> usize {
+    50
+}
+fn d_one() -> f64 {
+    1.0
+}
+fn d_true() -> bool {
+    true
+}
+fn d_dynamic_thresholding_ratio() -> f64 {
+    0.995
+}
+fn d_timestep_spacing() -> String {
+    "leading".into()
+}
+fn d_timestep_scaling() -> f64 {
+    10.0
+}
 
 /// `LCMScheduler`'s config. Like `LCMScheduler.from_config(other_scheduler.config)`, it reads
 /// any diffusers scheduler config: keys it does not know are ignored, missing ones take
@@ -31,8 +47,8 @@ pub struct LcmSchedulerConfig {
     pub beta_start: f64,
     #[serde(default = "d_beta_end")]
     pub beta_end: f64,
-    #[serde(default = "d_beta_schedule")]
-    pub beta_schedule: String,
+    #[serde(default)]
+    pub beta_schedule: BetaSchedule,
     #[serde(default)]
     pub trained_betas: Option<Vec<f64>>,
     #[serde(default = "d_original_inference_steps")]
@@ -45,8 +61,8 @@ pub struct LcmSchedulerConfig {
     pub set_alpha_to_one: bool,
     #[serde(default)]
     pub steps_offset: usize,
-    #[serde(default = "d_prediction_type")]
-    pub prediction_type: String,
+    #[serde(default)]
+    pub prediction_type: PredictionType,
     #[serde(default)]
     pub thresholding: bool,
     #[serde(default = "d_dynamic_thresholding_ratio")]
@@ -67,11 +83,37 @@ impl Default for LcmSchedulerConfig {
     }
 }
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+/// What the UNet predicts (`prediction_type`).
+#[derive(Clone, Copy, Debug, Default, Deserialize, PartialEq, Eq)]
 pub enum PredictionType {
+    #[default]
+    #[serde(rename = "epsilon")]
     Epsilon,
+    #[serde(rename = "v_prediction")]
     VPrediction,
+    #[serde(rename = "sample")]
     Sample,
+}
+
+/// How the betas run over the training timesteps (`beta_schedule`; `trained_betas` overrides it).
+#[derive(Clone, Copy, Debug, Default, Deserialize, PartialEq, Eq)]
+pub enum BetaSchedule {
+    #[serde(rename = "linear")]
+    Linear,
+    #[default]
+    #[serde(rename = "scaled_linear")]
+    ScaledLinear,
+    /// Glide's cosine schedule.
+    #[serde(rename = "squaredcos_cap_v2")]
+    SquaredcosCapV2,
+}
+
+impl std::str::FromStr for BetaSchedule {
+    type Err = String;
+    fn from_str(s: &str) -> std::result::Result<Self, String> {
+        serde_json::from_value(serde_json::Value::String(s.to_string()))
+            .map_err(|_| format!("unknown beta schedule `{s}`: linear, scaled_linear or squaredcos_cap_v2"))
+    }
 }
 
 /// What the pipeline asks of `set_timesteps` (diffusers' keyword arguments).
@@ -104,9 +146,7 @@ fn linspace_f32(start: f64, end: f64, steps: usize) -> Vec<f32> {
     }
     let step = (end - start) / (steps - 1) as f32;
     let half = steps / 2;
-    (0..steps)
-        .map(|i| if i < half { start + step * i as f32 } else { end - step * (steps - i - 1) as f32 })
-        .collect()
+    (0..steps).map(|i| if i < half { start + step * i as f32 } else { end - step * (steps - i - 1) as f32 }).collect()
 }
 
 /// `betas_for_alpha_bar(n)` with the cosine transform ("squaredcos_cap_v2"), in f64 like Python.
@@ -156,23 +196,14 @@ impl LcmScheduler {
         if n == 0 {
             bail!("scheduler config: num_train_timesteps must be positive");
         }
-        let prediction = match config.prediction_type.as_str() {
-            "epsilon" => PredictionType::Epsilon,
-            "v_prediction" => PredictionType::VPrediction,
-            "sample" => PredictionType::Sample,
-            other => bail!(
-                "scheduler config: prediction_type `{other}` must be one of `epsilon`, `sample` or `v_prediction`"
-            ),
-        };
-        let mut betas = match (&config.trained_betas, config.beta_schedule.as_str()) {
+        let prediction = config.prediction_type;
+        let mut betas = match (&config.trained_betas, config.beta_schedule) {
             (Some(b), _) => b.iter().map(|&x| x as f32).collect(),
-            (None, "linear") => linspace_f32(config.beta_start, config.beta_end, n),
-            (None, "scaled_linear") => linspace_f32(config.beta_start.sqrt(), config.beta_end.sqrt(), n)
-                .iter()
-                .map(|b| b * b)
-                .collect(),
-            (None, "squaredcos_cap_v2") => betas_for_alpha_bar(n),
-            (None, other) => bail!("scheduler config: beta_schedule `{other}` is not supported by LCMScheduler"),
+            (None, BetaSchedule::Linear) => linspace_f32(config.beta_start, config.beta_end, n),
+            (None, BetaSchedule::ScaledLinear) => {
+                linspace_f32(config.beta_start.sqrt(), config.beta_end.sqrt(), n).iter().map(|b| b * b).collect()
+            }
+            (None, BetaSchedule::SquaredcosCapV2) => betas_for_alpha_bar(n),
         };
         if betas.len() != n {
             bail!("scheduler config: trained_betas has {} values, expected {n}", betas.len());

@@ -1,3 +1,3 @@
 //! Noise schedulers. LCM is the one this project is about.
 pub mod lcm;
-pub use lcm::{LcmScheduler, LcmSchedulerConfig, TimestepRequest};
+pub use lcm::{BetaSchedule, LcmScheduler, LcmSchedulerConfig, PredictionType, TimestepRequest};

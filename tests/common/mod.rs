@@ -74,7 +74,11 @@ pub fn read_keys(path: &std::path::Path) -> std::collections::BTreeMap<String, V
 }
 
 /// The weights a model requested equal a file's or listing's names and shapes.
-pub fn assert_same_keys(what: &str, got: &std::collections::BTreeMap<String, Vec<usize>>, want: &std::collections::BTreeMap<String, Vec<usize>>) {
+pub fn assert_same_keys(
+    what: &str,
+    got: &std::collections::BTreeMap<String, Vec<usize>>,
+    want: &std::collections::BTreeMap<String, Vec<usize>>,
+) {
     let missing: Vec<_> = want.keys().filter(|k| !got.contains_key(*k)).collect();
     let extra: Vec<_> = got.keys().filter(|k| !want.contains_key(*k)).collect();
     let shapes: Vec<_> = got

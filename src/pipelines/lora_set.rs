@@ -67,7 +67,7 @@ impl LoraReport {
 }
 
 /// A loaded adapter: its updates per component at weight 1.0.
-pub struct LoadedAdapter {
+pub struct LoadedLora {
     pub name: String,
     pub source: String,
     pub weight: f64,
@@ -75,10 +75,10 @@ pub struct LoadedAdapter {
     deltas: HashMap<LoraComponent, WeightDeltas>,
 }
 
-/// The adapters of one model.
+/// The LoRAs loaded into one model (diffusers calls them adapters).
 #[derive(Default)]
-pub struct AdapterSet {
-    pub adapters: Vec<LoadedAdapter>,
+pub struct LoraSet {
+    pub loras: Vec<LoadedLora>,
 }
 
 fn default_name(source: &str) -> String {
@@ -91,7 +91,7 @@ fn default_name(source: &str) -> String {
     }
 }
 
-impl AdapterSet {
+impl LoraSet {
     /// Parse a LoRA and match it against the model's weights (does not rebuild anything).
     pub fn add(&mut self, spec: &LoraSpec, targets: &[(LoraComponent, &dyn WeightIndex)]) -> Result<LoraReport> {
         let path = resolve_source(&spec.source, spec.weight_name.as_deref())?;
@@ -100,11 +100,11 @@ impl AdapterSet {
         if spec.adapter_name.is_none() {
             let base = name.clone();
             let mut i = 2;
-            while self.adapters.iter().any(|a| a.name == name) {
+            while self.loras.iter().any(|a| a.name == name) {
                 name = format!("{base}_{i}");
                 i += 1;
             }
-        } else if self.adapters.iter().any(|a| a.name == name) {
+        } else if self.loras.iter().any(|a| a.name == name) {
             bail!("an adapter named `{name}` is already loaded");
         }
         let comps = file.components();
@@ -125,26 +125,43 @@ impl AdapterSet {
             deltas.insert(*comp, d);
         }
         if matched == 0 {
-            let ldm = unmatched.iter().any(|k| k.contains("input_blocks") || k.contains("output_blocks") || k.contains("middle_block"));
+            let ldm = unmatched
+                .iter()
+                .any(|k| k.contains("input_blocks") || k.contains("output_blocks") || k.contains("middle_block"));
             bail!(
                 "LoRA {} matches nothing in this model{} (keys such as {})",
                 spec.source,
-                if ldm { "; it uses original Stable Diffusion (LDM) layer names, or is made for another base model" } else { "; is it made for another base model?" },
+                if ldm {
+                    "; it uses original Stable Diffusion (LDM) layer names, or is made for another base model"
+                } else {
+                    "; is it made for another base model?"
+                },
                 unmatched.iter().take(3).cloned().collect::<Vec<_>>().join(", ")
             );
         }
-        self.adapters.push(LoadedAdapter { name: name.clone(), source: spec.source.clone(), weight: spec.weight, active: true, deltas });
-        Ok(LoraReport { adapter: name, matched_modules: matched, total_modules: file.num_modules(), unmatched_keys: unmatched })
+        self.loras.push(LoadedLora {
+            name: name.clone(),
+            source: spec.source.clone(),
+            weight: spec.weight,
+            active: true,
+            deltas,
+        });
+        Ok(LoraReport {
+            adapter: name,
+            matched_modules: matched,
+            total_modules: file.num_modules(),
+            unmatched_keys: unmatched,
+        })
     }
 
     /// diffusers' `set_adapters(names, adapter_weights)`: only these adapters are active.
     pub fn set_active(&mut self, names_and_weights: &[(&str, f64)]) -> Result<()> {
         for (n, _) in names_and_weights {
-            if !self.adapters.iter().any(|a| a.name == *n) {
+            if !self.loras.iter().any(|a| a.name == *n) {
                 bail!("no adapter named `{n}` is loaded (loaded: {})", self.names().join(", "));
             }
         }
-        for a in &mut self.adapters {
+        for a in &mut self.loras {
             match names_and_weights.iter().find(|(n, _)| *n == a.name) {
                 Some((_, w)) => {
                     a.active = true;
@@ -158,22 +175,22 @@ impl AdapterSet {
 
     /// diffusers' `delete_adapters(name)`.
     pub fn remove(&mut self, name: &str) -> Result<()> {
-        let before = self.adapters.len();
-        self.adapters.retain(|a| a.name != name);
-        if self.adapters.len() == before {
+        let before = self.loras.len();
+        self.loras.retain(|a| a.name != name);
+        if self.loras.len() == before {
             bail!("no adapter named `{name}` is loaded");
         }
         Ok(())
     }
 
     pub fn names(&self) -> Vec<String> {
-        self.adapters.iter().map(|a| a.name.clone()).collect()
+        self.loras.iter().map(|a| a.name.clone()).collect()
     }
 
     /// The weighted sum of the active adapters' updates to one component.
     pub fn combined(&self, comp: LoraComponent) -> Option<Arc<WeightDeltas>> {
         let mut out = WeightDeltas::default();
-        for a in self.adapters.iter().filter(|a| a.active && a.weight != 0.0) {
+        for a in self.loras.iter().filter(|a| a.active && a.weight != 0.0) {
             let Some(d) = a.deltas.get(&comp) else { continue };
             for (name, list) in &d.by_weight {
                 let entry = out.by_weight.entry(name.clone()).or_default();
