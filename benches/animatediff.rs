@@ -8,9 +8,9 @@
 use candle_core::{DType, Device, Tensor};
 use lcm::benchmark::peak_rss_mb;
 use lcm::loaders::weights::random_var_builder;
-use lcm::models::autoencoder_kl::{AutoencoderKL, AutoencoderKLConfig};
-use lcm::models::motion_adapter::{read_motion_config, MotionModules};
-use lcm::models::unet_2d_condition::{UNet2DConditionConfig, UNet2DConditionModel, UNetConditioning};
+use lcm::models::unet::motion::{read_motion_config, MotionModules};
+use lcm::models::unet::{UNet2DConditionConfig, UNet2DConditionModel, UNetConditioning};
+use lcm::models::vae::kl::{AutoencoderKL, AutoencoderKLConfig};
 use std::time::Instant;
 
 fn main() -> anyhow::Result<()> {

@@ -3,7 +3,7 @@
 //! `benches/unet_step_torch.py` on the same machine. Results go in BENCHMARKS.md.
 
 use candle_core::{DType, Device, Tensor};
-use lcm::models::unet_2d_condition::{AddedCond, UNet2DConditionConfig, UNet2DConditionModel, UNetConditioning};
+use lcm::models::unet::{AddedCond, UNet2DConditionConfig, UNet2DConditionModel, UNetConditioning};
 use std::time::Instant;
 
 fn main() -> anyhow::Result<()> {

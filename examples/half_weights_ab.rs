@@ -6,7 +6,7 @@
 //! `cargo run --release --example half_weights_ab -- /tmp/lcm-bench-sd15 [ROUNDS] [SIZE]`
 
 use candle_core::{Device, Tensor};
-use lcm::models::unet_2d_condition::UNetConditioning;
+use lcm::models::unet::UNetConditioning;
 use lcm::pipelines::{conditioning, LcmPipeline, LoadOptions, WeightDType};
 use std::time::Instant;
 

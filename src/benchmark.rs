@@ -8,12 +8,12 @@
 //! threads, and peak memory.
 
 use crate::loaders::weights::{random_var_builder, recording_random_var_builder};
-use crate::models::autoencoder::Autoencoder;
-use crate::models::autoencoder_kl::{AutoencoderKL, AutoencoderKLConfig};
-use crate::models::autoencoder_tiny::{AutoencoderTiny, AutoencoderTinyConfig};
 use crate::models::clip_text_model::{ClipTextConfig, ClipTextModel, ClipTextModelWithProjection};
-use crate::models::motion_adapter::{MotionAdapterConfig, MotionModules};
-use crate::models::unet_2d_condition::{UNet2DConditionConfig, UNet2DConditionModel, UNetConditioning};
+use crate::models::unet::motion::{MotionAdapterConfig, MotionModules};
+use crate::models::unet::{UNet2DConditionConfig, UNet2DConditionModel, UNetConditioning};
+use crate::models::vae::kl::{AutoencoderKL, AutoencoderKLConfig};
+use crate::models::vae::tiny::{AutoencoderTiny, AutoencoderTinyConfig};
+use crate::models::vae::Autoencoder;
 use crate::pipelines::{conditioning, GenerateRequest, LcmPipeline, LoadOptions, PipelineKind};
 use anyhow::{bail, Context, Result};
 use candle_core::{DType, Device, Tensor};

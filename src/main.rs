@@ -10,7 +10,7 @@ use clap::{Parser, Subcommand, ValueEnum};
 use lcm::image_io::{check_outputs, numbered_paths, write_gif, write_image};
 use lcm::image_processor::Image8;
 use lcm::loaders::model_index::resolve_component;
-use lcm::models::autoencoder::Autoencoder;
+use lcm::models::vae::Autoencoder;
 use lcm::pipelines::components::load_vae;
 use lcm::pipelines::WeightDType;
 use lcm::pipelines::{

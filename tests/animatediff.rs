@@ -5,8 +5,8 @@ mod common;
 
 use candle_core::{DType, Device, Tensor};
 use lcm::loaders::weights::load_component;
-use lcm::models::motion_adapter::{read_motion_config, MotionModules};
-use lcm::models::unet_2d_condition::{UNet2DConditionConfig, UNet2DConditionModel, UNetConditioning};
+use lcm::models::unet::motion::{read_motion_config, MotionModules};
+use lcm::models::unet::{UNet2DConditionConfig, UNet2DConditionModel, UNetConditioning};
 use lcm::pipelines::{GenerateRequest, LcmPipeline, LoadOptions, LoraSpec, PipelineKind};
 
 fn motion_unet(unet_dir: &str, adapter_dir: &str) -> UNet2DConditionModel {

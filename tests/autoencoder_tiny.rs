@@ -7,8 +7,8 @@ mod common;
 use candle_core::{DType, Device, Tensor};
 use candle_nn::VarBuilder;
 use lcm::loaders::weights::{random_var_builder, recording_random_var_builder, safetensors_files};
-use lcm::models::autoencoder_kl::{AutoencoderKL, AutoencoderKLConfig};
-use lcm::models::autoencoder_tiny::{AutoencoderTiny, AutoencoderTinyConfig};
+use lcm::models::vae::kl::{AutoencoderKL, AutoencoderKLConfig};
+use lcm::models::vae::tiny::{AutoencoderTiny, AutoencoderTinyConfig};
 use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
 

@@ -7,7 +7,7 @@ mod common;
 use candle_core::{Device, Tensor};
 use lcm::image_processor::Image8;
 use lcm::models::controlnet::{ControlNetCond, ControlNetConfig, ControlNetModel};
-use lcm::models::unet_2d_condition::{AddedCond, UNetConditioning};
+use lcm::models::unet::{AddedCond, UNetConditioning};
 use lcm::pipelines::control::{controlnet_keep, load_controlnet, load_t2i_adapter};
 use lcm::pipelines::{AdapterInput, ControlNetInput, GenerateRequest, LcmPipeline, LoadOptions, PipelineKind};
 

@@ -8,7 +8,7 @@ use candle_core::{DType, Device, Shape, Tensor};
 use candle_nn::var_builder::SimpleBackend;
 use candle_nn::VarBuilder;
 use lcm::loaders::weights::{ComponentWeights, Precision, WeightDType};
-use lcm::models::unet_2d_condition::{UNet2DConditionConfig, UNet2DConditionModel};
+use lcm::models::unet::{UNet2DConditionConfig, UNet2DConditionModel};
 use lcm::pipelines::{GenerateRequest, LcmPipeline, LoadOptions};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};

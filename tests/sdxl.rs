@@ -2,7 +2,7 @@
 //! `StableDiffusionXLPipeline` + `LCMScheduler` semantics; images within 2/255 of diffusers'.
 mod common;
 
-use lcm::models::unet_2d_condition::{AddedCond, UNet2DConditionConfig, UNet2DConditionModel, UNetConditioning};
+use lcm::models::unet::{AddedCond, UNet2DConditionConfig, UNet2DConditionModel, UNetConditioning};
 use lcm::pipelines::{conditioning, GenerateRequest, LcmPipeline, LoadOptions, LoraSpec, PipelineKind};
 
 fn model_dir() -> String {

@@ -142,9 +142,9 @@ fn builder(shapes: &BTreeMap<String, Vec<usize>>) -> (candle_nn::VarBuilder<'sta
 /// diffusers does).
 #[test]
 fn other_layouts_build_their_networks_from_the_mapped_weights() {
-    use lcm::models::autoencoder_kl::AutoencoderKL;
     use lcm::models::clip_text_model::{ClipTextModel, ClipTextModelWithProjection};
-    use lcm::models::unet_2d_condition::UNet2DConditionModel;
+    use lcm::models::unet::UNet2DConditionModel;
+    use lcm::models::vae::kl::AutoencoderKL;
     for arch in [Architecture::Sd21, Architecture::Sd2Inpainting, Architecture::SdxlInpainting] {
         let c = arch.configs();
         let check = |component: Component, build: &dyn Fn(candle_nn::VarBuilder<'static>) -> anyhow::Result<()>| {

@@ -8,7 +8,7 @@ use candle_core::{DType, Device, Shape, Tensor};
 use candle_nn::var_builder::SimpleBackend;
 use candle_nn::VarBuilder;
 use lcm::loaders::weights::safetensors_files;
-use lcm::models::autoencoder_kl::{AutoencoderKL, AutoencoderKLConfig};
+use lcm::models::vae::kl::{AutoencoderKL, AutoencoderKLConfig};
 use std::collections::{BTreeMap, HashMap};
 use std::path::Path;
 use std::sync::{Arc, Mutex};

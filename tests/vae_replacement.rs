@@ -3,7 +3,7 @@
 //! LatentConsistencyModelPipeline (`tests/fixtures/make_vae_fixtures.py`).
 mod common;
 
-use lcm::models::autoencoder::Autoencoder;
+use lcm::models::vae::Autoencoder;
 use lcm::pipelines::{GenerateRequest, LcmPipeline, LoadOptions};
 use std::path::PathBuf;
 use std::process::Command;

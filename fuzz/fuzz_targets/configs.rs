@@ -2,8 +2,8 @@
 //! validate, and for the scheduler set its timesteps as a request would.
 #![no_main]
 mod common;
-use lcm::models::{autoencoder_kl::AutoencoderKLConfig, autoencoder_tiny::AutoencoderTinyConfig};
-use lcm::models::{clip_text_model::ClipTextConfig, unet_2d_condition::UNet2DConditionConfig};
+use lcm::models::vae::{kl::AutoencoderKLConfig, tiny::AutoencoderTinyConfig};
+use lcm::models::{clip_text_model::ClipTextConfig, unet::UNet2DConditionConfig};
 use lcm::schedulers::{LcmScheduler, LcmSchedulerConfig, TimestepRequest};
 use libfuzzer_sys::fuzz_target;
 

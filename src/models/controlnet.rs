@@ -3,8 +3,8 @@
 //! convolutions and are added to the UNet's skip connections and mid block.
 
 use crate::config::read_config;
-use crate::models::unet_2d_condition::{Timestep, UNet2DConditionConfig, UNetConditioning};
-use crate::models::unet_down_path::{BlockSettings, NoHooks, UNetDownPath};
+use crate::models::unet::down_path::{BlockSettings, NoHooks, UNetDownPath};
+use crate::models::unet::{Timestep, UNet2DConditionConfig, UNetConditioning};
 use crate::nn::{Activation, Conv2d};
 use anyhow::bail;
 use candle_core::{DType, Result, Tensor};

@@ -3,7 +3,7 @@
 
 use crate::models::clip_text_model::ClipTextModel;
 use crate::models::clip_tokenizer::ClipTokenizer;
-use crate::models::unet_2d_condition::AddedCond;
+use crate::models::unet::AddedCond;
 use crate::ops::repeat_interleave;
 use crate::pipelines::StableDiffusionComponents;
 use anyhow::Result;

@@ -9,7 +9,7 @@ use crate::loaders::model_index::resolve_component;
 use crate::loaders::weights::{self, Precision};
 use crate::models::controlnet::{ControlNetCond, ControlNetConfig, ControlNetModel, ControlNetOutput};
 use crate::models::t2i_adapter::T2IAdapter;
-use crate::models::unet_2d_condition::{AddedCond, UNet2DConditionConfig, UNet2DConditionModel, UNetConditioning};
+use crate::models::unet::{AddedCond, UNet2DConditionConfig, UNet2DConditionModel, UNetConditioning};
 use crate::ops::tile_batch;
 use crate::pipelines::components::display_name;
 use crate::pipelines::GenerationPlan;

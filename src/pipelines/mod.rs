@@ -24,10 +24,10 @@ pub use plan::GenerationPlan;
 pub use request::{GenerateRequest, Step, Task};
 
 use crate::image_io::{postprocess, RgbImage};
-use crate::models::autoencoder::Autoencoder;
 use crate::models::controlnet::ControlNetModel;
 use crate::models::t2i_adapter::T2IAdapter;
-use crate::models::unet_2d_condition::UNetConditioning;
+use crate::models::unet::UNetConditioning;
+use crate::models::vae::Autoencoder;
 use crate::random::TorchGenerator;
 use anyhow::Result;
 use candle_core::Tensor;

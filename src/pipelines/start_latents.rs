@@ -4,7 +4,7 @@
 
 use super::GenerationPlan;
 use crate::image_processor::{preprocess_image, preprocess_mask, Image8};
-use crate::models::autoencoder::Autoencoder;
+use crate::models::vae::Autoencoder;
 use crate::ops::tile_batch;
 use crate::random::TorchGenerator;
 use anyhow::Result;

@@ -2,7 +2,7 @@
 //! `autoencoders/autoencoder_kl.py`), built from its `config.json`.
 
 use crate::config::read_config;
-use crate::models::vae::{Decoder, Encoder, VaeParams};
+use crate::models::vae::blocks::{Decoder, Encoder, VaeParams};
 use crate::nn::{Activation, Conv2d};
 use anyhow::{bail, Context};
 use candle_core::{DType, Result, Tensor};
@@ -10,7 +10,7 @@ use candle_nn::VarBuilder;
 use serde::Deserialize;
 use std::path::Path;
 
-pub use crate::models::vae::DiagonalGaussian;
+pub use crate::models::vae::blocks::DiagonalGaussian;
 
 /// diffusers' `AutoencoderKL` config; absent keys take diffusers' defaults, unknown keys are ignored.
 #[derive(Clone, Debug, Deserialize)]

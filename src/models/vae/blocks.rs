@@ -1,7 +1,7 @@
 //! The encoder and decoder of the KL autoencoder (diffusers `autoencoders/vae.py`).
 
+use crate::models::blocks::{DownEncoderBlock2D, ResnetParams, UNetMidBlock2D, UpDecoderBlock2D};
 use crate::models::resnet::TimeEmbeddingNorm;
-use crate::models::unet_2d_blocks::{DownEncoderBlock2D, ResnetParams, UNetMidBlock2D, UpDecoderBlock2D};
 use crate::nn::{Activation, Conv2d, GroupNorm};
 use candle_core::{Result, Tensor};
 use candle_nn::VarBuilder;

@@ -5,8 +5,8 @@
 
 use crate::config::{read_config, PerBlock};
 use crate::models::attention::{Attention, AttentionConfig, FeedForward};
-use crate::models::unet_2d_condition::{UNet2DConditionConfig, UNet2DConditionModel, UpBlock};
-use crate::models::unet_down_path::{BlockHooks, DownBlock, MidBlock, Place};
+use crate::models::unet::down_path::{BlockHooks, DownBlock, MidBlock, Place};
+use crate::models::unet::{UNet2DConditionConfig, UNet2DConditionModel, UpBlock};
 use crate::nn::{GroupNorm, LayerNorm, Linear};
 use anyhow::{bail, Context};
 use candle_core::{Device, Result, Tensor};

@@ -1,10 +1,14 @@
 //! The autoencoder a pipeline decodes (and encodes) with: diffusers' pipelines take any
 //! `AutoencoderKL` or `AutoencoderTiny` as `vae=` and use only what both have.
 
+pub mod blocks;
+pub mod kl;
+pub mod tiny;
+
 use crate::config::read_config;
 use crate::loaders::weights::{ComponentWeights, Precision};
-use crate::models::autoencoder_kl::{AutoencoderKL, AutoencoderKLConfig};
-use crate::models::autoencoder_tiny::{AutoencoderTiny, AutoencoderTinyConfig};
+use crate::models::vae::kl::{AutoencoderKL, AutoencoderKLConfig};
+use crate::models::vae::tiny::{AutoencoderTiny, AutoencoderTinyConfig};
 use crate::random::TorchGenerator;
 use anyhow::{bail, Context, Result};
 use candle_core::{DType, Device, Tensor};

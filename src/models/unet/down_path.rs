@@ -1,16 +1,17 @@
 //! The first half of a conditional UNet: time (and SDXL added) embedding, `conv_in`, the down
-//! blocks and the mid block. [`UNet2DConditionModel`](super::unet_2d_condition) adds the up
-//! path to it; [`ControlNetModel`](super::controlnet) is a trained copy of it with zero
+//! blocks and the mid block. [`UNet2DConditionModel`](super) adds the up
+//! path to it; [`ControlNetModel`](crate::models::controlnet) is a trained copy of it with zero
 //! convolutions on its outputs. Weight names are diffusers' (`conv_in`, `down_blocks.{i}`, ...)
 //! and the same in both models.
 
+use super::conditioning::{Timestep, UNetConditioning};
+use super::config::{TransformerLayers, UNet2DConditionConfig};
 use crate::config::PerBlock;
-use crate::models::embeddings::{TimestepEmbedding, Timesteps};
-use crate::models::resnet::TimeEmbeddingNorm;
-use crate::models::unet_2d_blocks::{
+use crate::models::blocks::{
     CrossAttnDownBlock2D, CrossAttnParams, DownBlock2D, ResnetParams, UNetMidBlock2D, UNetMidBlock2DCrossAttn,
 };
-use crate::models::unet_2d_condition::{Timestep, TransformerLayers, UNet2DConditionConfig, UNetConditioning};
+use crate::models::embeddings::{TimestepEmbedding, Timesteps};
+use crate::models::resnet::TimeEmbeddingNorm;
 use crate::nn::{Activation, Conv2d};
 use anyhow::{bail, Context};
 use candle_core::{Result, Tensor};
