@@ -6,11 +6,11 @@
 //! Frame counts run in increasing order, so each peak-RSS line bounds that count's working set.
 
 use candle_core::{DType, Device, Tensor};
-use lcm::benchmark::peak_rss_mb;
-use lcm::loaders::weights::random_var_builder;
 use lcm::models::unet::motion::{read_motion_config, MotionModules};
 use lcm::models::unet::{UNet2DConditionConfig, UNet2DConditionModel, UNetConditioning};
 use lcm::models::vae::kl::{AutoencoderKL, AutoencoderKLConfig};
+use lcm::testing::peak_rss_mb;
+use lcm::testing::random_var_builder;
 use std::time::Instant;
 
 fn main() -> anyhow::Result<()> {

@@ -17,7 +17,7 @@ fn main() -> anyhow::Result<()> {
     let raw: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(dir.join("config.json"))?)?;
     let dev = Device::Cpu;
     let t = Instant::now();
-    let unet = UNet2DConditionModel::new(lcm::loaders::weights::random_var_builder(1, DType::F32, &dev), &cfg)?;
+    let unet = UNet2DConditionModel::new(lcm::testing::random_var_builder(1, DType::F32, &dev), &cfg)?;
     eprintln!("built {model} UNet in {:.1}s", t.elapsed().as_secs_f64());
     let cross = raw["cross_attention_dim"].as_u64().unwrap_or(768) as usize;
     let x = Tensor::randn(0f32, 1.0, (batch, cfg.in_channels, latent, latent), &dev)?;

@@ -17,7 +17,7 @@ fn main() -> anyhow::Result<()> {
     } else {
         std::io::BufReader::new(file).read_to_string(&mut text)?;
     }
-    let listing = lcm::benchmark::parse_key_listing(&text)?;
-    lcm::benchmark::write_random_checkpoint(&listing, out.as_ref(), seed.parse()?, "F16")?;
+    let listing = lcm::testing::parse_key_listing(&text)?;
+    lcm::testing::write_random_checkpoint(&listing, out.as_ref(), seed.parse()?, "F16")?;
     Ok(())
 }

@@ -71,12 +71,13 @@ nvcc --version | tail -2 >&2
 
 cd "$repo"
 cargo build --release --features cuda --bin lcm "$@"
-# The GPU parity tests (tests/device.rs) as one executable, for scripts/device-check.sh.
-tests_exe="$(cargo test --release --features cuda --test device --no-run --message-format=json "$@" |
+# The engine tests (tests/engine/, whose `device::` module is the GPU parity check) as one
+# executable, for scripts/device-check.sh.
+tests_exe="$(cargo test --release --features cuda --test engine --no-run --message-format=json "$@" |
   "$python" -c 'import json,sys
 for l in sys.stdin:
     m = json.loads(l)
-    if m.get("reason") == "compiler-artifact" and m.get("executable") and m["target"]["name"] == "device":
+    if m.get("reason") == "compiler-artifact" and m.get("executable") and m["target"]["name"] == "engine":
         print(m["executable"])' | tail -1)"
 echo "built $CARGO_TARGET_DIR/release/lcm and $tests_exe (CUDA 13.0, sm_$CUDA_COMPUTE_CAP)" >&2
 

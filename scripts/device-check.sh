@@ -52,8 +52,8 @@ python3 tests/fixtures/make_rng_half_fixtures.py --check 2>&1 | tee "$out/rng.tx
 for step in "${steps[@]}"; do
   case "$step" in
     parity)
-      note "parity: tests/device.rs on cuda (f16) vs diffusers float16 images"
-      LCM_TEST_DEVICE=cuda LCM_FIXTURES="$PWD/tests/fixtures" timeout 180 "$bin/device-tests" --nocapture 2>&1 | tee "$out/parity.txt"
+      note "parity: tests/engine/device.rs on cuda (f16) vs diffusers float16 images"
+      LCM_TEST_DEVICE=cuda LCM_FIXTURES="$PWD/tests/fixtures" timeout 180 "$bin/device-tests" device:: --nocapture 2>&1 | tee "$out/parity.txt"
       [[ ${PIPESTATUS[0]} == 0 ]] || status=1
       ;;
     sd15 | sdxl)

@@ -1,5 +1,7 @@
 //! `lcm`: the command-line front end over the `lcm` library.
 
+mod bench;
+
 use anyhow::{bail, Context, Result};
 
 /// Freed large tensors are reused instead of page-faulted in again (see `lcm::alloc`).
@@ -199,7 +201,7 @@ struct AnimateArgs {
 struct BenchArgs {
     /// sd15, sdxl (text-to-image) or animatediff (SD1.5 + motion adapter v1-5-2).
     #[arg(long, default_value = "sd15")]
-    model: lcm::benchmark::BenchModel,
+    model: lcm::testing::RandomModel,
     /// Where the random-weight diffusers folder is written once and reused (default
     /// $TMPDIR/lcm-bench-sd15, or lcm-bench-sdxl; AnimateDiff adds DIR/motion_adapter).
     #[arg(long)]
@@ -500,12 +502,12 @@ fn bench(args: BenchArgs) -> Result<()> {
     }
     let dir = dir.unwrap_or_else(|| model.default_dir());
     eprintln!("model folder: {}", dir.display());
-    if !lcm::benchmark::folder_complete(model, &dir) {
+    if !lcm::testing::folder_complete(model, &dir) {
         eprintln!("writing random weights once; this run's peak RSS includes that, rerun for a clean figure");
     }
-    lcm::benchmark::write_folder(model, &dir)?;
-    let opts = lcm::benchmark::BenchOptions { model, size, frames, steps, warmup, runs, dtype, device };
-    let report = lcm::benchmark::run(&dir, &opts)?;
+    lcm::testing::write_folder(model, &dir)?;
+    let opts = bench::BenchOptions { model, size, frames, steps, warmup, runs, dtype, device };
+    let report = bench::run(&dir, &opts)?;
     if json {
         println!("{}", serde_json::to_string_pretty(&report)?);
     } else {

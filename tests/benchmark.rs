@@ -29,8 +29,8 @@ fn ops_count_flops_as_two_per_multiply_add() {
 /// `lcm bench --model`: names, and each model's native size (touches no op counter).
 #[test]
 fn bench_models_parse_with_native_sizes() {
-    use lcm::benchmark::BenchModel;
-    let parse = |s: &str| s.parse::<BenchModel>();
+    use lcm::testing::RandomModel;
+    let parse = |s: &str| s.parse::<RandomModel>();
     assert_eq!(parse("sd15").unwrap().default_size(), 512);
     assert_eq!(parse("SDXL").unwrap().default_size(), 1024);
     assert_eq!(parse("animatediff").unwrap().default_size(), 512);
