@@ -486,9 +486,8 @@ fn canny(args: CannyArgs) -> Result<()> {
     let CannyArgs { input, output, low, high, overwrite } = args;
     check_outputs(std::slice::from_ref(&output), overwrite)?;
     let img = Image8::read(&input)?;
-    let edges = lcm::canny::canny(&img, low, high)?.to_rgb();
-    let rgb = lcm::image_io::RgbImage { width: edges.width, height: edges.height, pixels: edges.pixels };
-    write_image(&output, &rgb, None, overwrite)?;
+    let edges = lcm::canny::canny(&img, low, high)?;
+    write_image(&output, &edges.into(), None, overwrite)?;
     eprintln!("wrote {}", output.display());
     Ok(())
 }

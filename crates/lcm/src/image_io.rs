@@ -5,12 +5,28 @@ use anyhow::{bail, Context, Result};
 use candle_core::Tensor;
 use std::path::{Path, PathBuf};
 
-/// An 8-bit RGB image, row-major, 3 bytes per pixel.
+/// An 8-bit RGB image, row-major, 3 bytes per pixel: what a pipeline outputs. Inputs are
+/// [`Image8`] (grayscale or RGB, as files come); the two convert into each other, so an output can
+/// be fed back as an init or control image.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct RgbImage {
     pub width: usize,
     pub height: usize,
     pub pixels: Vec<u8>,
+}
+
+impl From<RgbImage> for Image8 {
+    fn from(img: RgbImage) -> Self {
+        Image8 { width: img.width, height: img.height, channels: 3, pixels: img.pixels }
+    }
+}
+
+impl From<Image8> for RgbImage {
+    /// Grayscale images are expanded to RGB.
+    fn from(img: Image8) -> Self {
+        let img = img.to_rgb();
+        RgbImage { width: img.width, height: img.height, pixels: img.pixels }
+    }
 }
 
 /// diffusers' `VaeImageProcessor.postprocess(..., output_type="pil")`: `[-1, 1]` NCHW floats to
