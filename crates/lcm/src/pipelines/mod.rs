@@ -17,7 +17,7 @@ pub mod start_latents;
 
 pub use crate::loaders::weights::WeightDType;
 pub use components::{LoadOptions, StableDiffusionComponents};
-pub use control::{AdapterInput, ControlNetInput, Named};
+pub use control::{AdapterInput, ControlNetInput, ControlNets, Named, T2IAdapters};
 pub use kind::PipelineKind;
 pub use lora_set::{LoraReport, LoraSpec};
 pub use plan::GenerationPlan;
@@ -31,16 +31,16 @@ use crate::models::vae::Autoencoder;
 use crate::random::TorchGenerator;
 use anyhow::Result;
 use candle_core::Tensor;
-use control::{ControlRequest, ControlState};
+use control::{ControlSource, ControlState, ControlStep};
 use start_latents::InpaintState;
 
 /// A loaded model ready to generate.
 pub struct LcmPipeline {
     pub components: StableDiffusionComponents,
     /// ControlNets, run in this order (`MultiControlNetModel`).
-    pub controlnets: Vec<Named<ControlNetModel>>,
+    pub controlnets: ControlNets,
     /// T2I-Adapters (`MultiAdapter`).
-    pub t2i_adapters: Vec<Named<T2IAdapter>>,
+    pub t2i_adapters: T2IAdapters,
     /// Whether the pipeline was asked for (`LoadOptions::pipeline`), so that adding a ControlNet
     /// to an LCM model asked to run as `LatentConsistencyModelPipeline` is an error.
     pipeline_forced: bool,
@@ -60,7 +60,12 @@ impl LcmPipeline {
     pub fn load(model: &str, opts: &LoadOptions) -> Result<Self> {
         let components = StableDiffusionComponents::load(model, opts)?;
         let pipeline_forced = components.kind_requested;
-        Ok(Self { components, controlnets: Vec::new(), t2i_adapters: Vec::new(), pipeline_forced })
+        Ok(Self {
+            components,
+            controlnets: ControlNets::default(),
+            t2i_adapters: T2IAdapters::default(),
+            pipeline_forced,
+        })
     }
 
     /// The diffusers pipeline whose semantics apply: the model's, except that an LCM model with
@@ -77,9 +82,7 @@ impl LcmPipeline {
 
     /// Add a ControlNet (`controlnet=` / a list of them).
     pub fn add_controlnet(&mut self, controlnet: Named<ControlNetModel>) -> Result<()> {
-        control::check_controlnet_fits(&controlnet.name, &controlnet.model, &self.components.unet_config)?;
-        self.controlnets.push(controlnet);
-        Ok(())
+        self.controlnets.add(controlnet, &self.components.unet_config)
     }
 
     /// Load and add a ControlNet from a folder or hub repo id.
@@ -91,7 +94,7 @@ impl LcmPipeline {
     /// Add a T2I-Adapter (`adapter=`; several act as `MultiAdapter`). Its fit to the UNet is
     /// checked when generating, where the feature sizes are known.
     pub fn add_t2i_adapter(&mut self, adapter: Named<T2IAdapter>) {
-        self.t2i_adapters.push(adapter);
+        self.t2i_adapters.add(adapter);
     }
 
     /// Load and add a T2I-Adapter from a folder or hub repo id.
@@ -107,8 +110,13 @@ impl LcmPipeline {
         self.components.weight_dtype
     }
 
+    /// Every control source, in the order they are checked, prepared and described.
+    fn control_sources(&self) -> [&dyn ControlSource; 2] {
+        [&self.controlnets, &self.t2i_adapters]
+    }
+
     fn has_control(&self) -> bool {
-        !self.controlnets.is_empty() || !self.t2i_adapters.is_empty()
+        self.control_sources().iter().any(|s| !s.is_empty())
     }
 
     /// Load LoRAs (`load_lora_weights`); each is active at its spec's weight.
@@ -232,24 +240,20 @@ impl LcmPipeline {
         };
 
         // 6. Control images (ControlNets) and features (T2I-Adapters).
-        let control = ControlState::prepare(
-            &self.controlnets,
-            &self.t2i_adapters,
-            &c.unet,
-            &ControlRequest {
-                controlnet: &req.controlnet,
-                adapter: &req.adapter,
-                adapter_conditioning_factor: req.adapter_conditioning_factor,
-                guess_mode: req.guess_mode,
-            },
-            plan,
-        )?;
+        let control = ControlState::prepare(&self.control_sources(), req, &c.unet, plan)?;
 
         // 7. Denoising loop.
         let mut denoised = latents.clone();
         for (i, &t) in timesteps.iter().enumerate() {
             let mut model_in = if cfg { Tensor::cat(&[&latents, &latents], 0)? } else { latents.clone() };
-            let cond = control.conditioning(i, t as f64, &model_in, &latents, &prompt_embeds, &unet_cond)?;
+            let cond = control.conditioning(&ControlStep {
+                index: i,
+                timestep: t as f64,
+                model_in: &model_in,
+                latents: &latents,
+                prompt_embeds: &prompt_embeds,
+                base: &unet_cond,
+            })?;
             if let Some(x) = &extra_channels {
                 model_in = Tensor::cat(&[&model_in, x], 1)?;
             }
@@ -343,14 +347,8 @@ impl LcmPipeline {
         if let Some(o) = req.original_inference_steps {
             s.push_str(&format!(", Original inference steps: {o}"));
         }
-        for (cn, input) in self.controlnets.iter().zip(&req.controlnet) {
-            s.push_str(&format!(
-                ", ControlNet: {} (scale {}, start {}, end {})",
-                cn.name, input.conditioning_scale, input.guidance_start, input.guidance_end
-            ));
-        }
-        for (ad, input) in self.t2i_adapters.iter().zip(&req.adapter) {
-            s.push_str(&format!(", T2I-Adapter: {} (scale {})", ad.name, input.conditioning_scale));
+        for source in self.control_sources() {
+            source.describe(req, &mut s);
         }
         s.push_str(&format!(", Pipeline: {}", plan.kind.diffusers_name()));
         s

@@ -62,7 +62,7 @@ impl LcmPipeline {
         let c = &self.components;
         let kind = self.kind();
         let task = req.task();
-        let has_control = !self.controlnets.is_empty() || !self.t2i_adapters.is_empty();
+        let has_control = self.has_control();
         if self.pipeline_forced && self.components.kind == PipelineKind::LatentConsistencyModel && has_control {
             invalid!(
                 "LatentConsistencyModelPipeline has no ControlNet / T2I-Adapter variant in diffusers; use the StableDiffusion pipeline"
@@ -163,28 +163,13 @@ impl LcmPipeline {
         } else if motion.is_some() {
             invalid!("this UNet carries motion modules: use the AnimateDiff pipeline (num_frames)");
         }
-        if req.controlnet.len() != self.controlnets.len() {
-            invalid!(
-                "{} ControlNet(s) but {} control image(s); give one image per ControlNet",
-                self.controlnets.len(),
-                req.controlnet.len()
-            );
+        // Every source's input counts first, then the tasks they refuse.
+        let sources = self.control_sources();
+        for source in sources {
+            source.check_inputs(req)?;
         }
-        if req.adapter.len() != self.t2i_adapters.len() {
-            invalid!(
-                "{} T2I-Adapter(s) but {} adapter image(s); give one image per adapter",
-                self.t2i_adapters.len(),
-                req.adapter.len()
-            );
-        }
-        match task {
-            Task::Inpainting if has_control => {
-                invalid!("inpainting with a ControlNet or T2I-Adapter is not supported yet")
-            }
-            Task::ImageToImage if !self.t2i_adapters.is_empty() => {
-                invalid!("T2I-Adapters work with text-to-image only (diffusers has no adapter image-to-image pipeline)")
-            }
-            _ => {}
+        for source in sources {
+            source.check_task(task)?;
         }
         let (unet_in, latent) = (self.components.unet_config.in_channels, self.components.vae.latent_channels());
         let inpaint_unet = unet_in == 2 * latent + 1;
@@ -214,19 +199,15 @@ impl LcmPipeline {
                 invalid!("{what} must be a positive multiple of {f} (the VAE scale factor), got {v}");
             }
         }
-        let adapter_factor = self.t2i_adapters.iter().map(|a| a.model.downscale_factor()).max();
-        if let Some(af) = adapter_factor {
+        let sources = self.control_sources();
+        for (m, why) in sources.iter().filter_map(|s| s.size_multiple()) {
             for (v, what) in [(req.width, "width"), (req.height, "height")] {
-                if let Some(v) = v.filter(|v| v % af != 0) {
-                    invalid!("{what} must be a multiple of {af} (the T2I-Adapter's downscale factor), got {v}");
+                if let Some(v) = v.filter(|v| v % m != 0) {
+                    invalid!("{what} must be a multiple of {m} ({why}), got {v}");
                 }
             }
         }
-        let control_image = match (req.controlnet.first(), req.adapter.first()) {
-            (Some(c), _) if !self.controlnets.is_empty() => Some((&c.image, f)),
-            (_, Some(a)) if adapter_factor.is_some() => Some((&a.image, adapter_factor.unwrap_or(f))),
-            _ => None,
-        };
+        let control_image = sources.iter().find_map(|s| s.size_image(req, f));
         let (w, h) = match (control_image, &req.image) {
             (Some((img, factor)), _) => default_size(img, req.width, req.height, factor),
             // The inpainting pipelines (SD and SDXL) default to the UNet's size, not the image's

@@ -2,7 +2,7 @@
 //! that need no model ([`GenerateRequest::check`]); the rest is checked against the loaded model
 //! when the request is planned ([`crate::pipelines::GenerationPlan`]).
 
-use super::control::{AdapterInput, ControlNetInput};
+use super::control::{AdapterInput, ControlNetInput, ControlNets, ControlSource, T2IAdapters};
 use crate::error::{invalid, Error};
 use crate::image_processor::Image8;
 use crate::random::HalfRandn;
@@ -136,25 +136,9 @@ impl GenerateRequest {
                 invalid!("strength needs an image (image-to-image or inpainting)");
             }
         }
-        for c in &self.controlnet {
-            if !(c.conditioning_scale.is_finite() && c.guidance_start.is_finite() && c.guidance_end.is_finite()) {
-                invalid!("ControlNet scale and guidance start/end must be finite numbers");
-            }
-            if !(0.0 <= c.guidance_start && c.guidance_start < c.guidance_end && c.guidance_end <= 1.0) {
-                invalid!(
-                    "control guidance start ({}) must be smaller than end ({}), both in [0, 1]",
-                    c.guidance_start,
-                    c.guidance_end
-                );
-            }
-        }
-        if self.adapter.iter().any(|a| !a.conditioning_scale.is_finite()) {
-            invalid!("adapter scale must be a finite number");
-        }
-        let f = self.adapter_conditioning_factor;
-        if !(0.0..=1.0).contains(&f) {
-            invalid!("adapter conditioning factor must be in [0, 1], got {f}");
-        }
+        // The control sources' own checks, in the order the pipeline runs them.
+        ControlNets::check_request(self)?;
+        T2IAdapters::check_request(self)?;
         Ok(())
     }
 }
