@@ -333,6 +333,12 @@ impl WeightFiles {
         let (path, file) = &self.files[t.file];
         let read_err =
             |e: std::io::Error| candle_core::Error::Msg(format!("cannot read {name} from {}: {e}", path.display()));
+        if t.dtype == DType::F32 && !t.transposed {
+            // Mapped from the page cache where the global allocator can free such a buffer.
+            if let Some(data) = crate::alloc::map_file_f32(file, t.offset, t.len) {
+                return Tensor::from_vec(data, t.stored_shape(), dev);
+            }
+        }
         if t.dtype == DType::F32 {
             // Straight into the tensor's buffer: one copy from the page cache, none in between.
             let mut data = vec![0f32; t.len / 4];
