@@ -92,6 +92,10 @@ fn main() -> candle_core::Result<()> {
             rate(&format!("conv3x3 {c}->{co} {hw}^2 lcm::ops::conv2d"), fl, || {
                 lcm::ops::conv2d(&x, &w, None, 1, 1).unwrap();
             });
+            let wb = w.to_dtype(candle_core::DType::BF16)?;
+            rate(&format!("conv3x3 {c}->{co} {hw}^2 bf16 weights"), fl, || {
+                lcm::ops::conv2d(&x, &wb, None, 1, 1).unwrap();
+            });
             let (xs, ws): (Vec<f32>, Vec<f32>) = (x.flatten_all()?.to_vec1()?, w.flatten_all()?.to_vec1()?);
             let wq = lcm::kernels::int8::Int8Matrix::quantize(&ws, co, c * 9, lcm::kernels::int8::Side::Left);
             let shape = lcm::kernels::conv::ConvShape {

@@ -32,10 +32,14 @@ impl ConvShape {
 /// `y = conv(x, weight) + bias`; `x` is `[batch, c_in, h, w]`, `weight` `[c_out, c_in, kh, kw]`,
 /// the result `[batch, c_out, ho, wo]`. The weight may be half precision (widened as packed).
 pub fn conv2d<W: Elem>(x: &[f32], weight: &[W], bias: Option<&[f32]>, s: &ConvShape, arith: Arith) -> Vec<f32> {
-    if super::winograd::applies(s) {
-        // Winograd in f32 even for bf16 products: its transforms amplify bf16's rounding about
-        // tenfold (2.5e-2 relative error against 3e-3 for the direct convolution), and it does
-        // 4x fewer multiplies, more than bf16's 2x rate gives back.
+    // Winograd in f32 even for bf16 products: its transforms amplify bf16's rounding about
+    // tenfold (2.5e-2 relative error against 3e-3 for the direct convolution), and it does 4x
+    // fewer multiplies, more than `vdpbf16ps`'s 2x rate gives back. AMX tiles multiply fast
+    // enough for the direct bf16 convolution to win where its packing of the input is shared by
+    // enough output channels (`cargo bench --bench kernels -- conv`: 320->320 at 64x64 570 vs
+    // 230 GFLOP/s, 128->128 at 256x256 290 vs 330).
+    let amx = arith == Arith::Bf16 && s.c_out >= 256 && super::CpuPath::current() >= super::CpuPath::AmxBf16;
+    if super::winograd::applies(s) && !amx {
         return super::winograd::conv2d(x, weight, bias, s);
     }
     conv2d_direct(x, weight, bias, s, arith)

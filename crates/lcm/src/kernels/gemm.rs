@@ -12,15 +12,23 @@ pub const MR: usize = 6;
 pub const NR: usize = 16;
 /// Most depth of one packed block: A block `MC x KC` stays in L2, one B panel `KC x NR` in L1.
 const KC: usize = 256;
+/// The same for bf16 pair panels (half the bytes per value): twice as deep, so C is loaded and
+/// stored half as often (the AMX kernel's products are fast enough for C's traffic to count).
+const KC_PAIRS: usize = 512;
 
-/// The depth of the blocks `k` is cut into: equal blocks of at most `KC` (no thin last block,
-/// which would load and store C for little arithmetic).
-fn block_depth(k: usize) -> usize {
+/// The depth of the blocks `k` is cut into: equal blocks of at most `KC` (`KC_PAIRS` for bf16
+/// pair panels), with no thin last block, which would load and store C for little arithmetic.
+pub(super) fn block_depth(k: usize, pairs: bool) -> usize {
+    if pairs {
+        // Whole AMX depth steps (32 values) where `k` allows, so stored pair panels are whole
+        // tiles (only the last block of a `k` that is no multiple of 32 is partial).
+        return k.div_ceil(k.div_ceil(KC_PAIRS).max(1)).next_multiple_of(32).min(k).max(1);
+    }
     k.div_ceil(k.div_ceil(KC).max(1)).max(1)
 }
 const MC: usize = 144;
 /// Width of one packed B block (lives in L2/L3).
-const NC: usize = 1024;
+pub(super) const NC: usize = 1024;
 
 /// How a product multiplies: in f32, or with both operands rounded to bf16 (to nearest even)
 /// and the products summed in f32, on the CPU's bf16 dot-product instructions (twice the f32
@@ -58,6 +66,19 @@ pub trait PackA: Sync {
     fn packed_pairs(&self, _i0: usize, _p0: usize, _kc: usize) -> Option<&[u32]> {
         None
     }
+
+    /// Whether [`PackA::bf16_rows`] writes the operand directly.
+    fn has_bf16_rows(&self) -> bool {
+        false
+    }
+
+    /// Rows `i0..i0+mc`, depth `p0..p0+kc` rounded to bf16 as rows of pairs `stride` apart
+    /// (`dst[r * stride + q]` holds values `2q` (low half) and `2q + 1` of row `r`), zero from
+    /// depth `kc` to `2 * stride`: the layout AMX tiles load. False (nothing written) when this
+    /// operand has no direct way; the AMX driver then turns its panels into rows.
+    fn bf16_rows(&self, _i0: usize, _mc: usize, _p0: usize, _kc: usize, _stride: usize, _dst: &mut [u32]) -> bool {
+        false
+    }
 }
 
 /// Something that can write blocks of the right operand `B` (`k x n`) as `NR`-column panels.
@@ -92,7 +113,7 @@ impl Panels {
     /// `pack(p0, kc, dst)` writes depth block `p0..p0 + kc` of the whole side.
     fn new(k: usize, len: usize, unit: usize, arith: Arith, pack: impl Fn(usize, usize, &mut [f32]) + Sync) -> Self {
         let width = len.div_ceil(unit) * unit;
-        let kb = block_depth(k);
+        let kb = block_depth(k, arith == Arith::Bf16);
         // Blocks are independent: pack them in parallel when there are several.
         use rayon::prelude::*;
         if arith == Arith::Bf16 {
@@ -116,7 +137,7 @@ impl Panels {
     fn offset(&self, p0: usize, kc: usize, at: usize, depth_of: impl Fn(usize) -> usize) -> usize {
         // Blocks start at multiples of the block depth and panels at multiples of the unit, as
         // the driver asks.
-        let kb = block_depth(self.k);
+        let kb = block_depth(self.k, !self.pairs.is_empty());
         debug_assert!(p0.is_multiple_of(kb) && at.is_multiple_of(self.unit) && kc == kb.min(self.k - p0));
         let width = self.len.div_ceil(self.unit) * self.unit;
         (p0 / kb) * depth_of(kb) * width + at * depth_of(kc)
@@ -265,6 +286,61 @@ impl<T: Elem> PackA for Strided<'_, T> {
             None => self.pack_a_widen(i0, mc, p0, kc, dst),
         }
     }
+
+    fn has_bf16_rows(&self) -> bool {
+        self.col_stride == 1
+    }
+
+    /// Contiguous rows: each row's run rounded pair by pair, one pass (widened first through a
+    /// stack buffer when held in half precision).
+    fn bf16_rows(&self, i0: usize, mc: usize, p0: usize, kc: usize, stride: usize, dst: &mut [u32]) -> bool {
+        if self.col_stride != 1 {
+            return false;
+        }
+        let mut buf = [0f32; WIDEN];
+        for (r, out) in dst.chunks_exact_mut(stride).take(mc).enumerate() {
+            let row = &self.data[(i0 + r) * self.row_stride + p0..][..kc];
+            match T::as_f32(row) {
+                Some(f) => round_pairs(f, &mut out[..kc.div_ceil(2)]),
+                None => {
+                    for q0 in (0..kc).step_by(WIDEN) {
+                        let qn = WIDEN.min(kc - q0);
+                        T::widen(&row[q0..q0 + qn], &mut buf[..qn]);
+                        round_pairs(&buf[..qn], &mut out[q0 / 2..(q0 + qn).div_ceil(2)]);
+                    }
+                }
+            }
+            out[kc.div_ceil(2)..].fill(0);
+        }
+        true
+    }
+}
+
+/// `dst[q]` = `src[2q]` and `src[2q + 1]` rounded to bf16 (low half first), an odd last value
+/// paired with zero.
+fn round_pairs(src: &[f32], dst: &mut [u32]) {
+    #[inline(always)]
+    fn body(src: &[f32], dst: &mut [u32]) {
+        let mut pairs = src.chunks_exact(2);
+        for (o, p) in dst.iter_mut().zip(&mut pairs) {
+            *o = bf16_bits(p[0]) | (bf16_bits(p[1]) << 16);
+        }
+        if let [last] = pairs.remainder() {
+            dst[src.len() / 2] = bf16_bits(*last);
+        }
+    }
+    #[cfg(target_arch = "x86_64")]
+    {
+        #[target_feature(enable = "avx512f")]
+        unsafe fn fast(src: &[f32], dst: &mut [u32]) {
+            body(src, dst)
+        }
+        if super::CpuPath::current() >= super::CpuPath::Avx512 {
+            // SAFETY: AVX-512 F checked.
+            return unsafe { fast(src, dst) };
+        }
+    }
+    body(src, dst)
 }
 
 impl<T: Elem> PackB for Strided<'_, T> {
@@ -443,23 +519,32 @@ fn gemm_on(
     // Chunks in whole micro-tiles, so only the last chunk ends in a partial tile.
     // Few rows: split the columns, so each thread packs only its own part of B (a row split
     // would stream all of B through every thread for little arithmetic per value).
-    if n >= m || m < 4 * MC {
+    // AMX: rows of A are rounded into tiles by the thread that multiplies them, so a column
+    // split rounds all of A in every thread; a row split shares B packed once (k x n values,
+    // through memory), measured better where A's copies would outweigh B (`threads * m >= n`:
+    // 2048^3 700 vs 460 GFLOP/s) or B is stored packed, worse for a convolution's wide input
+    // (320->320 3x3 at 64x64: 440 vs 620).
+    let b_stored = b.packed_pairs(0, block_depth(k, true).min(k), 0).is_some();
+    let amx_rows = tile.amx && m >= 4 * tile.rows && (b_stored || rayon::current_num_threads() * m >= n);
+    if !amx_rows && (n >= m || m < 4 * MC) {
         // bf16: several chunks would each pack and round all of A, which costs as much as a
         // chunk's arithmetic: round it once for all of them (2048^3: 380 -> 720 GFLOP/s). f32
         // re-packs per chunk, measured faster (2048^3: 390 vs 310 GFLOP/s with a shared copy).
         let shared;
-        let a: &dyn PackA =
-            if tile.pairs && parallel_pieces(n, tile.cols, work) > 1 && a.packed(0, 0, block_depth(k).min(k)).is_none()
-            {
-                shared = PackedA::new(m, k, a, tile.arith());
-                &shared
-            } else {
-                a
-            };
+        let a: &dyn PackA = if tile.pairs
+            && parallel_pieces(n, tile.cols, work) > 1
+            && a.packed_pairs(0, 0, block_depth(k, true).min(k)).is_none()
+            && !(tile.amx && a.has_bf16_rows())
+        {
+            shared = PackedA::new(m, k, a, tile.arith());
+            &shared
+        } else {
+            a
+        };
         parallel_chunks(n, tile.cols, work, |j0, nc| unsafe {
             gemm_serial(tile, m, nc, k, 0, j0, a, b, cp.get(), ldc, accumulate)
         });
-    } else if b.packed(0, block_depth(k).min(k), 0).is_some() || work < 4 * 2 * k * n {
+    } else if b.packed(0, block_depth(k, false).min(k), 0).is_some() || b_stored || work < 4 * 2 * k * n {
         parallel_chunks(m, tile.rows, work, |i0, mc| unsafe {
             gemm_serial(tile, mc, n, k, i0, 0, a, b, cp.get(), ldc, accumulate)
         });
@@ -531,11 +616,15 @@ unsafe fn gemm_serial(
     ldc: usize,
     accumulate: bool,
 ) {
+    #[cfg(target_arch = "x86_64")]
+    if kernel.amx {
+        return super::amx::gemm_serial(m, n, k, i_base, j_base, a, b, c, ldc, accumulate);
+    }
     PACK.with(|bufs| {
         let (ref mut abuf, ref mut bbuf, ref mut apairs, ref mut bpairs) = *bufs.borrow_mut();
         let nc_max = NC.min(n.div_ceil(NR) * NR);
         let mc_max = MC.min(m.div_ceil(MR) * MR);
-        let kb = block_depth(k);
+        let kb = block_depth(k, kernel.pairs);
         let kc_max = kb;
         if bbuf.len() < nc_max * kc_max {
             bbuf.resize(nc_max * kc_max, 0.0);
@@ -603,7 +692,7 @@ unsafe fn gemm_serial(
 /// the operand's stored bf16 pairs or f32 panels, or `pack` into `buf`; a bf16 kernel (`pairs`)
 /// gets f32 panels rounded into `pairs_buf`.
 #[allow(clippy::too_many_arguments)]
-fn block(
+pub(super) fn block(
     pairs: bool,
     stored_pairs: Option<&[u32]>,
     stored: Option<&[f32]>,
@@ -642,6 +731,8 @@ struct MicroKernel {
     cols: usize,
     f: Kernel,
     pairs: bool,
+    /// The AMX driver (`amx.rs`) takes the whole product instead of `f`.
+    amx: bool,
 }
 
 impl MicroKernel {
@@ -662,18 +753,20 @@ impl MicroKernel {
         use super::CpuPath;
         #[cfg(target_arch = "x86_64")]
         if arith == Arith::Bf16 && path >= CpuPath::Avx512Bf16 {
-            return MicroKernel { rows: 2 * MR, cols: 2 * NR, f: x86::kernel_bf16_12x32, pairs: true };
+            let amx = path >= CpuPath::AmxBf16;
+            let rows = if amx { 32 } else { 2 * MR };
+            return MicroKernel { rows, cols: 2 * NR, f: x86::kernel_bf16_12x32, pairs: true, amx };
         }
         let (rows, cols, f): (usize, usize, Kernel) = match path {
             CpuPath::Portable => (MR, NR, kernel_generic),
             #[cfg(target_arch = "x86_64")]
             CpuPath::Avx2 => (MR, NR, x86::kernel_6x16),
             #[cfg(target_arch = "x86_64")]
-            CpuPath::Avx512 | CpuPath::Avx512Bf16 => (2 * MR, 2 * NR, x86::kernel_12x32),
+            CpuPath::Avx512 | CpuPath::Avx512Bf16 | CpuPath::AmxBf16 => (2 * MR, 2 * NR, x86::kernel_12x32),
             #[cfg(not(target_arch = "x86_64"))]
             _ => (MR, NR, kernel_generic),
         };
-        MicroKernel { rows, cols, f, pairs: false }
+        MicroKernel { rows, cols, f, pairs: false, amx: false }
     }
 }
 
@@ -1119,24 +1212,35 @@ mod tests {
     #[test]
     fn bf16_products_match_f64_on_rounded_operands() {
         use crate::kernels::CpuPath;
-        if !CpuPath::Avx512Bf16.supported() {
-            println!("skipped: CPU path avx512-bf16 (this CPU lacks it)");
-            return;
+        for path in [CpuPath::Avx512Bf16, CpuPath::AmxBf16] {
+            if !path.supported() {
+                println!("skipped: CPU path {} (this CPU lacks it)", path.name());
+                continue;
+            }
+            if CpuPath::current() < path {
+                println!("skipped: CPU path {} (LCM_CPU_PATH={})", path.name(), CpuPath::current().name());
+                continue;
+            }
+            bf16_products_on(path);
         }
-        if CpuPath::current() < CpuPath::Avx512Bf16 {
-            println!("skipped: bf16 products (LCM_CPU_PATH={})", CpuPath::current().name());
-            return;
-        }
+    }
+
+    fn bf16_products_on(path: crate::kernels::CpuPath) {
+        let tile = MicroKernel::for_path(path, Arith::Bf16);
+        let name = path.name();
         let mut rnd = uniform(13);
         let round = |v: &[f32]| -> Vec<f32> { v.iter().map(|x| f32::from_bits(bf16_bits(*x) << 16)).collect() };
         // (30, 2000, 301): column chunks sharing A packed once (odd depth); (700, 96, 90): row
-        // chunks sharing B packed once.
+        // chunks sharing B packed once; (64, 64, 512) and (200, 96, 640): whole 32x32 tiles and
+        // depths of whole 16-pair steps; the rest edges of every kind.
         for &(m, n, k) in &[
             (1, 1, 1),
             (5, 7, 3),
             (12, 32, 64),
             (13, 33, 301),
             (25, 70, 513),
+            (64, 64, 512),
+            (200, 96, 640),
             (150, 1100, 40),
             (30, 2000, 301),
             (700, 96, 90),
@@ -1159,7 +1263,7 @@ mod tests {
                 let ldc = n + 3;
                 let start: Vec<f32> = (0..m * ldc).map(|_| rnd()).collect();
                 let mut c = start.clone();
-                gemm(Arith::Bf16, m, n, k, &a, &b, &mut c, ldc, true);
+                gemm_on(tile, m, n, k, &a, &b, &mut c, ldc, true);
                 let mut f = vec![0f32; m * n];
                 gemm(Arith::F32, m, n, k, &a, &b, &mut f, n, false);
                 let mut differs = false;
@@ -1167,24 +1271,29 @@ mod tests {
                     for j in 0..ldc {
                         let (got, old) = (c[i * ldc + j], start[i * ldc + j]);
                         if j >= n {
-                            assert_eq!(got.to_bits(), old.to_bits(), "wrote past the row");
+                            assert_eq!(got.to_bits(), old.to_bits(), "{name}: wrote past the row");
                             continue;
                         }
                         let w = want[i * n + j] + old;
-                        assert!((got - w).abs() < 1e-4, "bf16 {m}x{n}x{k} {ta} {tb}: {got} vs {w}");
+                        assert!((got - w).abs() < 1e-4, "{name} {m}x{n}x{k} {ta} {tb}: {got} vs {w}");
                         differs |= (got - old - f[i * n + j]).abs() > 1e-6;
                     }
                 }
-                assert!(differs || k == 1 && m * n < 4, "bf16 {m}x{n}x{k}: equal to the f32 product");
+                assert!(differs || k == 1 && m * n < 4, "{name} {m}x{n}x{k}: equal to the f32 product");
             }
-            // A right operand packed once (attention, Winograd) gives the same as packing per call.
+            // Operands packed once (attention, Winograd, shared A) give the same as packing per call.
             let b = Strided { data: &bv[..], row_stride: n, col_stride: 1 };
             let a = Strided { data: &av[..], row_stride: k, col_stride: 1 };
             let packed = PackedB::new(k, n, &b, Arith::Bf16);
-            let (mut x, mut y) = (vec![0f32; m * n], vec![0f32; m * n]);
-            gemm_single_thread(Arith::Bf16, m, n, k, &a, &packed, &mut x, n, false);
-            gemm_single_thread(Arith::Bf16, m, n, k, &a, &b, &mut y, n, false);
-            assert!(x.iter().zip(&y).all(|(p, q)| p.to_bits() == q.to_bits()), "PackedB bf16 {m}x{n}x{k}");
+            let packed_a = PackedA::new(m, k, &a, Arith::Bf16);
+            let (mut x, mut y, mut z) = (vec![0f32; m * n], vec![0f32; m * n], vec![0f32; m * n]);
+            unsafe {
+                gemm_serial(tile, m, n, k, 0, 0, &a, &packed, x.as_mut_ptr(), n, false);
+                gemm_serial(tile, m, n, k, 0, 0, &a, &b, y.as_mut_ptr(), n, false);
+                gemm_serial(tile, m, n, k, 0, 0, &packed_a, &b, z.as_mut_ptr(), n, false);
+            }
+            assert!(x.iter().zip(&y).all(|(p, q)| p.to_bits() == q.to_bits()), "{name}: PackedB {m}x{n}x{k}");
+            assert!(z.iter().zip(&y).all(|(p, q)| p.to_bits() == q.to_bits()), "{name}: PackedA {m}x{n}x{k}");
         }
     }
 

@@ -2,6 +2,8 @@
 //! on f32 slices. `crate::ops` routes CPU f32 tensors here and everything else to candle, so
 //! model code never sees the difference and the GPU path is untouched.
 
+#[cfg(target_arch = "x86_64")]
+mod amx;
 pub mod attention;
 pub mod conv;
 pub mod gemm;
@@ -10,7 +12,8 @@ pub mod norm;
 pub mod winograd;
 
 /// The instruction set the CPU kernels use, chosen once at run time: the best the CPU has, or
-/// a lower one named by `LCM_CPU_PATH` (`portable`, `avx2`, `avx512`, `avx512-bf16`), for
+/// a lower one named by `LCM_CPU_PATH` (`portable`, `avx2`, `avx512`, `avx512-bf16`,
+/// `amx-bf16`), for
 /// comparing paths on one machine. The f32 vector paths give the same numbers bit for bit (the
 /// wider kernels run the same multiply-add chains on more lanes at once); bf16 weights are
 /// computed in bf16 only from `avx512-bf16` up (below it they are widened to f32).
@@ -25,10 +28,14 @@ pub enum CpuPath {
     /// AVX-512 with the BF16 dot products (`vdpbf16ps`): as `Avx512` for f32, and models whose
     /// weights are kept in bf16 multiply in bf16 (operands rounded to bf16, f32 sums).
     Avx512Bf16,
+    /// AMX tiles for the bf16 products (`tdpbf16ps`, a 16x32 by 32x16 block per instruction):
+    /// the same operands and f32 sums as `Avx512Bf16`, whose kernels it keeps for the rest.
+    AmxBf16,
 }
 
 impl CpuPath {
-    pub const ALL: [CpuPath; 4] = [CpuPath::Portable, CpuPath::Avx2, CpuPath::Avx512, CpuPath::Avx512Bf16];
+    pub const ALL: [CpuPath; 5] =
+        [CpuPath::Portable, CpuPath::Avx2, CpuPath::Avx512, CpuPath::Avx512Bf16, CpuPath::AmxBf16];
 
     /// The name `LCM_CPU_PATH` and `lcm bench` use.
     pub fn name(self) -> &'static str {
@@ -37,6 +44,7 @@ impl CpuPath {
             CpuPath::Avx2 => "avx2",
             CpuPath::Avx512 => "avx512",
             CpuPath::Avx512Bf16 => "avx512-bf16",
+            CpuPath::AmxBf16 => "amx-bf16",
         }
     }
 
@@ -51,6 +59,9 @@ impl CpuPath {
             if is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma") {
                 if is_x86_feature_detected!("avx512f") {
                     if is_x86_feature_detected!("avx512bf16") {
+                        if amx::available() {
+                            return CpuPath::AmxBf16;
+                        }
                         return CpuPath::Avx512Bf16;
                     }
                     return CpuPath::Avx512;
