@@ -1,6 +1,7 @@
 //! Layers with PyTorch names and semantics, loaded from a `VarBuilder` by diffusers' weight
 //! names. Every forward goes through [`crate::ops`].
 
+use crate::kernels::gemm::{Arith, PackedB, Strided, TiledA};
 use crate::kernels::int8::{Int8Matrix, Side};
 use crate::loaders::weights::quantized_layers;
 use crate::ops;
@@ -47,6 +48,32 @@ impl Activation {
 pub enum Weight {
     Float(Tensor),
     Int8(Arc<Int8Weight>),
+    /// bf16 weights on the `amx-bf16` CPU path: rounded and laid out once at load as the AMX
+    /// kernel reads them (no product packs them again), in place of the tensor.
+    Tiles(Arc<TiledWeight>),
+}
+
+#[derive(Debug)]
+pub struct TiledWeight {
+    pub operand: TiledOperand,
+    /// The float weight's shape (`[out, in]`, `[out, in, kh, kw]`).
+    pub dims: Vec<usize>,
+}
+
+/// Which side of its products a packed weight is.
+#[derive(Debug)]
+pub enum TiledOperand {
+    /// A linear layer's `Wᵀ` (`in x out`), as bf16 pair panels.
+    Right(PackedB),
+    /// A convolution's kernel (`out x in*kh*kw`), as AMX tiles.
+    Left(TiledA),
+}
+
+/// Whether bf16 weights are packed once at load (the CPU path multiplies on AMX tiles).
+fn tiles_for(w: &Tensor) -> bool {
+    w.dtype() == DType::BF16
+        && w.device().is_cpu()
+        && crate::kernels::CpuPath::current() >= crate::kernels::CpuPath::AmxBf16
 }
 
 #[derive(Debug)]
@@ -61,6 +88,13 @@ impl Weight {
     /// model's layers are 8-bit, as the operand `side` of its products.
     pub fn from_loaded(w: Tensor, vb: &VarBuilder, side: Side) -> Result<Self> {
         if !quantized_layers(vb) || !w.device().is_cpu() {
+            if side == Side::Right && w.rank() == 2 && tiles_for(&w) {
+                let (out, inp) = w.dims2()?;
+                let v = w.flatten_all()?.to_vec1::<half::bf16>()?;
+                let wt = Strided { data: &v[..], row_stride: 1, col_stride: inp };
+                let operand = TiledOperand::Right(PackedB::new(inp, out, &wt, Arith::Bf16));
+                return Ok(Self::Tiles(Arc::new(TiledWeight { operand, dims: vec![out, inp] })));
+            }
             return Ok(Self::Float(w));
         }
         let dims = w.dims().to_vec();
@@ -76,10 +110,25 @@ impl Weight {
         Ok(Self::Int8(Arc::new(Int8Weight { matrix: Int8Matrix::quantize(&w, rows, depth, side), dims })))
     }
 
+    /// A convolution's bf16 kernel packed once when every product with it runs direct on AMX
+    /// tiles (`kernels::conv::amx_direct_always`); otherwise itself.
+    pub fn for_conv(self, stride: usize, padding: usize) -> Result<Self> {
+        let Self::Float(w) = &self else { return Ok(self) };
+        let dims = w.dims().to_vec();
+        let [c_out, c_in, k, kw] = dims[..] else { return Ok(self) };
+        if !tiles_for(w) || k != kw || !crate::kernels::conv::amx_direct_always(c_in, c_out, k, stride, padding) {
+            return Ok(self);
+        }
+        let v = w.flatten_all()?.to_vec1::<half::bf16>()?;
+        let operand = TiledOperand::Left(TiledA::new(&v, c_out, c_in * k * k));
+        Ok(Self::Tiles(Arc::new(TiledWeight { operand, dims })))
+    }
+
     pub fn dims(&self) -> &[usize] {
         match self {
             Self::Float(t) => t.dims(),
             Self::Int8(q) => &q.dims,
+            Self::Tiles(t) => &t.dims,
         }
     }
 
@@ -88,6 +137,7 @@ impl Weight {
         match self {
             Self::Float(t) => t.dtype(),
             Self::Int8(_) => DType::F32,
+            Self::Tiles(_) => DType::BF16,
         }
     }
 }
@@ -115,6 +165,7 @@ impl Linear {
         match &self.weight {
             Weight::Float(w) => ops::linear(x, w, self.bias.as_ref()),
             Weight::Int8(q) => ops::linear_int8(x, &q.matrix, self.bias.as_ref()),
+            Weight::Tiles(t) => ops::linear_tiled(x, t, self.bias.as_ref()),
         }
     }
 }
@@ -139,13 +190,15 @@ impl Conv2d {
     ) -> Result<Self> {
         let weight = vb.get((out_channels, in_channels, kernel, kernel), "weight")?;
         let bias = Some(vb.get(out_channels, "bias")?);
-        Ok(Self { weight: Weight::from_loaded(weight, &vb, Side::Left)?, bias, stride, padding })
+        let weight = Weight::from_loaded(weight, &vb, Side::Left)?.for_conv(stride, padding)?;
+        Ok(Self { weight, bias, stride, padding })
     }
 
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
         match &self.weight {
             Weight::Float(w) => ops::conv2d(x, w, self.bias.as_ref(), self.stride, self.padding),
             Weight::Int8(q) => ops::conv2d_int8(x, &q.matrix, &q.dims, self.bias.as_ref(), self.stride, self.padding),
+            Weight::Tiles(t) => ops::conv2d_tiled(x, t, self.bias.as_ref(), self.stride, self.padding),
         }
     }
 }

@@ -151,6 +151,61 @@ pub fn linear_int8(x: &Tensor, weight: &kernels::int8::Int8Matrix, bias: Option<
     Tensor::from_vec(y, out_dims, x.device())?.to_dtype(x.dtype())
 }
 
+/// [`linear`] with a weight packed at load for AMX tiles (CPU f32 activations).
+pub fn linear_tiled(x: &Tensor, weight: &crate::nn::TiledWeight, bias: Option<&Tensor>) -> Result<Tensor> {
+    let _t = profile::timer(profile::OpKind::Linear);
+    let (crate::nn::TiledOperand::Right(wt), &[out_features, in_features]) = (&weight.operand, &weight.dims[..]) else {
+        candle_core::bail!("linear: a weight packed for a convolution")
+    };
+    let dims = x.dims();
+    if dims.last() != Some(&in_features) {
+        candle_core::bail!("linear: input of shape {dims:?} but the weight expects {in_features} features");
+    }
+    let rows: usize = dims[..dims.len() - 1].iter().product();
+    flops::add(2 * rows * in_features * out_features);
+    let mut out_dims = dims.to_vec();
+    *out_dims.last_mut().unwrap() = out_features;
+    let Some(xs) = cpu_f32(&x.to_dtype(DType::F32)?)? else {
+        candle_core::bail!("packed bf16 layers run on the CPU only")
+    };
+    let b = bias_f32(bias)?;
+    let mut y = match b.as_deref() {
+        Some(b) => b.repeat(rows),
+        None => vec![0f32; rows * out_features],
+    };
+    let a = Strided { data: &xs, row_stride: in_features, col_stride: 1 };
+    let arith = kernels::gemm::Arith::Bf16;
+    kernels::gemm::gemm(arith, rows, out_features, in_features, &a, wt, &mut y, out_features, b.is_some());
+    Tensor::from_vec(y, out_dims, x.device())?.to_dtype(x.dtype())
+}
+
+/// [`conv2d`] with a kernel packed at load for AMX tiles (CPU f32 activations).
+pub fn conv2d_tiled(
+    x: &Tensor,
+    weight: &crate::nn::TiledWeight,
+    bias: Option<&Tensor>,
+    stride: usize,
+    padding: usize,
+) -> Result<Tensor> {
+    let _t = profile::timer(profile::OpKind::Conv2d);
+    let (batch, c_in, h, w) = x.dims4()?;
+    let (crate::nn::TiledOperand::Left(a), &[c_out, w_in, kh, kw]) = (&weight.operand, &weight.dims[..]) else {
+        candle_core::bail!("conv2d: a weight packed for a linear layer")
+    };
+    if c_in != w_in {
+        candle_core::bail!("conv2d: input has {c_in} channels but the kernel {:?} expects {w_in}", weight.dims);
+    }
+    let shape = kernels::conv::ConvShape { batch, c_in, h, w, c_out, kh, kw, stride, padding };
+    let (ho, wo) = shape.out_hw();
+    flops::add(2 * batch * c_out * ho * wo * c_in * kh * kw);
+    let Some(xs) = cpu_f32(&x.to_dtype(DType::F32)?)? else {
+        candle_core::bail!("packed bf16 layers run on the CPU only")
+    };
+    let b = bias_f32(bias)?;
+    let y = kernels::conv::conv2d_packed(&xs, a, b.as_deref(), &shape, kernels::gemm::Arith::Bf16);
+    Tensor::from_vec(y, (batch, c_out, ho, wo), x.device())?.to_dtype(x.dtype())
+}
+
 /// [`conv2d`] with 8-bit weights; `dims`: the float kernel's `[c_out, c_in, kh, kw]`.
 pub fn conv2d_int8(
     x: &Tensor,

@@ -3,7 +3,7 @@
 //! The im2col matrix is never built: the GEMM's B packer reads it straight from the image,
 //! copying contiguous runs of input rows into the packed panels.
 
-use super::gemm::{gemm, Arith, PackB, Strided, NR};
+use super::gemm::{gemm, Arith, PackA, PackB, Strided, NR};
 use super::Elem;
 
 /// Shape of one convolution.
@@ -34,12 +34,8 @@ impl ConvShape {
 pub fn conv2d<W: Elem>(x: &[f32], weight: &[W], bias: Option<&[f32]>, s: &ConvShape, arith: Arith) -> Vec<f32> {
     // Winograd in f32 even for bf16 products: its transforms amplify bf16's rounding about
     // tenfold (2.5e-2 relative error against 3e-3 for the direct convolution), and it does 4x
-    // fewer multiplies, more than `vdpbf16ps`'s 2x rate gives back. AMX tiles multiply fast
-    // enough for the direct bf16 convolution to win where its packing of the input is shared by
-    // enough output channels (`cargo bench --bench kernels -- conv`: 320->320 at 64x64 570 vs
-    // 230 GFLOP/s, 128->128 at 256x256 290 vs 330).
-    let amx = arith == Arith::Bf16 && s.c_out >= 256 && super::CpuPath::current() >= super::CpuPath::AmxBf16;
-    if super::winograd::applies(s) && !amx {
+    // fewer multiplies, more than `vdpbf16ps`'s 2x rate gives back; not AMX's (`amx_direct`).
+    if super::winograd::applies(s) && !amx_direct(s, arith) {
         return super::winograd::conv2d(x, weight, bias, s);
     }
     conv2d_direct(x, weight, bias, s, arith)
@@ -47,10 +43,31 @@ pub fn conv2d<W: Elem>(x: &[f32], weight: &[W], bias: Option<&[f32]>, s: &ConvSh
 
 /// The direct convolution (implicit-im2col GEMM), for every shape.
 pub fn conv2d_direct<W: Elem>(x: &[f32], weight: &[W], bias: Option<&[f32]>, s: &ConvShape, arith: Arith) -> Vec<f32> {
+    let a = Strided { data: weight, row_stride: s.c_in * s.kh * s.kw, col_stride: 1 };
+    conv2d_packed(x, &a, bias, s, arith)
+}
+
+/// The direct convolution with the weight (`[c_out, c_in*kh*kw]`) as any left operand, e.g.
+/// one packed once at load ([`super::gemm::TiledA`]).
+pub fn conv2d_packed(x: &[f32], weight: &dyn PackA, bias: Option<&[f32]>, s: &ConvShape, arith: Arith) -> Vec<f32> {
     let (ho, wo) = s.out_hw();
     let (pixels, depth) = (ho * wo, s.c_in * s.kh * s.kw);
-    let a = Strided { data: weight, row_stride: depth, col_stride: 1 };
-    per_image(x, bias, s, |_, yb, b| gemm(arith, s.c_out, pixels, depth, &a, b, yb, pixels, bias.is_some()))
+    per_image(x, bias, s, |_, yb, b| gemm(arith, s.c_out, pixels, depth, weight, b, yb, pixels, bias.is_some()))
+}
+
+/// Whether every bf16 convolution with this weight (`[c_out, c_in, k, k]`, `stride`, `padding`)
+/// runs direct on AMX tiles, whatever the image size: its weight is then worth packing once at
+/// load ([`super::gemm::TiledA`]).
+pub fn amx_direct_always(c_in: usize, c_out: usize, k: usize, stride: usize, padding: usize) -> bool {
+    super::CpuPath::current() >= super::CpuPath::AmxBf16
+        && (c_out >= 256 || !super::winograd::may_apply(c_in, c_out, k, k, stride, padding))
+}
+
+/// AMX tiles multiply fast enough for the direct bf16 convolution to beat f32 Winograd where
+/// its packing of the input is shared by enough output channels (`cargo bench --bench kernels
+/// -- conv`: 320->320 at 64x64 570 vs 230 GFLOP/s, 128->128 at 256x256 290 vs 330).
+fn amx_direct(s: &ConvShape, arith: Arith) -> bool {
+    arith == Arith::Bf16 && s.c_out >= 256 && super::CpuPath::current() >= super::CpuPath::AmxBf16
 }
 
 /// The output of a convolution built image by image: `f(image, output, im2col)` for each image

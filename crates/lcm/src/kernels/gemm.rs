@@ -72,6 +72,12 @@ pub trait PackA: Sync {
         false
     }
 
+    /// Rows from `i0` (a multiple of 32), depth block `p0..p0 + kc`, if stored in the AMX
+    /// driver's tile layout (see [`TiledA`]).
+    fn tiles(&self, _i0: usize, _p0: usize, _kc: usize) -> Option<&[u32]> {
+        None
+    }
+
     /// Rows `i0..i0+mc`, depth `p0..p0+kc` rounded to bf16 as rows of pairs `stride` apart
     /// (`dst[r * stride + q]` holds values `2q` (low half) and `2q + 1` of row `r`), zero from
     /// depth `kc` to `2 * stride`: the layout AMX tiles load. False (nothing written) when this
@@ -159,8 +165,15 @@ impl Panels {
 }
 
 /// A right operand packed once, for a matrix that several products share (attention's keys and
-/// values across query blocks, Winograd's kernels across tiles).
+/// values across query blocks, Winograd's kernels across tiles, a linear layer's bf16 weight on
+/// AMX).
 pub struct PackedB(Panels);
+
+impl std::fmt::Debug for PackedB {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "PackedB({}x{})", self.0.k, self.0.len)
+    }
+}
 
 impl PackedB {
     pub fn new(k: usize, n: usize, b: &dyn PackB, arith: Arith) -> Self {
@@ -207,6 +220,97 @@ impl PackA for PackedA {
 
     fn packed_pairs(&self, i0: usize, p0: usize, kc: usize) -> Option<&[u32]> {
         self.0.pairs_at(p0, kc, i0)
+    }
+}
+
+/// Rows per tile, and pairs per tile row (64 bytes) in AMX's tile layout.
+pub(super) const TILE: usize = 16;
+
+/// Rows of pairs (`stride` apart, in 16-row groups) as tiles: each group's depth steps one
+/// after another, each 16 rows of 16 pairs (1 KiB, contiguous: the prefetchers follow it).
+pub(super) fn as_tiles(rows: &[u32], stride: usize, dst: &mut [u32]) {
+    for (group, out) in rows.chunks_exact(TILE * stride).zip(dst.chunks_exact_mut(TILE * stride)) {
+        for (t, tile) in out.chunks_exact_mut(TILE * TILE).enumerate() {
+            for (r, o) in tile.chunks_exact_mut(TILE).enumerate() {
+                o.copy_from_slice(&group[r * stride + t * TILE..][..TILE]);
+            }
+        }
+    }
+}
+
+/// A left operand (a convolution's weight, `m x k`) rounded to bf16 once and stored as the AMX
+/// driver reads it: per depth block, the rows (padded with zeros to a multiple of 32) as tiles
+/// (each group of 16 rows one 1 KiB tile per 32 depths, the depth padded with zeros to whole
+/// tiles). Made at load for weights kept in bf16 where the CPU path is `amx-bf16`, so no
+/// product rounds them again.
+pub struct TiledA {
+    m: usize,
+    k: usize,
+    data: Vec<u32>,
+}
+
+impl std::fmt::Debug for TiledA {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "TiledA({}x{})", self.m, self.k)
+    }
+}
+
+impl TiledA {
+    pub fn new<T: Elem>(w: &[T], m: usize, k: usize) -> Self {
+        let a = Strided { data: w, row_stride: k, col_stride: 1 };
+        let (kb, mp) = (block_depth(k, true), m.next_multiple_of(2 * TILE));
+        let mut data = Vec::new();
+        let mut rows = Vec::new();
+        for p0 in (0..k).step_by(kb) {
+            let kc = kb.min(k - p0);
+            let stride = kc.div_ceil(2).next_multiple_of(TILE);
+            rows.clear();
+            rows.resize(mp * stride, 0u32);
+            a.bf16_rows(0, m, p0, kc, stride, &mut rows);
+            let start = data.len();
+            data.resize(start + mp * stride, 0);
+            as_tiles(&rows, stride, &mut data[start..]);
+        }
+        Self { m, k, data }
+    }
+
+    /// Where block `p0`'s tiles start, and its depth in pairs.
+    fn block(&self, p0: usize) -> (usize, usize) {
+        let kb = block_depth(self.k, true);
+        let per_block = self.m.next_multiple_of(2 * TILE) * kb.div_ceil(2).next_multiple_of(TILE);
+        (p0 / kb * per_block, kb.min(self.k - p0).div_ceil(2).next_multiple_of(TILE))
+    }
+
+    /// Value (row `r`, depth `p`), as stored (rounded to bf16).
+    fn at(&self, r: usize, p: usize) -> f32 {
+        let kb = block_depth(self.k, true);
+        let (start, stride) = self.block(p / kb * kb);
+        let q = (p % kb) / 2;
+        let i = start + (r / TILE) * TILE * stride + (q / TILE) * TILE * TILE + (r % TILE) * TILE + q % TILE;
+        let pair = self.data[i];
+        f32::from_bits(if p.is_multiple_of(2) { pair << 16 } else { pair & 0xffff_0000 })
+    }
+}
+
+impl PackA for TiledA {
+    /// Unpacked to f32 panels: exact (the stored values are bf16), for drivers other than AMX's.
+    fn pack_a(&self, i0: usize, mc: usize, p0: usize, kc: usize, dst: &mut [f32]) {
+        for (panel, out) in dst.chunks_mut(kc * MR).take(mc.div_ceil(MR)).enumerate() {
+            for p in 0..kc {
+                for r in 0..MR {
+                    let row = i0 + panel * MR + r;
+                    out[p * MR + r] = if row < (i0 + mc).min(self.m) { self.at(row, p0 + p) } else { 0.0 };
+                }
+            }
+        }
+    }
+
+    fn tiles(&self, i0: usize, p0: usize, _kc: usize) -> Option<&[u32]> {
+        if !i0.is_multiple_of(2 * TILE) {
+            return None;
+        }
+        let (start, stride) = self.block(p0);
+        Some(&self.data[start + i0 * stride..])
     }
 }
 
@@ -534,7 +638,7 @@ fn gemm_on(
         let a: &dyn PackA = if tile.pairs
             && parallel_pieces(n, tile.cols, work) > 1
             && a.packed_pairs(0, 0, block_depth(k, true).min(k)).is_none()
-            && !(tile.amx && a.has_bf16_rows())
+            && !(tile.amx && (a.has_bf16_rows() || a.tiles(0, 0, block_depth(k, true).min(k)).is_some()))
         {
             shared = PackedA::new(m, k, a, tile.arith());
             &shared
@@ -1294,6 +1398,20 @@ mod tests {
             }
             assert!(x.iter().zip(&y).all(|(p, q)| p.to_bits() == q.to_bits()), "{name}: PackedB {m}x{n}x{k}");
             assert!(z.iter().zip(&y).all(|(p, q)| p.to_bits() == q.to_bits()), "{name}: PackedA {m}x{n}x{k}");
+            // A left operand stored as AMX tiles: the same values unpacked, the same products.
+            let tiled = TiledA::new(&av, m, k);
+            let ar = round(&av);
+            let rounded = Strided { data: &ar[..], row_stride: k, col_stride: 1 };
+            let (mut p1, mut p2) = (vec![0f32; 6 * k], vec![0f32; 6 * k]);
+            for i0 in (0..m).step_by(6) {
+                let mc = 6.min(m - i0);
+                tiled.pack_a(i0, mc, 0, k, &mut p1);
+                rounded.pack_a(i0, mc, 0, k, &mut p2);
+                assert!(p1 == p2, "{name}: TiledA unpacks rows {i0}.. of {m}x{k}");
+            }
+            let mut t = vec![0f32; m * n];
+            unsafe { gemm_serial(tile, m, n, k, 0, 0, &tiled, &b, t.as_mut_ptr(), n, false) };
+            assert!(t.iter().zip(&y).all(|(p, q)| p.to_bits() == q.to_bits()), "{name}: TiledA {m}x{n}x{k}");
         }
     }
 

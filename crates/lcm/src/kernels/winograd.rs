@@ -22,10 +22,15 @@ const A: usize = 6;
 /// At least this many tiles per task, so the GEMMs have rows to work with.
 const MIN_TILES_PER_TASK: usize = 96;
 
+/// Whether a convolution of this kernel can take Winograd at some image size.
+pub fn may_apply(c_in: usize, c_out: usize, kh: usize, kw: usize, stride: usize, padding: usize) -> bool {
+    kh == 3 && kw == 3 && stride == 1 && padding == 1 && c_in >= 16 && c_out >= 16
+}
+
 /// Whether Winograd pays for this convolution: 3x3, stride 1, padding 1, enough channels for
 /// the GEMMs and enough tiles to amortise transforming the kernels.
 pub fn applies(s: &ConvShape) -> bool {
-    s.kh == 3 && s.kw == 3 && s.stride == 1 && s.padding == 1 && s.c_in >= 16 && s.c_out >= 16 && {
+    may_apply(s.c_in, s.c_out, s.kh, s.kw, s.stride, s.padding) && {
         let tiles = s.h.div_ceil(T) * s.w.div_ceil(T);
         // Transforming the kernels costs per channel pair what ~16 tiles save (measured: 640
         // channels on 64 tiles ran at 0.4x the direct convolution, 320 on 256 tiles at 1.5x).
