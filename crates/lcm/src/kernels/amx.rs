@@ -302,3 +302,105 @@ unsafe fn tile_32x32(
         }
     }
 }
+
+/// Whether the CPU also has AMX-INT8 (and the tiles are ours: see [`available`]).
+pub fn int8_available() -> bool {
+    #[cfg(target_os = "linux")]
+    {
+        // CPUID.(7,0):EDX bit 25 AMX-INT8.
+        available() && std::arch::x86_64::__cpuid_count(7, 0).edx & (1 << 25) != 0
+    }
+    #[cfg(not(target_os = "linux"))]
+    false
+}
+
+/// The tiles of the 8-bit kernel configured on this thread while alive (released on drop):
+/// tmm0-1 the two 12x16 i32 halves of the tile, tmm2 12 rows of 64 bytes of the left operand,
+/// tmm3-4 16 quad rows of the two right panels.
+pub struct Int8Tiles(());
+
+impl Int8Tiles {
+    pub fn configure() -> Self {
+        #[repr(C, align(64))]
+        struct Config([u8; 64]);
+        let mut cfg = Config([0; 64]);
+        cfg.0[0] = 1;
+        for (t, rows) in [(0, 12u8), (1, 12), (2, 12), (3, 16), (4, 16)] {
+            cfg.0[16 + 2 * t] = 64;
+            cfg.0[48 + t] = rows;
+        }
+        // SAFETY: called on the AMX-INT8 path only (`int8_available`).
+        unsafe { std::arch::asm!("ldtilecfg [{}]", in(reg) cfg.0.as_ptr(), options(nostack, readonly)) };
+        Int8Tiles(())
+    }
+}
+
+impl Drop for Int8Tiles {
+    fn drop(&mut self) {
+        // SAFETY: the tiles were configured by `configure` on this thread.
+        unsafe { release_tiles() }
+    }
+}
+
+/// The 8-bit kernel's `12 x 32` integer tile on AMX: `kqb` quads (whole groups of 16) of the
+/// left panel at `a` (`[group][row][64 bytes]`) against the right panels at `b0`, `b1`
+/// (`[quad][16 columns][4]`). `a_u8`: the left operand is the unsigned one (`tdpbusd`), else the
+/// right one is (`tdpbsud`).
+///
+/// # Safety
+/// [`Int8Tiles`] alive on this thread; the panels hold `kqb` quads.
+pub(super) unsafe fn int8_tile(
+    kqb: usize,
+    a: *const u8,
+    b0: *const u8,
+    b1: *const u8,
+    a_u8: bool,
+    out: &mut [[i32; 32]; 12],
+) {
+    use std::arch::asm;
+    debug_assert!(kqb.is_multiple_of(16) && kqb > 0);
+    asm!("tilezero tmm0", "tilezero tmm1", options(nostack, nomem));
+    let steps = kqb / 16;
+    if a_u8 {
+        asm!(
+            "2:",
+            "tileloadd tmm2, [{a} + {s}*1]",
+            "tileloadd tmm3, [{b0} + {s}*1]",
+            "tileloadd tmm4, [{b1} + {s}*1]",
+            "tdpbusd tmm0, tmm2, tmm3",
+            "tdpbusd tmm1, tmm2, tmm4",
+            "add {a}, 768",
+            "add {b0}, 1024",
+            "add {b1}, 1024",
+            "dec {n}",
+            "jnz 2b",
+            a = inout(reg) a => _, b0 = inout(reg) b0 => _, b1 = inout(reg) b1 => _, n = inout(reg) steps => _,
+            s = in(reg) 64usize,
+            options(nostack, readonly),
+        );
+    } else {
+        asm!(
+            "2:",
+            "tileloadd tmm2, [{a} + {s}*1]",
+            "tileloadd tmm3, [{b0} + {s}*1]",
+            "tileloadd tmm4, [{b1} + {s}*1]",
+            "tdpbsud tmm0, tmm2, tmm3",
+            "tdpbsud tmm1, tmm2, tmm4",
+            "add {a}, 768",
+            "add {b0}, 1024",
+            "add {b1}, 1024",
+            "dec {n}",
+            "jnz 2b",
+            a = inout(reg) a => _, b0 = inout(reg) b0 => _, b1 = inout(reg) b1 => _, n = inout(reg) steps => _,
+            s = in(reg) 64usize,
+            options(nostack, readonly),
+        );
+    }
+    let o = out.as_mut_ptr().cast::<i32>();
+    asm!(
+        "tilestored [{o0} + {s}*1], tmm0",
+        "tilestored [{o1} + {s}*1], tmm1",
+        o0 = in(reg) o, o1 = in(reg) o.add(16), s = in(reg) 128usize,
+        options(nostack),
+    );
+}

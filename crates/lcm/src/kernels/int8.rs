@@ -23,6 +23,9 @@ const NR: usize = 16;
 /// 12-row panel is 6 KiB and a pair of 16-column panels 16 KiB, and a block's integer sum
 /// (at most 512 · 127 · 127 after the offset is taken out) is exact in f32.
 const KQ: usize = 128;
+/// Quads of one left-operand row kept together (64 bytes): the rows of an AMX tile. The left
+/// panels are `[group][row][G quads][4]`, and every depth is padded to whole groups.
+const G: usize = 16;
 /// Rows of the left operand packed at once (linear layers): 8 panels, 48 KiB, stay in L2 while
 /// the weight panels stream through L1.
 const MC: usize = 8 * MR;
@@ -39,7 +42,8 @@ pub enum Side {
 }
 
 /// A `rows x k` weight matrix in 8 bits, stored as the kernel reads it: panels of `unit` rows,
-/// each `[quad][lane][4]` bytes over the whole depth (zero-padded to whole quads and panels),
+/// each `[quad][lane][4]` bytes (right operand) or `[group][lane][G quads][4]` (left operand)
+/// over the whole depth (zero-padded to whole groups of quads and to whole panels),
 /// with the scale and the per-block sum of every row.
 pub struct Int8Matrix {
     rows: usize,
@@ -142,7 +146,7 @@ impl Int8Matrix {
             Side::Left => MR,
             Side::Right => NR,
         };
-        let kq = k.div_ceil(4);
+        let kq = k.div_ceil(4).next_multiple_of(G);
         let blocks = kq.div_ceil(KQ).max(1);
         let panel_len = kq * unit * 4;
         let mut data = vec![0i8; rows.div_ceil(unit) * panel_len];
@@ -163,7 +167,7 @@ impl Int8Matrix {
                         for (p, &v) in row.iter().enumerate() {
                             let q = quantize(v, inv);
                             block_sums[p / (4 * KQ)] += q;
-                            dst[(p / 4) * unit * 4 + lane * 4 + p % 4] = q as i8;
+                            dst[Self::offset(unit, lane, p)] = q as i8;
                         }
                         *o = (scale, block_sums);
                     }
@@ -192,9 +196,18 @@ impl Int8Matrix {
         self.data.len() + 4 * (self.scales.len() + self.sums.len())
     }
 
+    /// Where value `p` of lane `lane` lies in its panel.
+    fn offset(unit: usize, lane: usize, p: usize) -> usize {
+        if unit == MR {
+            (p / (4 * G)) * unit * 4 * G + lane * 4 * G + p % (4 * G)
+        } else {
+            (p / 4) * unit * 4 + lane * 4 + p % 4
+        }
+    }
+
     /// The quantized value at `(i, p)`.
     fn q(&self, i: usize, p: usize) -> i8 {
-        self.data[(i / self.unit) * self.kq * self.unit * 4 + (p / 4) * self.unit * 4 + (i % self.unit) * 4 + p % 4]
+        self.data[(i / self.unit) * self.kq * self.unit * 4 + Self::offset(self.unit, i % self.unit, p)]
     }
 
     /// The weight as the f32 values it stands for (`scale · q`), row-major.
@@ -228,10 +241,22 @@ fn has_vnni() -> bool {
     false
 }
 
-/// How the products are computed: the 8-bit kernel (VNNI or portable), or f32 on dequantized
+/// Whether AMX-INT8 runs here (the CPU path is `amx-bf16` and the CPU has AMX-INT8).
+fn has_amx() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        super::CpuPath::current() >= super::CpuPath::AmxBf16 && super::amx::int8_available()
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    false
+}
+
+/// How the products are computed: the 8-bit kernel (AMX, VNNI or portable), or f32 on dequantized
 /// weights.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Int8Path {
+    /// AMX-INT8 tiles (`tdpbusd` / `tdpbsud`), where the CPU path is `amx-bf16`.
+    Amx,
     Vnni,
     Portable,
     Dequantized,
@@ -239,7 +264,9 @@ pub enum Int8Path {
 
 impl Int8Path {
     pub fn current() -> Self {
-        if has_vnni() {
+        if has_amx() {
+            Int8Path::Amx
+        } else if has_vnni() {
             Int8Path::Vnni
         } else {
             Int8Path::Dequantized
@@ -251,6 +278,9 @@ impl Int8Path {
         let mut v = vec![Int8Path::Portable, Int8Path::Dequantized];
         if has_vnni() {
             v.push(Int8Path::Vnni);
+        }
+        if has_amx() {
+            v.push(Int8Path::Amx);
         }
         v
     }
@@ -280,6 +310,8 @@ pub fn linear_on(path: Int8Path, x: &[f32], rows: usize, w: &Int8Matrix, bias: O
     let (scales, inv): (Vec<f32>, Vec<f32>) = x.chunks_exact(k.max(1)).map(|r| scale_of(max_abs(r))).unzip();
     let yp = SendPtr(y.as_mut_ptr());
     parallel_chunks(rows, MR, 2 * rows * n * k, |i0, mc| {
+        #[cfg(target_arch = "x86_64")]
+        let _tiles = (path == Int8Path::Amx).then(super::amx::Int8Tiles::configure);
         with_scratch(MC * KQ * 4, |buf| {
             for (block, q0) in (0..w.kq).step_by(KQ).enumerate() {
                 let kqb = KQ.min(w.kq - q0);
@@ -331,6 +363,8 @@ pub fn conv2d_on(path: Int8Path, x: &[f32], w: &Int8Matrix, bias: Option<&[f32]>
         let (scale, inv) = scale_of(max_abs(xb));
         let yp = SendPtr(yb.as_mut_ptr());
         parallel_chunks(pixels, 2 * NR, 2 * s.c_out * pixels * depth, |j0, nc| {
+            #[cfg(target_arch = "x86_64")]
+            let _tiles = (path == Int8Path::Amx).then(super::amx::Int8Tiles::configure);
             let mut f32_panel = vec![0f32; KQ * 4 * NR];
             let mut u8_panel = vec![0u8; KQ * 4 * NR];
             with_scratch(NC * KQ * 4, |buf| {
@@ -370,8 +404,9 @@ pub fn conv2d_on(path: Int8Path, x: &[f32], w: &Int8Matrix, bias: Option<&[f32]>
     })
 }
 
-/// Rows `i0..i0 + mc` of `x` (`k` wide), quads `q0..q0 + kqb`, as u8 panels of `MR` rows
-/// (`[panel][quad][row][4]`); rows past `mc` and depths past `k` read as zero (128).
+/// Rows `i0..i0 + mc` of `x` (`k` wide), quads `q0..q0 + kqb` (whole groups), as u8 panels of
+/// `MR` rows (`[panel][group][row][G quads][4]`); rows past `mc` and depths past `k` read as
+/// zero (128).
 #[allow(clippy::too_many_arguments)]
 fn pack_rows(x: &[f32], k: usize, i0: usize, mc: usize, q0: usize, kqb: usize, inv: &[f32], dst: &mut [u8]) {
     vectorized!(pack_rows_body(x, k, i0, mc, q0, kqb, inv, dst))
@@ -394,8 +429,8 @@ fn pack_rows_body(x: &[f32], k: usize, i0: usize, mc: usize, q0: usize, kqb: usi
             } else {
                 row_u8.fill(128);
             }
-            for (q, quad) in row_u8.chunks_exact(4).enumerate() {
-                panel[(q * MR + r) * 4..(q * MR + r) * 4 + 4].copy_from_slice(quad);
+            for (g, run) in row_u8.chunks_exact(4 * G).enumerate() {
+                panel[(g * MR + r) * 4 * G..][..4 * G].copy_from_slice(run);
             }
         }
     }
@@ -466,6 +501,11 @@ fn product(path: Int8Path, kqb: usize, a: *const u8, b0: *const u8, b1: *const u
     match path {
         #[cfg(target_arch = "x86_64")]
         // SAFETY: VNNI checked by `Int8Path::current`; the panels hold `kqb` quads.
+        Int8Path::Amx => unsafe {
+            // SAFETY: AMX-INT8 checked by `Int8Path::current`, the tiles configured by the caller
+            // (`super::amx::Int8Tiles`); the panels hold `kqb` quads, whole groups.
+            super::amx::int8_tile(kqb, a, b0, b1, a_u8, &mut tile)
+        },
         Int8Path::Vnni => unsafe {
             if a_u8 {
                 x86::tile::<true>(kqb, a, b0, b1, &mut tile)
@@ -500,7 +540,7 @@ unsafe fn tile_portable(
     };
     for q in 0..kqb {
         for (r, row) in tile.iter_mut().enumerate() {
-            let av: [i32; 4] = std::array::from_fn(|t| val(a[(q * MR + r) * 4 + t], sa));
+            let av: [i32; 4] = std::array::from_fn(|t| val(a[((q / G) * MR * G + r * G + q % G) * 4 + t], sa));
             for (half, bh) in b.iter().enumerate() {
                 for c in 0..NR {
                     let bv = &bh[(q * NR + c) * 4..(q * NR + c) * 4 + 4];
@@ -595,7 +635,7 @@ impl PackB for Dequantized<'_> {
 
 #[cfg(target_arch = "x86_64")]
 mod x86 {
-    use super::{MR, NR};
+    use super::{G, MR, NR};
     use std::arch::x86_64::*;
 
     /// The `MR x 2NR` integer tile with `vpdpbusd`: 24 zmm accumulators, two B loads and one
@@ -613,7 +653,7 @@ mod x86 {
             let v0 = _mm512_loadu_si512(b0.add(q * NR * 4).cast());
             let v1 = _mm512_loadu_si512(b1.add(q * NR * 4).cast());
             for (r, acc_r) in acc.iter_mut().enumerate() {
-                let x = _mm512_set1_epi32(a.add((q * MR + r) * 4).cast::<i32>().read_unaligned());
+                let x = _mm512_set1_epi32(a.add(((q / G) * MR * G + r * G + q % G) * 4).cast::<i32>().read_unaligned());
                 if A_U8 {
                     acc_r[0] = _mm512_dpbusd_epi32(acc_r[0], x, v0);
                     acc_r[1] = _mm512_dpbusd_epi32(acc_r[1], x, v1);

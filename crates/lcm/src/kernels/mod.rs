@@ -3,7 +3,7 @@
 //! model code never sees the difference and the GPU path is untouched.
 
 #[cfg(target_arch = "x86_64")]
-mod amx;
+pub(crate) mod amx;
 pub mod attention;
 pub mod conv;
 pub mod gemm;
