@@ -361,40 +361,31 @@ pub(super) unsafe fn int8_tile(
     debug_assert!(kqb.is_multiple_of(16) && kqb > 0);
     asm!("tilezero tmm0", "tilezero tmm1", options(nostack, nomem));
     let steps = kqb / 16;
+    // The two loops differ only in which operand the instruction reads as unsigned.
+    macro_rules! steps {
+        ($op:literal) => {
+            asm!(
+                "2:",
+                "tileloadd tmm2, [{a} + {s}*1]",
+                "tileloadd tmm3, [{b0} + {s}*1]",
+                "tileloadd tmm4, [{b1} + {s}*1]",
+                concat!($op, " tmm0, tmm2, tmm3"),
+                concat!($op, " tmm1, tmm2, tmm4"),
+                "add {a}, 768",
+                "add {b0}, 1024",
+                "add {b1}, 1024",
+                "dec {n}",
+                "jnz 2b",
+                a = inout(reg) a => _, b0 = inout(reg) b0 => _, b1 = inout(reg) b1 => _, n = inout(reg) steps => _,
+                s = in(reg) 64usize,
+                options(nostack, readonly),
+            )
+        };
+    }
     if a_u8 {
-        asm!(
-            "2:",
-            "tileloadd tmm2, [{a} + {s}*1]",
-            "tileloadd tmm3, [{b0} + {s}*1]",
-            "tileloadd tmm4, [{b1} + {s}*1]",
-            "tdpbusd tmm0, tmm2, tmm3",
-            "tdpbusd tmm1, tmm2, tmm4",
-            "add {a}, 768",
-            "add {b0}, 1024",
-            "add {b1}, 1024",
-            "dec {n}",
-            "jnz 2b",
-            a = inout(reg) a => _, b0 = inout(reg) b0 => _, b1 = inout(reg) b1 => _, n = inout(reg) steps => _,
-            s = in(reg) 64usize,
-            options(nostack, readonly),
-        );
+        steps!("tdpbusd");
     } else {
-        asm!(
-            "2:",
-            "tileloadd tmm2, [{a} + {s}*1]",
-            "tileloadd tmm3, [{b0} + {s}*1]",
-            "tileloadd tmm4, [{b1} + {s}*1]",
-            "tdpbsud tmm0, tmm2, tmm3",
-            "tdpbsud tmm1, tmm2, tmm4",
-            "add {a}, 768",
-            "add {b0}, 1024",
-            "add {b1}, 1024",
-            "dec {n}",
-            "jnz 2b",
-            a = inout(reg) a => _, b0 = inout(reg) b0 => _, b1 = inout(reg) b1 => _, n = inout(reg) steps => _,
-            s = in(reg) 64usize,
-            options(nostack, readonly),
-        );
+        steps!("tdpbsud");
     }
     let o = out.as_mut_ptr().cast::<i32>();
     asm!(
