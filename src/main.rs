@@ -123,6 +123,82 @@ enum Command {
     Bench(BenchArgs),
     /// Canny edge map of an image, as OpenCV's cv2.Canny(image, low, high) in diffusers' guide.
     Canny(CannyArgs),
+    /// A resident HTTP service: the native job API, AUTOMATIC1111's /sdapi/v1 and OpenAI's
+    /// Images API on one queue (see README).
+    Serve(ServeArgs),
+}
+
+#[derive(clap::Args)]
+struct ServeArgs {
+    /// [NAME=]SOURCE: a diffusers folder, hub repo id or single file, loaded at start; requests
+    /// name it by NAME (default: the folder, file stem or repo name). The first is the default.
+    #[arg(long = "model", value_name = "[NAME=]SOURCE", required = true)]
+    models: Vec<String>,
+    /// LoRAs: every .safetensors file of this folder, named by file stem.
+    #[arg(long, value_name = "DIR")]
+    lora_dir: Option<PathBuf>,
+    /// [NAME=]SOURCE of a ControlNet requests may use; repeat for several.
+    #[arg(long = "controlnet", value_name = "[NAME=]SOURCE")]
+    controlnets: Vec<String>,
+    /// [NAME=]SOURCE of a T2I-Adapter requests may use; repeat for several.
+    #[arg(long = "adapter", value_name = "[NAME=]SOURCE")]
+    adapters: Vec<String>,
+    /// [NAME=]SOURCE of an AnimateDiff motion adapter: served as one more model over the first
+    /// --model, for requests with frames.
+    #[arg(long, value_name = "[NAME=]SOURCE")]
+    motion_adapter: Option<String>,
+    #[arg(long, default_value = "127.0.0.1")]
+    host: String,
+    #[arg(long, default_value_t = 7860)]
+    port: u16,
+    /// Required for a --host other machines can reach; clients send it as Bearer, or as the
+    /// password of HTTP Basic.
+    #[arg(long, conflicts_with = "api_key_file")]
+    api_key: Option<String>,
+    /// A file holding the key (its first line), so it does not show in the process list.
+    #[arg(long, value_name = "FILE")]
+    api_key_file: Option<PathBuf>,
+    /// Serve a non-loopback --host without a key.
+    #[arg(long)]
+    insecure_no_auth: bool,
+    /// A browser origin allowed to call the API (CORS); repeat for several. None by default.
+    #[arg(long = "cors-origin", value_name = "ORIGIN")]
+    cors_origins: Vec<String>,
+    /// Jobs that may wait behind the running one; more are answered 429.
+    #[arg(long, default_value_t = 16)]
+    queue: usize,
+    /// A tiny autoencoder (e.g. madebyollin/taesd) for the step previews; without it, step
+    /// events carry no image.
+    #[arg(long, value_name = "SOURCE")]
+    preview_vae: Option<String>,
+    /// Also write every output image here (ID-K.png).
+    #[arg(long, value_name = "DIR")]
+    output_dir: Option<PathBuf>,
+    /// Precision the weights are kept in (as for `generate`).
+    #[arg(long)]
+    dtype: Option<WeightDType>,
+    /// cpu, cuda or cuda:N.
+    #[arg(long, default_value = "cpu")]
+    device: String,
+    /// Largest request body, in MiB (JSON with base64 images, uploads).
+    #[arg(long, default_value_t = 50)]
+    max_body_mb: usize,
+    /// Largest output, in pixels (width x height).
+    #[arg(long, default_value_t = 2048 * 2048)]
+    max_pixels: usize,
+    #[arg(long, default_value_t = 50)]
+    max_steps: usize,
+    /// Most images (or videos) one request may ask for.
+    #[arg(long, default_value_t = 8)]
+    max_images: usize,
+    #[arg(long, default_value_t = 32)]
+    max_frames: usize,
+    /// Largest uploaded image, in pixels, checked before it is decoded.
+    #[arg(long, default_value_t = 4096 * 4096)]
+    max_input_pixels: usize,
+    /// Seconds finished jobs and their images are kept.
+    #[arg(long, default_value_t = 600)]
+    job_ttl: u64,
 }
 
 #[derive(clap::Args)]
@@ -643,6 +719,45 @@ fn animate(args: AnimateArgs) -> Result<()> {
     Ok(())
 }
 
+fn serve(args: ServeArgs) -> Result<()> {
+    use lcm_server::config::{Limits, NamedSource, ServerConfig};
+    let api_key = match (&args.api_key, &args.api_key_file) {
+        (Some(k), _) => Some(k.clone()),
+        (None, Some(f)) => {
+            let text = std::fs::read_to_string(f).with_context(|| format!("--api-key-file {}", f.display()))?;
+            Some(text.lines().next().unwrap_or("").trim().to_string())
+        }
+        (None, None) => None,
+    };
+    let config = ServerConfig {
+        models: args.models.iter().map(|m| NamedSource::parse(m)).collect(),
+        lora_dir: args.lora_dir,
+        controlnets: args.controlnets.iter().map(|m| NamedSource::parse(m)).collect(),
+        adapters: args.adapters.iter().map(|m| NamedSource::parse(m)).collect(),
+        motion_adapter: args.motion_adapter.as_deref().map(NamedSource::parse),
+        preview_vae: args.preview_vae,
+        output_dir: args.output_dir,
+        dtype: args.dtype,
+        device: args.device,
+        host: args.host,
+        port: args.port,
+        api_keys: api_key.into_iter().collect(),
+        insecure_no_auth: args.insecure_no_auth,
+        cors_origins: args.cors_origins,
+        queue: args.queue,
+        limits: Limits {
+            max_body_bytes: args.max_body_mb.saturating_mul(1 << 20),
+            max_pixels: args.max_pixels,
+            max_steps: args.max_steps,
+            max_images: args.max_images,
+            max_frames: args.max_frames,
+            max_input_pixels: args.max_input_pixels,
+        },
+        job_ttl: std::time::Duration::from_secs(args.job_ttl),
+    };
+    lcm_server::run(config)
+}
+
 fn main() -> ExitCode {
     // Errors are reported as one line: keep candle from capturing backtraces into their text.
     // SAFETY: no other thread exists yet.
@@ -677,6 +792,7 @@ fn main() -> ExitCode {
         Command::Bench(args) => bench(args),
         Command::Download(args) => download(args),
         Command::Canny(args) => canny(args),
+        Command::Serve(args) => serve(args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

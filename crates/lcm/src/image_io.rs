@@ -241,7 +241,8 @@ pub fn write_gif(path: &Path, frames: &[RgbImage], fps: u32, overwrite: bool) ->
     write_atomic(path, &bytes, overwrite)
 }
 
-fn encode_gif(frames: &[RgbImage], fps: u32) -> Result<Vec<u8>> {
+/// The bytes [`write_gif`] writes, encoded in memory.
+pub fn encode_gif(frames: &[RgbImage], fps: u32) -> Result<Vec<u8>> {
     use image::codecs::gif::{GifEncoder, Repeat};
     use image::{Delay, Frame, RgbaImage};
     let mut out = Vec::new();

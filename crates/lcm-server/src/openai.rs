@@ -1,0 +1,6 @@
+use crate::Server;
+use axum::Router;
+
+pub fn routes() -> Router<Server> {
+    Router::new()
+}

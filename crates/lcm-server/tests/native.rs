@@ -1,0 +1,226 @@
+//! The native API over real HTTP: jobs, events, cancel, the queue's limits, errors.
+mod common;
+
+use common::*;
+use serde_json::json;
+
+#[test]
+fn job_events_and_image_match_the_library() {
+    let ts = TestServer::start(config());
+    let r =
+        post_json(&ts.url("/api/v1/jobs"), &json!({"prompt": "a photo of a cat", "seed": 0, "num_inference_steps": 3}));
+    assert_eq!(r.status, 202, "{}", String::from_utf8_lossy(&r.bytes));
+    let id = r.json()["id"].as_str().unwrap().to_string();
+    let events = sse(&ts.url(&format!("/api/v1/jobs/{id}/events")));
+    let kinds: Vec<&str> = events.iter().map(|(k, _)| k.as_str()).collect();
+    assert_eq!(kinds, ["queued", "started", "step", "step", "step", "succeeded"]);
+    for (i, (_, data)) in events[2..5].iter().enumerate() {
+        assert_eq!((data["step"].as_u64(), data["total"].as_u64()), (Some(i as u64 + 1), Some(3)));
+        let jpeg = unb64(data["image"].as_str().expect("a preview per step"));
+        assert_eq!(&jpeg[..2], [0xff, 0xd8]);
+    }
+    let job = get(&ts.url(&format!("/api/v1/jobs/{id}"))).json();
+    assert_eq!(job["status"], "succeeded");
+    assert_eq!((job["step"].as_u64(), job["total_steps"].as_u64()), (Some(3), Some(3)));
+    let img = get(&ts.url(&format!("/api/v1/jobs/{id}/images/0")));
+    assert_eq!((img.status, img.content_type.as_str()), (200, "image/png"));
+    let req = lcm::pipelines::GenerateRequest {
+        prompt: "a photo of a cat".into(),
+        num_inference_steps: 3,
+        ..Default::default()
+    };
+    assert_eq!(img.bytes, library_png("models/tiny-lcm", &req)[0]);
+    // The events of a finished job replay in full.
+    assert_eq!(sse(&ts.url(&format!("/api/v1/jobs/{id}/events"))).len(), 6);
+    let jpeg = get(&ts.url(&format!("/api/v1/jobs/{id}/images/0?format=jpeg")));
+    assert_eq!((jpeg.status, jpeg.content_type.as_str()), (200, "image/jpeg"));
+    assert_eq!(get(&ts.url(&format!("/api/v1/jobs/{id}/images/1"))).status, 404);
+
+    let models = get(&ts.url("/api/v1/models")).json();
+    assert_eq!(models["models"][0]["name"], "tiny-lcm");
+    assert_eq!(models["models"][1]["name"], "tiny-sd");
+}
+
+#[test]
+fn image_to_image_and_inpainting_by_name() {
+    let ts = TestServer::start(config());
+    let photo = std::fs::read(fixtures().join("images/photo_45x37.png")).unwrap();
+    let mask = std::fs::read(fixtures().join("images/mask_45x37.png")).unwrap();
+    let body = json!({"model": "tiny-sd", "prompt": "a lake", "seed": 3, "image": b64(&photo), "strength": 0.5,
+        "mask_image": format!("data:image/png;base64,{}", b64(&mask))});
+    let r = post_json(&ts.url("/api/v1/jobs"), &body);
+    assert_eq!(r.status, 202, "{}", String::from_utf8_lossy(&r.bytes));
+    let id = r.json()["id"].as_str().unwrap().to_string();
+    assert_eq!(wait_job(&ts, &id)["status"], "succeeded");
+    let got = get(&ts.url(&format!("/api/v1/jobs/{id}/images/0"))).bytes;
+    let req = lcm::pipelines::GenerateRequest {
+        prompt: "a lake".into(),
+        seed: 3,
+        strength: Some(0.5),
+        image: Some(lcm::image_processor::Image8::read(&fixtures().join("images/photo_45x37.png")).unwrap()),
+        mask_image: Some(lcm::image_processor::Image8::read(&fixtures().join("images/mask_45x37.png")).unwrap()),
+        ..Default::default()
+    };
+    assert_eq!(got, library_png("models/tiny-sd", &req)[0]);
+}
+
+/// A long job: many steps of the tiny model.
+fn long_job(ts: &TestServer) -> String {
+    let r = post_json(
+        &ts.url("/api/v1/jobs"),
+        &json!({"prompt": "x", "seed": 1, "num_inference_steps": 400, "original_inference_steps": 1000, "width": 64, "height": 64}),
+    );
+    assert_eq!(r.status, 202, "{}", String::from_utf8_lossy(&r.bytes));
+    r.json()["id"].as_str().unwrap().to_string()
+}
+
+fn slow_config(queue: usize) -> lcm_server::config::ServerConfig {
+    let mut c = config();
+    c.queue = queue;
+    c.limits.max_steps = 1000;
+    c.preview_vae = None;
+    c
+}
+
+#[test]
+fn cancel_queued_and_running_and_queue_full() {
+    let ts = TestServer::start(slow_config(1));
+    let a = long_job(&ts);
+    wait_running(&ts, &a);
+    let b = long_job(&ts);
+    assert_eq!(get(&ts.url(&format!("/api/v1/jobs/{b}"))).json()["queue_position"], 0);
+    // The queue holds one job: a third is refused, with Retry-After, in the native shape.
+    let full = post_json(&ts.url("/api/v1/jobs"), &json!({"prompt": "x"}));
+    assert_eq!(full.status, 429);
+    assert!(full.retry_after.is_some());
+    assert!(full.json()["error"]["message"].as_str().unwrap().contains("queue is full"));
+    // A queued job is cancelled at once.
+    let c = post_json(&ts.url(&format!("/api/v1/jobs/{b}/cancel")), &json!({}));
+    assert_eq!(c.json()["status"], "cancelled");
+    let kinds: Vec<String> = sse(&ts.url(&format!("/api/v1/jobs/{b}/events"))).into_iter().map(|e| e.0).collect();
+    assert_eq!(kinds, ["queued", "cancelled"]);
+    // A running one stops before its next step.
+    post_json(&ts.url(&format!("/api/v1/jobs/{a}/cancel")), &json!({}));
+    let done = wait_job(&ts, &a);
+    assert_eq!(done["status"], "cancelled");
+    assert!(done["step"].as_u64().unwrap() < 400);
+    assert_eq!(get(&ts.url(&format!("/api/v1/jobs/{a}/images/0"))).status, 409);
+    let metrics = String::from_utf8(get(&ts.url("/metrics")).bytes).unwrap();
+    assert!(metrics.contains("lcm_jobs_total{outcome=\"cancelled\"} 2"), "{metrics}");
+    assert!(metrics.contains("lcm_requests_rejected_total{reason=\"queue_full\"} 1"), "{metrics}");
+    assert!(metrics.contains("lcm_queue_depth 0"), "{metrics}");
+}
+
+#[test]
+fn bad_requests_are_clean_json_errors() {
+    let mut c = config();
+    c.limits.max_body_bytes = 1 << 20;
+    let ts = TestServer::start(c);
+    let url = ts.url("/api/v1/jobs");
+    let cases: Vec<(Vec<u8>, u16, &str)> = vec![
+        (b"{not json".to_vec(), 400, "invalid JSON"),
+        (json!({"prompt": "x", "model": "nope"}).to_string().into_bytes(), 404, "no model named `nope`"),
+        (json!({"prompt": "x", "model": "../tiny-sd"}).to_string().into_bytes(), 400, "not a name"),
+        (json!({"prompt": "x", "model": "/etc"}).to_string().into_bytes(), 400, "not a name"),
+        (json!({"prompt": "x", "loras": [{"name": "missing"}]}).to_string().into_bytes(), 404, "no LoRA"),
+        (json!({"prompt": "x", "width": 1_000_000, "height": 1_000_000}).to_string().into_bytes(), 400, "limit"),
+        (json!({"prompt": "x", "num_inference_steps": 10_000}).to_string().into_bytes(), 400, "limit"),
+        (json!({"prompt": "x", "num_images_per_prompt": 100}).to_string().into_bytes(), 400, "limit"),
+        (json!({"prompt": "x", "width": 33}).to_string().into_bytes(), 400, "multiple of"),
+        (json!({"prompt": "x", "num_inference_steps": 0}).to_string().into_bytes(), 400, "at least 1"),
+        (json!({"prompt": "x", "image": "%%%not base64"}).to_string().into_bytes(), 400, "base64"),
+        (json!({"prompt": "x", "image": b64(b"hello, not an image")}).to_string().into_bytes(), 400, "not an image"),
+        (json!({"prompt": "x", "strength": 0.5}).to_string().into_bytes(), 400, "strength needs an image"),
+        (json!({"prompt": "x", "unknown_field": 1}).to_string().into_bytes(), 400, "unknown field"),
+        (vec![b'x'; 2 << 20], 413, ""),
+    ];
+    for (body, status, text) in cases {
+        let r = post_raw(&url, "application/json", &body);
+        assert_eq!(r.status, status, "{}", String::from_utf8_lossy(&r.bytes));
+        let msg = r.json()["error"]["message"].as_str().unwrap().to_string();
+        assert!(msg.contains(text), "`{text}` not in `{msg}`");
+        assert!(!msg.contains('\n'));
+    }
+    assert_eq!(get(&ts.url("/api/v1/jobs/does-not-exist")).status, 404);
+    assert_eq!(get(&ts.url("/nowhere")).json()["error"]["status"], 404);
+    // Still serving.
+    assert_eq!(get(&ts.url("/health")).status, 200);
+}
+
+#[test]
+fn many_clients_against_a_small_queue() {
+    let ts = std::sync::Arc::new(TestServer::start(ServerConfig { queue: 4, ..config() }));
+    let expected: Vec<Vec<u8>> = (0..3)
+        .map(|seed| {
+            let req = lcm::pipelines::GenerateRequest {
+                prompt: "many".into(),
+                seed,
+                num_inference_steps: 2,
+                ..Default::default()
+            };
+            library_png("models/tiny-lcm", &req).remove(0)
+        })
+        .collect();
+    let expected = std::sync::Arc::new(expected);
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let health = {
+        let (ts, stop) = (ts.clone(), stop.clone());
+        std::thread::spawn(move || {
+            let mut worst = std::time::Duration::ZERO;
+            while !stop.load(std::sync::atomic::Ordering::SeqCst) {
+                let t = std::time::Instant::now();
+                assert_eq!(get(&ts.url("/health")).status, 200);
+                worst = worst.max(t.elapsed());
+                std::thread::sleep(std::time::Duration::from_millis(5));
+            }
+            worst
+        })
+    };
+    let clients: Vec<_> = (0..100)
+        .map(|i| {
+            let (ts, expected) = (ts.clone(), expected.clone());
+            std::thread::spawn(move || {
+                let seed = i % 3;
+                let r = post_json(
+                    &ts.url("/api/v1/jobs"),
+                    &json!({"prompt": "many", "seed": seed, "num_inference_steps": 2}),
+                );
+                match r.status {
+                    202 => {
+                        let id = r.json()["id"].as_str().unwrap().to_string();
+                        assert_eq!(wait_job(&ts, &id)["status"], "succeeded");
+                        let img = get(&ts.url(&format!("/api/v1/jobs/{id}/images/0"))).bytes;
+                        assert!(img == expected[seed as usize], "client {i}: wrong image");
+                        true
+                    }
+                    429 => false,
+                    s => panic!("client {i}: status {s}"),
+                }
+            })
+        })
+        .collect();
+    let accepted = clients.into_iter().map(|c| c.join().unwrap()).filter(|a| *a).count();
+    stop.store(true, std::sync::atomic::Ordering::SeqCst);
+    let worst = health.join().unwrap();
+    assert!(accepted >= 5, "{accepted} accepted");
+    assert!(worst < std::time::Duration::from_millis(100), "/health took {worst:?}");
+}
+
+use lcm_server::config::ServerConfig;
+
+#[test]
+fn shutdown_finishes_the_running_job_and_cancels_the_queued() {
+    let mut ts = TestServer::start(slow_config(4));
+    let r = post_json(
+        &ts.url("/api/v1/jobs"),
+        &json!({"prompt": "x", "seed": 1, "num_inference_steps": 60, "original_inference_steps": 100}),
+    );
+    let a = r.json()["id"].as_str().unwrap().to_string();
+    wait_running(&ts, &a);
+    let b = long_job(&ts);
+    let server = ts.server.clone();
+    ts.stop();
+    let job = |id: &str| server.jobs.lock().unwrap().get(id).cloned().unwrap();
+    assert_eq!(job(&a).state().status, lcm_server::jobs::Status::Succeeded);
+    assert_eq!(job(&b).state().status, lcm_server::jobs::Status::Cancelled);
+}
