@@ -254,6 +254,33 @@ fn every_api_matches_lcm_generate_byte_for_byte() {
         (0, ureq::get(&server.url("/controlnet/model_list")).call().unwrap().into_json::<Value>().unwrap());
     assert_eq!(lists["model_list"], json!(["sd"]));
 
+    // OpenAI, with its extra fields.
+    let (status, r) = post(
+        &server.url("/v1/images/generations"),
+        &json!({"model": "tiny-lcm", "prompt": "a blue bird", "seed": 3, "num_inference_steps": 2, "guidance_scale": 3.0, "size": "32x32"}),
+    );
+    assert_eq!(status, 200, "{r}");
+    let want = cli(
+        "openai.png",
+        &[
+            "--model",
+            &lcm_model,
+            "--prompt",
+            "a blue bird",
+            "--seed",
+            "3",
+            "--steps",
+            "2",
+            "--guidance-scale",
+            "3",
+            "--width",
+            "32",
+            "--height",
+            "32",
+        ],
+    );
+    assert_eq!(unb64(r["data"][0]["b64_json"].as_str().unwrap()), want, "OpenAI");
+
     assert!(server.terminate().success());
 }
 
