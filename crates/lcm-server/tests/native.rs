@@ -224,3 +224,26 @@ fn shutdown_finishes_the_running_job_and_cancels_the_queued() {
     assert_eq!(job(&a).state().status, lcm_server::jobs::Status::Succeeded);
     assert_eq!(job(&b).state().status, lcm_server::jobs::Status::Cancelled);
 }
+
+/// Every path of /openapi.json is served with its documented methods.
+#[test]
+fn openapi_names_only_served_routes() {
+    let ts = TestServer::start(config());
+    let doc = get(&ts.url("/openapi.json")).json();
+    assert_eq!(doc["openapi"], "3.1.0");
+    let paths = doc["paths"].as_object().unwrap();
+    assert!(paths.len() > 25);
+    for (path, ops) in paths {
+        let concrete = path.replace("{id}", "none").replace("{k}", "0");
+        for method in ops.as_object().unwrap().keys() {
+            let r = match method.as_str() {
+                "get" if path.ends_with("/events") => continue,
+                "get" => get(&ts.url(&concrete)),
+                "post" => post_raw(&ts.url(&concrete), "application/json", b"{}"),
+                m => panic!("{m}"),
+            };
+            let text = String::from_utf8_lossy(&r.bytes);
+            assert!(r.status != 405 && !text.contains("no route"), "{method} {path}: {} {text}", r.status);
+        }
+    }
+}
