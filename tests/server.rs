@@ -295,3 +295,53 @@ fn refuses_an_open_host_without_a_key() {
     assert!(err.starts_with("error: ") && err.contains("--api-key"), "{err}");
     assert_eq!(err.lines().count(), 1, "{err}");
 }
+
+/// A motion adapter is served as one more model: a job with frames returns the GIF `lcm animate`
+/// writes.
+#[test]
+fn videos_match_lcm_animate() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (model, adapter) = (fx("models/tiny-sd"), fx("motion_adapters/tiny_sd"));
+    let server = Serve::start(&["--model", &model, "--motion-adapter", &format!("clip={adapter}")]);
+    let (status, job) = post(
+        &server.url("/api/v1/jobs"),
+        &json!({"prompt": "a small red house", "seed": 1, "num_frames": 3, "num_inference_steps": 2, "guidance_scale": 1.0, "fps": 5}),
+    );
+    assert_eq!(status, 202, "{job}");
+    assert_eq!(job["model"], "clip");
+    let id = job["id"].as_str().unwrap();
+    get_bytes(&server.url(&format!("/api/v1/jobs/{id}/events")));
+    let gif = get_bytes(&server.url(&format!("/api/v1/jobs/{id}/images/0")));
+    let out = tmp.path().join("clip.gif");
+    let o = Command::new(env!("CARGO_BIN_EXE_lcm"))
+        .args([
+            "animate",
+            "--model",
+            &model,
+            "--motion-adapter",
+            &adapter,
+            "--prompt",
+            "a small red house",
+            "--seed",
+            "1",
+        ])
+        .args([
+            "--frames",
+            "3",
+            "--steps",
+            "2",
+            "--guidance-scale",
+            "1",
+            "--fps",
+            "5",
+            "--output",
+            out.to_str().unwrap(),
+        ])
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    assert_eq!(gif, std::fs::read(out).unwrap());
+    // The image model refuses frames.
+    let (status, _) = post(&server.url("/api/v1/jobs"), &json!({"model": "tiny-sd", "prompt": "x", "num_frames": 3}));
+    assert_eq!(status, 400);
+}
