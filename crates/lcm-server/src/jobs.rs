@@ -159,6 +159,10 @@ impl Job {
             s.status = status;
             s.finished = Some(Instant::now());
             s.outputs = outputs;
+            // Kept jobs hold their previews as JPEG only (in the events' data).
+            for e in &mut s.events {
+                e.preview = None;
+            }
             let mut data = json!({"id": self.id, "status": status.as_str()});
             if let Some((code, msg)) = &error {
                 data["error"] = json!({"message": msg, "status": code});

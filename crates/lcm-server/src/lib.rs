@@ -214,8 +214,8 @@ impl Server {
         // pipeline carrying the job's control models; when it carries others (or the executor
         // is reconfiguring it), those checks run when the job starts.
         let mut total = 0;
-        let current = model.setup();
-        if current.controlnets == setup.controlnets && current.adapters == setup.adapters {
+        let current = model.setup_if_idle();
+        if current.is_some_and(|c| c.controlnets == setup.controlnets && c.adapters == setup.adapters) {
             if let Ok(pipe) = model.pipe.try_read() {
                 for r in &requests {
                     let plan = pipe.plan(r).map_err(|e| ApiError::from_engine_error(shape, &e))?;

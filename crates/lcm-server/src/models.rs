@@ -41,9 +41,14 @@ pub struct Model {
 }
 
 impl Model {
-    /// The setup the pipeline carries now.
-    pub fn setup(&self) -> Setup {
-        self.setup.lock().unwrap_or_else(|e| e.into_inner()).clone()
+    /// The setup the pipeline carries now; `None` while the executor is changing it (a request
+    /// handler must not wait for a rebuild).
+    pub fn setup_if_idle(&self) -> Option<Setup> {
+        match self.setup.try_lock() {
+            Ok(s) => Some(s.clone()),
+            Err(std::sync::TryLockError::Poisoned(e)) => Some(e.into_inner().clone()),
+            Err(std::sync::TryLockError::WouldBlock) => None,
+        }
     }
 
     /// Bring the pipeline to `want`. Changing the LoRA set rebuilds the fused UNet and text

@@ -314,7 +314,15 @@ fn stream(s: Server, job: Arc<Job>, d: Delivery) -> Response {
                     let (p, j) = (st.d.partial_images as u64, st.partials_sent as u64);
                     // Partial j goes out at step ceil((j + 1) * total / (p + 1)).
                     let due = j < p && total > 0 && step * (p + 1) >= (j + 1) * total;
-                    if let (true, Some(img)) = (due, &event.preview) {
+                    // A finished job keeps its previews as JPEG only.
+                    let preview = event.preview.clone().or_else(|| {
+                        let jpeg =
+                            base64::engine::general_purpose::STANDARD.decode(event.data["image"].as_str()?).ok()?;
+                        let img = image::load_from_memory(&jpeg).ok()?.to_rgb8();
+                        let (width, height) = (img.width() as usize, img.height() as usize);
+                        Some(Arc::new(RgbImage { width, height, pixels: img.into_raw() }))
+                    });
+                    if let (true, Some(img)) = (due, &preview) {
                         if let Ok(bytes) = encode_image(img, st.d.format, None) {
                             st.pending.push_back(sse_json(
                                 "image_generation.partial_image",

@@ -149,7 +149,7 @@ fn bad_requests_are_clean_json_errors() {
 
 #[test]
 fn many_clients_against_a_small_queue() {
-    let ts = std::sync::Arc::new(TestServer::start(ServerConfig { queue: 4, ..config() }));
+    let ts = std::sync::Arc::new(TestServer::start(ServerConfig { queue: 8, ..config() }));
     let expected: Vec<Vec<u8>> = (0..3)
         .map(|seed| {
             let req = lcm::pipelines::GenerateRequest {
@@ -246,4 +246,21 @@ fn openapi_names_only_served_routes() {
             assert!(r.status != 405 && !text.contains("no route"), "{method} {path}: {} {text}", r.status);
         }
     }
+}
+
+#[test]
+fn finished_jobs_expire() {
+    let ts = TestServer::start(ServerConfig { job_ttl: std::time::Duration::from_millis(200), ..config() });
+    let r = post_json(&ts.url("/api/v1/jobs"), &json!({"prompt": "x", "num_inference_steps": 1}));
+    let id = r.json()["id"].as_str().unwrap().to_string();
+    assert_eq!(wait_job(&ts, &id)["status"], "succeeded");
+    let mut gone = false;
+    for _ in 0..300 {
+        if get(&ts.url(&format!("/api/v1/jobs/{id}"))).status == 404 {
+            gone = true;
+            break;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    }
+    assert!(gone, "job kept past its time");
 }
