@@ -341,7 +341,10 @@ fn videos_match_lcm_animate() {
         .unwrap();
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     assert_eq!(gif, std::fs::read(out).unwrap());
-    // The image model refuses frames.
+    // The image model refuses frames; frames are limited.
     let (status, _) = post(&server.url("/api/v1/jobs"), &json!({"model": "tiny-sd", "prompt": "x", "num_frames": 3}));
     assert_eq!(status, 400);
+    let (status, e) = post(&server.url("/api/v1/jobs"), &json!({"prompt": "x", "num_frames": 100}));
+    assert_eq!(status, 400);
+    assert!(e["error"]["message"].as_str().unwrap().contains("limit"), "{e}");
 }

@@ -111,12 +111,40 @@ fn cancel_queued_and_running_and_queue_full() {
     assert!(metrics.contains("lcm_queue_depth 0"), "{metrics}");
 }
 
+/// A PNG that claims 60000x60000 pixels: refused from its header, never allocated.
+fn huge_png_header() -> Vec<u8> {
+    fn crc32(data: &[u8]) -> u32 {
+        let mut c = !0u32;
+        for &b in data {
+            c ^= b as u32;
+            for _ in 0..8 {
+                c = if c & 1 != 0 { 0xedb8_8320 ^ (c >> 1) } else { c >> 1 };
+            }
+        }
+        !c
+    }
+    let mut ihdr = b"IHDR".to_vec();
+    ihdr.extend(60000u32.to_be_bytes());
+    ihdr.extend(60000u32.to_be_bytes());
+    ihdr.extend([8, 2, 0, 0, 0]);
+    let mut png = b"\x89PNG\r\n\x1a\n".to_vec();
+    png.extend(13u32.to_be_bytes());
+    png.extend(&ihdr);
+    png.extend(crc32(&ihdr).to_be_bytes());
+    // The decoder reads the header up to the first image data.
+    png.extend(0u32.to_be_bytes());
+    png.extend(b"IDAT");
+    png.extend(crc32(b"IDAT").to_be_bytes());
+    png
+}
+
 #[test]
 fn bad_requests_are_clean_json_errors() {
     let mut c = config();
     c.limits.max_body_bytes = 1 << 20;
     let ts = TestServer::start(c);
     let url = ts.url("/api/v1/jobs");
+    let photo = std::fs::read(fixtures().join("images/photo_45x37.png")).unwrap();
     let cases: Vec<(Vec<u8>, u16, &str)> = vec![
         (b"{not json".to_vec(), 400, "invalid JSON"),
         (json!({"prompt": "x", "model": "nope"}).to_string().into_bytes(), 404, "no model named `nope`"),
@@ -132,6 +160,13 @@ fn bad_requests_are_clean_json_errors() {
         (json!({"prompt": "x", "image": b64(b"hello, not an image")}).to_string().into_bytes(), 400, "not an image"),
         (json!({"prompt": "x", "strength": 0.5}).to_string().into_bytes(), 400, "strength needs an image"),
         (json!({"prompt": "x", "unknown_field": 1}).to_string().into_bytes(), 400, "unknown field"),
+        (json!({"prompt": "x", "num_frames": 2}).to_string().into_bytes(), 400, "no video model"),
+        (json!({"prompt": "x", "image": b64(&huge_png_header())}).to_string().into_bytes(), 400, "exceeds"),
+        (
+            json!({"prompt": "x", "controlnet": [{"name": "sd", "image": b64(&photo)}]}).to_string().into_bytes(),
+            404,
+            "no ControlNet",
+        ),
         (vec![b'x'; 2 << 20], 413, ""),
     ];
     for (body, status, text) in cases {
@@ -245,6 +280,22 @@ fn openapi_names_only_served_routes() {
             let text = String::from_utf8_lossy(&r.bytes);
             assert!(r.status != 405 && !text.contains("no route"), "{method} {path}: {} {text}", r.status);
         }
+    }
+}
+
+#[test]
+fn output_dir_gets_every_image() {
+    let dir = tempfile::tempdir().unwrap();
+    let ts = TestServer::start(ServerConfig { output_dir: Some(dir.path().to_path_buf()), ..config() });
+    let r = post_json(
+        &ts.url("/api/v1/jobs"),
+        &json!({"prompt": "x", "num_inference_steps": 1, "num_images_per_prompt": 2}),
+    );
+    let id = r.json()["id"].as_str().unwrap().to_string();
+    assert_eq!(wait_job(&ts, &id)["status"], "succeeded");
+    for k in 0..2 {
+        let served = get(&ts.url(&format!("/api/v1/jobs/{id}/images/{k}"))).bytes;
+        assert_eq!(std::fs::read(dir.path().join(format!("{id}-{k}.png"))).unwrap(), served);
     }
 }
 
