@@ -348,3 +348,26 @@ fn videos_match_lcm_animate() {
     assert_eq!(status, 400);
     assert!(e["error"]["message"].as_str().unwrap().contains("limit"), "{e}");
 }
+
+#[test]
+fn api_key_from_a_file() {
+    let tmp = tempfile::tempdir().unwrap();
+    let key = tmp.path().join("key");
+    std::fs::write(&key, "k3y-from-file\n").unwrap();
+    let server = Serve::start(&["--model", &fx("models/tiny-lcm"), "--api-key-file", key.to_str().unwrap()]);
+    let status = |auth: Option<&str>| {
+        let mut r = ureq::get(&server.url("/api/v1/models"));
+        if let Some(a) = auth {
+            r = r.set("Authorization", a);
+        }
+        match r.call() {
+            Ok(r) => r.status(),
+            Err(ureq::Error::Status(s, _)) => s,
+            Err(e) => panic!("{e}"),
+        }
+    };
+    assert_eq!(status(None), 401);
+    assert_eq!(status(Some("Bearer k3y-from-file")), 200);
+    assert_eq!(ureq::get(&server.url("/health")).call().unwrap().status(), 200);
+    assert!(server.terminate().success());
+}

@@ -315,3 +315,70 @@ fn finished_jobs_expire() {
     }
     assert!(gone, "job kept past its time");
 }
+
+/// ControlNet (with the built-in Canny) and T2I-Adapter jobs by name, one after the other on one
+/// model: the control models are swapped between jobs, the images are the library's.
+#[test]
+fn controlnet_and_t2i_adapter_jobs() {
+    let mut c = config();
+    c.controlnets = vec![source("controlnets/sd")];
+    c.adapters = vec![source("adapters/full_sd")];
+    let ts = TestServer::start(c);
+    let photo_path = fixtures().join("images/photo_45x37.png");
+    let photo = lcm::image_processor::Image8::read(&photo_path).unwrap();
+    let photo_b64 = b64(&std::fs::read(&photo_path).unwrap());
+    let bodies = [
+        json!({"model": "tiny-sd", "prompt": "a lake", "seed": 2, "num_inference_steps": 2, "guidance_scale": 1.0,
+               "controlnet": [{"name": "sd", "image": photo_b64, "conditioning_scale": 0.7, "canny": true}]}),
+        json!({"model": "tiny-sd", "prompt": "a lake", "seed": 2, "num_inference_steps": 2, "guidance_scale": 1.0,
+               "width": 32, "height": 32, "t2i_adapter": [{"name": "full_sd", "image": photo_b64, "conditioning_scale": 0.5}]}),
+        json!({"model": "tiny-sd", "prompt": "a lake", "seed": 2, "num_inference_steps": 2, "guidance_scale": 1.0}),
+    ];
+    let mut pipe =
+        lcm::pipelines::LcmPipeline::load(fixtures().join("models/tiny-sd").to_str().unwrap(), &Default::default())
+            .unwrap();
+    for (i, body) in bodies.iter().enumerate() {
+        let r = post_json(&ts.url("/api/v1/jobs"), body);
+        assert_eq!(r.status, 202, "{}", String::from_utf8_lossy(&r.bytes));
+        let id = r.json()["id"].as_str().unwrap().to_string();
+        assert_eq!(wait_job(&ts, &id)["status"], "succeeded", "job {i}");
+        let got = get(&ts.url(&format!("/api/v1/jobs/{id}/images/0"))).bytes;
+        let mut req = lcm::pipelines::GenerateRequest {
+            prompt: "a lake".into(),
+            seed: 2,
+            num_inference_steps: 2,
+            guidance_scale: Some(1.0),
+            ..Default::default()
+        };
+        pipe.controlnets = Default::default();
+        pipe.t2i_adapters = Default::default();
+        match i {
+            0 => {
+                pipe.load_controlnet(fixtures().join("controlnets/sd").to_str().unwrap(), None).unwrap();
+                let edges = lcm::canny::canny(&photo, 100.0, 200.0).unwrap();
+                req.controlnet = vec![lcm::pipelines::ControlNetInput {
+                    conditioning_scale: 0.7,
+                    ..lcm::pipelines::ControlNetInput::new(edges)
+                }];
+            }
+            1 => {
+                pipe.load_t2i_adapter(fixtures().join("adapters/full_sd").to_str().unwrap(), None).unwrap();
+                (req.width, req.height) = (Some(32), Some(32));
+                req.adapter = vec![lcm::pipelines::AdapterInput {
+                    conditioning_scale: 0.5,
+                    ..lcm::pipelines::AdapterInput::new(photo.clone())
+                }];
+            }
+            _ => {}
+        }
+        let plan = pipe.plan(&req).unwrap();
+        let img = pipe.run(&plan, &req, |_| Ok(())).unwrap().remove(0);
+        let want = lcm::image_io::encode_image(
+            &img,
+            lcm::image_io::OutputFormat::Png,
+            Some(&pipe.parameters_text(&plan, &req, 0)),
+        )
+        .unwrap();
+        assert!(got == want, "job {i} differs from the library");
+    }
+}
