@@ -254,10 +254,11 @@ impl Queue {
             let secs = (per_job * (q.pending.len() + 1) as f64 / 2.0).ceil().clamp(1.0, 3600.0) as u64;
             return Err(QueueFull { retry_after: secs });
         }
-        q.pending.push_back(job.clone());
-        let pos = q.pending.len() - 1;
-        drop(q);
+        let pos = q.pending.len();
+        // Recorded before the executor can see the job, so `queued` always comes before `started`.
         job.push_event("queued", json!({"id": job.id, "status": "queued", "queue_position": pos}), None);
+        q.pending.push_back(job.clone());
+        drop(q);
         self.wake.notify_one();
         Ok(pos)
     }
