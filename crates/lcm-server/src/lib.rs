@@ -396,10 +396,18 @@ async fn method_not_allowed(req: Request) -> ApiError {
     )
 }
 
+/// 503 while stopping; 413 for a declared body over the limit before any of it is read (a
+/// chunked body is cut by the body limit while it is read).
 async fn refuse_when_stopping(State(s): State<Server>, req: Request, next: Next) -> Response {
+    let shape = Shape::of_path(req.uri().path());
     if s.shutting_down.load(Ordering::SeqCst) && req.uri().path() != "/health" {
-        let shape = Shape::of_path(req.uri().path());
         return ApiError::new(shape, StatusCode::SERVICE_UNAVAILABLE, "the server is shutting down").into_response();
+    }
+    let declared = req.headers().get(header::CONTENT_LENGTH).and_then(|v| v.to_str().ok()?.parse::<u64>().ok());
+    let max = s.config.limits.max_body_bytes;
+    if declared.is_some_and(|n| n > max as u64) {
+        let msg = format!("the request body exceeds this server's limit of {max} bytes (--max-body-mb)");
+        return ApiError::new(shape, StatusCode::PAYLOAD_TOO_LARGE, msg).into_response();
     }
     next.run(req).await
 }
