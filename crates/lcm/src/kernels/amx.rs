@@ -192,7 +192,7 @@ fn rows_of_pairs(src: &[u32], mc: usize, kc2: usize, stride: usize, dst: &mut [u
 
 /// The tile shapes every call uses: eight tiles of 16 rows by 64 bytes (palette 1).
 #[inline]
-unsafe fn configure_tiles() {
+pub(super) unsafe fn configure_tiles() {
     #[repr(C, align(64))]
     struct Config([u8; 64]);
     let mut cfg = Config([0; 64]);
@@ -206,7 +206,7 @@ unsafe fn configure_tiles() {
 
 /// Gives the tile state back (so a context switch need not save it).
 #[inline]
-unsafe fn release_tiles() {
+pub(super) unsafe fn release_tiles() {
     std::arch::asm!("tilerelease", options(nostack, nomem));
 }
 
@@ -215,7 +215,7 @@ unsafe fn release_tiles() {
 /// rows from `b0` and `b1` (64 bytes a row, 1 KiB a step).
 #[allow(clippy::too_many_arguments)]
 #[inline]
-unsafe fn tile_32x32(
+pub(super) unsafe fn tile_32x32(
     kq: usize,
     a0: *const u32,
     b0: *const u32,

@@ -422,7 +422,7 @@ impl<T: Elem> PackA for Strided<'_, T> {
 
 /// `dst[q]` = `src[2q]` and `src[2q + 1]` rounded to bf16 (low half first), an odd last value
 /// paired with zero.
-fn round_pairs(src: &[f32], dst: &mut [u32]) {
+pub(super) fn round_pairs(src: &[f32], dst: &mut [u32]) {
     #[inline(always)]
     fn body(src: &[f32], dst: &mut [u32]) {
         let mut pairs = src.chunks_exact(2);

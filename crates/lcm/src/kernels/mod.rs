@@ -337,6 +337,10 @@ pub(crate) fn upsample_nearest2x(x: &[f32], planes: usize, h: usize, w: usize) -
 pub(crate) fn exp_sub_inplace(x: &mut [f32], sub: f32, scale: f32) -> f32 {
     #[cfg(target_arch = "x86_64")]
     {
+        if CpuPath::current() >= CpuPath::Avx512 {
+            // SAFETY: AVX-512 F checked.
+            return unsafe { x86::exp_sub_inplace16(x, sub, scale) };
+        }
         if has_avx2_fma() {
             return unsafe { x86::exp_sub_inplace(x, sub, scale) };
         }
@@ -347,6 +351,18 @@ pub(crate) fn exp_sub_inplace(x: &mut [f32], sub: f32, scale: f32) -> f32 {
         sum += *v;
     }
     sum
+}
+
+/// The largest value of `x` (`-inf` for none).
+pub(crate) fn max(x: &[f32]) -> f32 {
+    #[cfg(target_arch = "x86_64")]
+    {
+        if CpuPath::current() >= CpuPath::Avx512 {
+            // SAFETY: AVX-512 F checked.
+            return unsafe { x86::max16(x) };
+        }
+    }
+    x.iter().fold(f32::NEG_INFINITY, |m, &v| m.max(v))
 }
 
 /// `x[i] = x[i] * sigmoid(x[i])` in place.
@@ -456,6 +472,70 @@ mod x86 {
         let y = _mm256_mul_ps(p, pow2n);
         // Below the smallest normal: 0 (softmax of masked or far-off scores).
         _mm256_and_ps(y, _mm256_cmp_ps::<_CMP_GE_OQ>(x, _mm256_set1_ps(-87.336_55)))
+    }
+
+    /// exp on 16 lanes: [`exp8`]'s steps on AVX-512 (the same results lane for lane).
+    #[inline]
+    #[target_feature(enable = "avx512f")]
+    pub(super) unsafe fn exp16(x: __m512) -> __m512 {
+        let x = _mm512_min_ps(x, _mm512_set1_ps(88.376_26));
+        let xc = _mm512_max_ps(x, _mm512_set1_ps(-87.336_55));
+        let n = _mm512_roundscale_ps::<{ _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC }>(_mm512_mul_ps(
+            xc,
+            _mm512_set1_ps(std::f32::consts::LOG2_E),
+        ));
+        let r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693_359_4), xc);
+        let r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.121_944_4e-4), r);
+        let mut p = _mm512_set1_ps(1.987_569_1e-4);
+        p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.398_199_9e-3));
+        p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(8.333_452e-3));
+        p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(4.166_579_6e-2));
+        p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.666_666_5e-1));
+        p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(0.5));
+        let r2 = _mm512_mul_ps(r, r);
+        p = _mm512_fmadd_ps(p, r2, _mm512_add_ps(r, _mm512_set1_ps(1.0)));
+        let pow2n = _mm512_castsi512_ps(_mm512_slli_epi32::<23>(_mm512_add_epi32(
+            _mm512_cvtps_epi32(n),
+            _mm512_set1_epi32(127),
+        )));
+        let y = _mm512_mul_ps(p, pow2n);
+        let keep = _mm512_cmp_ps_mask::<_CMP_GE_OQ>(x, _mm512_set1_ps(-87.336_55));
+        _mm512_maskz_mov_ps(keep, y)
+    }
+
+    /// Lanes `0..n` of 16 (all of them from 16 up).
+    #[inline]
+    pub(super) fn lanes16(n: usize) -> __mmask16 {
+        if n >= 16 {
+            0xffff
+        } else {
+            ((1u32 << n) - 1) as __mmask16
+        }
+    }
+
+    /// The largest value (`-inf` for none).
+    #[target_feature(enable = "avx512f")]
+    pub(super) unsafe fn max16(x: &[f32]) -> f32 {
+        let mut m = _mm512_set1_ps(f32::NEG_INFINITY);
+        for i in (0..x.len()).step_by(16) {
+            let v = _mm512_maskz_loadu_ps(lanes16(x.len() - i), x.as_ptr().add(i));
+            m = _mm512_mask_max_ps(m, lanes16(x.len() - i), m, v);
+        }
+        _mm512_reduce_max_ps(m)
+    }
+
+    #[target_feature(enable = "avx512f")]
+    pub(super) unsafe fn exp_sub_inplace16(x: &mut [f32], sub: f32, scale: f32) -> f32 {
+        let (s, b) = (_mm512_set1_ps(scale), _mm512_set1_ps(-sub * scale));
+        let mut acc = _mm512_setzero_ps();
+        for i in (0..x.len()).step_by(16) {
+            let k = lanes16(x.len() - i);
+            let p = x.as_mut_ptr().add(i);
+            let v = _mm512_maskz_mov_ps(k, exp16(_mm512_fmadd_ps(_mm512_maskz_loadu_ps(k, p), s, b)));
+            _mm512_mask_storeu_ps(p, k, v);
+            acc = _mm512_add_ps(acc, v);
+        }
+        _mm512_reduce_add_ps(acc)
     }
 
     #[target_feature(enable = "avx2,fma")]
