@@ -19,6 +19,22 @@ fn rate(name: &str, flops: f64, mut f: impl FnMut()) {
     println!("{name:<48} {:>8.1} GFLOP/s  (best {:.4} s of {n})", flops / best / 1e9, best);
 }
 
+/// The AMX 3x3 convolution on a kernel packed once, where this CPU has it.
+fn amx_conv_rate(x: &[f32], w: &[f32], c: usize, hw: usize, co: usize) {
+    #[cfg(target_arch = "x86_64")]
+    {
+        use lcm::kernels::amx_conv;
+        if amx_conv::applies(c, co, 3, 1, 1) {
+            let wt = amx_conv::ConvTiles::new(w, co, c);
+            let fl = 2.0 * (co * c * 9 * hw * hw) as f64;
+            rate(&format!("conv3x3 {c}->{co} {hw}^2 amx tiles"), fl, || {
+                amx_conv::conv3x3(x, &wt, None, 1, hw, hw);
+            });
+        }
+    }
+    let _ = (x, w, c, hw, co);
+}
+
 fn main() -> candle_core::Result<()> {
     let args: Vec<String> = std::env::args().skip(1).filter(|a| !a.starts_with('-')).collect();
     let want = |n: &str| args.is_empty() || args.iter().any(|a| n.contains(a.as_str()));
@@ -97,6 +113,7 @@ fn main() -> candle_core::Result<()> {
                 lcm::ops::conv2d(&x, &wb, None, 1, 1).unwrap();
             });
             let (xs, ws): (Vec<f32>, Vec<f32>) = (x.flatten_all()?.to_vec1()?, w.flatten_all()?.to_vec1()?);
+            amx_conv_rate(&xs, &ws, c, hw, co);
             let wq = lcm::kernels::int8::Int8Matrix::quantize(&ws, co, c * 9, lcm::kernels::int8::Side::Left);
             let shape = lcm::kernels::conv::ConvShape {
                 batch: 1,
@@ -115,6 +132,19 @@ fn main() -> candle_core::Result<()> {
             rate(&format!("conv3x3 {c}->{co} {hw}^2 candle"), fl, || {
                 x.conv2d(&w, 1, 1, 1, 1).unwrap();
             });
+        }
+    }
+    // The autoencoder's large images: bf16 weights only (the f32 and candle rows take minutes).
+    if want("vae_conv") {
+        for &(c, hw) in &[(512usize, 128usize), (256, 256), (128, 512), (256, 512)] {
+            let x = Tensor::randn(0f32, 1., (1, c, hw, hw), &dev)?;
+            let w = Tensor::randn(0f32, 1., (c, c, 3, 3), &dev)?;
+            let fl = 2.0 * (c * c * 9 * hw * hw) as f64;
+            let wb = w.to_dtype(candle_core::DType::BF16)?;
+            rate(&format!("conv3x3 {c}->{c} {hw}^2 bf16 weights"), fl, || {
+                lcm::ops::conv2d(&x, &wb, None, 1, 1).unwrap();
+            });
+            amx_conv_rate(&x.flatten_all()?.to_vec1()?, &w.flatten_all()?.to_vec1()?, c, hw, c);
         }
     }
     if want("attention") {

@@ -67,6 +67,10 @@ pub enum TiledOperand {
     Right(PackedB),
     /// A convolution's kernel (`out x in*kh*kw`), as AMX tiles.
     Left(TiledA),
+    /// A 3x3 stride-1 convolution's kernel, as the tiles of the convolution that reads its
+    /// input windows in place (`kernels::amx_conv`).
+    #[cfg(target_arch = "x86_64")]
+    Conv3x3(crate::kernels::amx_conv::ConvTiles),
 }
 
 /// Whether bf16 weights are packed once at load (the CPU path multiplies on AMX tiles).
@@ -110,13 +114,23 @@ impl Weight {
         Ok(Self::Int8(Arc::new(Int8Weight { matrix: Int8Matrix::quantize(&w, rows, depth, side), dims })))
     }
 
-    /// A convolution's bf16 kernel packed once when every product with it runs direct on AMX
-    /// tiles (`kernels::conv::amx_direct_always`); otherwise itself.
+    /// A convolution's bf16 kernel packed once when every product with it runs on AMX tiles:
+    /// 3x3 stride-1 ones by the convolution that reads its windows in place
+    /// (`kernels::amx_conv`), others direct (`kernels::conv::amx_direct_always`); otherwise itself.
     pub fn for_conv(self, stride: usize, padding: usize) -> Result<Self> {
         let Self::Float(w) = &self else { return Ok(self) };
         let dims = w.dims().to_vec();
         let [c_out, c_in, k, kw] = dims[..] else { return Ok(self) };
-        if !tiles_for(w) || k != kw || !crate::kernels::conv::amx_direct_always(c_in, c_out, k, stride, padding) {
+        if !tiles_for(w) || k != kw {
+            return Ok(self);
+        }
+        #[cfg(target_arch = "x86_64")]
+        if crate::kernels::amx_conv::applies(c_in, c_out, k, stride, padding) {
+            let v = w.flatten_all()?.to_vec1::<half::bf16>()?;
+            let operand = TiledOperand::Conv3x3(crate::kernels::amx_conv::ConvTiles::new(&v, c_out, c_in));
+            return Ok(Self::Tiles(Arc::new(TiledWeight { operand, dims })));
+        }
+        if !crate::kernels::conv::amx_direct_always(c_in, c_out, k, stride, padding) {
             return Ok(self);
         }
         let v = w.flatten_all()?.to_vec1::<half::bf16>()?;

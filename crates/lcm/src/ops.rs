@@ -189,7 +189,7 @@ pub fn conv2d_tiled(
 ) -> Result<Tensor> {
     let _t = profile::timer(profile::OpKind::Conv2d);
     let (batch, c_in, h, w) = x.dims4()?;
-    let (crate::nn::TiledOperand::Left(a), &[c_out, w_in, kh, kw]) = (&weight.operand, &weight.dims[..]) else {
+    let &[c_out, w_in, kh, kw] = &weight.dims[..] else {
         candle_core::bail!("conv2d: a weight packed for a linear layer")
     };
     if c_in != w_in {
@@ -202,7 +202,16 @@ pub fn conv2d_tiled(
         candle_core::bail!("packed bf16 layers run on the CPU only")
     };
     let b = bias_f32(bias)?;
-    let y = kernels::conv::conv2d_packed(&xs, a, b.as_deref(), &shape, kernels::gemm::Arith::Bf16);
+    let y = match &weight.operand {
+        crate::nn::TiledOperand::Left(a) => {
+            kernels::conv::conv2d_packed(&xs, a, b.as_deref(), &shape, kernels::gemm::Arith::Bf16)
+        }
+        #[cfg(target_arch = "x86_64")]
+        crate::nn::TiledOperand::Conv3x3(t) if stride == 1 && padding == 1 => {
+            kernels::amx_conv::conv3x3(&xs, t, b.as_deref(), batch, h, w)
+        }
+        _ => candle_core::bail!("conv2d: a weight packed for another product"),
+    };
     Tensor::from_vec(y, (batch, c_out, ho, wo), x.device())?.to_dtype(x.dtype())
 }
 

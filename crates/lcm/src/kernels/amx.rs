@@ -303,6 +303,66 @@ pub(super) unsafe fn tile_32x32(
     }
 }
 
+/// `C[32 x 32] = A·B` over `steps` steps whose right tiles lie at scattered places: A as in
+/// [`tile_32x32`] (rows 0-15, `steps` tiles of 1 KiB, then rows 16-31); step `s`'s two B tiles
+/// at `base + offsets[s]` (in pairs) and 64 bytes on, their rows `stride` bytes apart. A 3x3
+/// convolution reads its shifted input windows this way straight from the image (see
+/// `amx_conv.rs`), so nothing is packed per product.
+///
+/// # Safety
+/// Tiles configured by [`configure_tiles`]; `offsets` holds `steps` entries and every tile read
+/// and the 32x32 block of C (`ldc` apart) are in bounds.
+#[inline]
+pub(super) unsafe fn tile_32x32_offsets(
+    steps: usize,
+    a0: *const u32,
+    base: *const u32,
+    offsets: *const isize,
+    stride: usize,
+    c: *mut f32,
+    ldc: usize,
+) {
+    use std::arch::asm;
+    let cs = ldc * 4;
+    asm!("tilezero tmm0", "tilezero tmm1", "tilezero tmm2", "tilezero tmm3", options(nostack, nomem));
+    asm!(
+        "2:",
+        "mov {t}, [{off}]",
+        "lea {t}, [{base} + {t}*4]",
+        "tileloadd tmm4, [{a0} + {bs}*1]",
+        "tileloadd tmm5, [{a1} + {bs}*1]",
+        "tileloadd tmm6, [{t} + {st}*1]",
+        "tileloadd tmm7, [{t} + {st}*1 + 64]",
+        "tdpbf16ps tmm0, tmm4, tmm6",
+        "tdpbf16ps tmm1, tmm4, tmm7",
+        "tdpbf16ps tmm2, tmm5, tmm6",
+        "tdpbf16ps tmm3, tmm5, tmm7",
+        "add {a0}, 1024",
+        "add {a1}, 1024",
+        "add {off}, 8",
+        "dec {n}",
+        "jnz 2b",
+        a0 = inout(reg) a0 => _,
+        a1 = inout(reg) a0.add(steps * T * T) => _,
+        off = inout(reg) offsets => _,
+        n = inout(reg) steps => _,
+        t = out(reg) _,
+        base = in(reg) base,
+        st = in(reg) stride,
+        bs = in(reg) 64usize,
+        options(nostack, readonly),
+    );
+    let (c0, c1, c2, c3) = (c, c.add(T), c.add(T * ldc), c.add(T * ldc + T));
+    asm!(
+        "tilestored [{c0} + {cs}*1], tmm0",
+        "tilestored [{c1} + {cs}*1], tmm1",
+        "tilestored [{c2} + {cs}*1], tmm2",
+        "tilestored [{c3} + {cs}*1], tmm3",
+        c0 = in(reg) c0, c1 = in(reg) c1, c2 = in(reg) c2, c3 = in(reg) c3, cs = in(reg) cs,
+        options(nostack),
+    );
+}
+
 /// Whether the CPU also has AMX-INT8 (and the tiles are ours: see [`available`]).
 pub fn int8_available() -> bool {
     #[cfg(target_os = "linux")]

@@ -4,6 +4,8 @@
 
 #[cfg(target_arch = "x86_64")]
 pub(crate) mod amx;
+#[cfg(target_arch = "x86_64")]
+pub mod amx_conv;
 pub mod attention;
 pub mod conv;
 pub mod gemm;
