@@ -80,6 +80,16 @@ fn main() -> candle_core::Result<()> {
             rate(&format!("linear {rows}x{i}->{o} bf16 weights"), fl, || {
                 lcm::ops::linear(&x, &wb, None).unwrap();
             });
+            // As a model holds them on AMX: packed once at load.
+            if lcm::kernels::CpuPath::current() >= lcm::kernels::CpuPath::AmxBf16 {
+                let v = wb.flatten_all()?.to_vec1::<half::bf16>()?;
+                let wt = lcm::kernels::gemm::Strided { data: &v[..], row_stride: 1, col_stride: i };
+                let packed = lcm::kernels::gemm::PackedB::new(i, o, &wt, lcm::kernels::gemm::Arith::Bf16);
+                let tiled = lcm::nn::TiledWeight { operand: lcm::nn::TiledOperand::Right(packed), dims: vec![o, i] };
+                rate(&format!("linear {rows}x{i}->{o} bf16 packed at load"), fl, || {
+                    lcm::ops::linear_tiled(&x, &tiled, None).unwrap();
+                });
+            }
             let xs: Vec<f32> = x.flatten_all()?.to_vec1()?;
             let wq = lcm::kernels::int8::Int8Matrix::quantize(
                 &w.flatten_all()?.to_vec1::<f32>()?,

@@ -135,6 +135,28 @@ fn unmap(ptr: *mut u8) -> bool {
     true
 }
 
+/// Fresh blocks at least this large are asked to be backed by transparent huge pages.
+const HUGE_MIN: usize = 4 << 20;
+
+/// Ask Linux to back the whole 2 MiB pages inside `len` bytes at `ptr` with transparent huge
+/// pages (where it is set to `madvise`, as on most distributions): a large tensor then faults
+/// in 512 times less often, and kernels striding across it (AMX tile rows a plane apart) miss
+/// the TLB far less. Only advice: nothing changes where it is not granted.
+pub fn advise_huge(ptr: *mut u8, len: usize) {
+    #[cfg(target_os = "linux")]
+    {
+        const HUGE: usize = 2 << 20;
+        let start = (ptr as usize).div_ceil(HUGE) * HUGE;
+        let end = (ptr as usize).saturating_add(len) / HUGE * HUGE;
+        if end > start {
+            // SAFETY: advice on whole pages inside the caller's allocation; no data changes.
+            unsafe { libc::madvise(start as *mut libc::c_void, end - start, libc::MADV_HUGEPAGE) };
+        }
+    }
+    #[cfg(not(target_os = "linux"))]
+    let _ = (ptr, len);
+}
+
 impl CachingAllocator {
     fn take(layout: Layout) -> *mut u8 {
         if layout.size() < MIN_SIZE || layout.align() > 16 {
@@ -179,7 +201,11 @@ unsafe impl GlobalAlloc for CachingAllocator {
         if !p.is_null() {
             return p;
         }
-        System.alloc(layout)
+        let p = System.alloc(layout);
+        if layout.size() >= HUGE_MIN && !p.is_null() {
+            advise_huge(p, layout.size());
+        }
+        p
     }
 
     unsafe fn alloc_zeroed(&self, layout: Layout) -> *mut u8 {
@@ -189,7 +215,11 @@ unsafe impl GlobalAlloc for CachingAllocator {
             std::ptr::write_bytes(p, 0, layout.size());
             return p;
         }
-        System.alloc_zeroed(layout)
+        let p = System.alloc_zeroed(layout);
+        if layout.size() >= HUGE_MIN && !p.is_null() {
+            advise_huge(p, layout.size());
+        }
+        p
     }
 
     unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {

@@ -28,7 +28,7 @@ pub(super) fn block_depth(k: usize, pairs: bool) -> usize {
 }
 const MC: usize = 144;
 /// Width of one packed B block (lives in L2/L3).
-pub(super) const NC: usize = 1024;
+pub const NC: usize = 1024;
 
 /// How a product multiplies: in f32, or with both operands rounded to bf16 (to nearest even)
 /// and the products summed in f32, on the CPU's bf16 dot-product instructions (twice the f32
@@ -255,21 +255,34 @@ impl std::fmt::Debug for TiledA {
     }
 }
 
+thread_local! {
+    /// One group of rows of pairs, on its way into tiles.
+    static ROWS: std::cell::RefCell<Vec<u32>> = const { std::cell::RefCell::new(Vec::new()) };
+}
+
 impl TiledA {
+    /// `w`: `m x k`, row-major. Groups of 32 rows are laid out in parallel (activations are
+    /// tiled per product, so this is on the hot path too).
     pub fn new<T: Elem>(w: &[T], m: usize, k: usize) -> Self {
+        use rayon::prelude::*;
         let a = Strided { data: w, row_stride: k, col_stride: 1 };
         let (kb, mp) = (block_depth(k, true), m.next_multiple_of(2 * TILE));
         let mut data = Vec::new();
-        let mut rows = Vec::new();
         for p0 in (0..k).step_by(kb) {
             let kc = kb.min(k - p0);
             let stride = kc.div_ceil(2).next_multiple_of(TILE);
-            rows.clear();
-            rows.resize(mp * stride, 0u32);
-            a.bf16_rows(0, m, p0, kc, stride, &mut rows);
             let start = data.len();
             data.resize(start + mp * stride, 0);
-            as_tiles(&rows, stride, &mut data[start..]);
+            data[start..].par_chunks_mut(2 * TILE * stride).enumerate().for_each(|(g, out)| {
+                ROWS.with(|rows| {
+                    let mut rows = rows.borrow_mut();
+                    rows.clear();
+                    rows.resize(2 * TILE * stride, 0u32);
+                    let r0 = g * 2 * TILE;
+                    a.bf16_rows(r0, (2 * TILE).min(m - r0), p0, kc, stride, &mut rows);
+                    as_tiles(&rows, stride, out);
+                })
+            });
         }
         Self { m, k, data }
     }
