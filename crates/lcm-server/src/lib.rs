@@ -321,6 +321,11 @@ impl Server {
             let _ = stopped_tx.send(());
         };
         let app = self.router();
+        // No Nagle delay: an SSE stream writes small events one after another, and each would
+        // otherwise wait for the client's delayed ACK of the previous one (tens of ms per job).
+        let listener = axum::serve::ListenerExt::tap_io(listener, |tcp| {
+            let _ = tcp.set_nodelay(true);
+        });
         axum::serve(listener, app).with_graceful_shutdown(signal).await?;
         let _ = stopped_rx.await;
         sweeper.abort();
